@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs; a stamp file makes re-runs fast.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.kvcomm-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint install redis-server clean
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	PY=$(PY) bash scripts/setup.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvcomm store kernels agents examples benchmarks tests
+	bash scripts/check_imports.sh
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/kvcomm demo
+
+test: $(STAMP) redis-server lint
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP) redis-server lint
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs

@@ -1,0 +1,1 @@
+"""kvcomm.kernels"""

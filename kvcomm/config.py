@@ -1,0 +1,152 @@
+"""KVCommConfig: every knob of the engine in one declarative table.
+
+Each field carries its type, default, ``KVCOMM_<NAME>`` environment variable and a description;
+the CLI's ``--help`` and the README read the same table (:func:`config_table`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcomm.errors import ConfigError
+
+POLICIES = ("dense", "prefix", "naive", "cacheblend", "kvcomm")
+KV_CODECS = ("raw", "int8")
+
+
+def _field(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCommConfig:
+    """Configuration of a :class:`~kvcomm.KVCommEngine` (keyword-only, immutable)."""
+
+    policy: str = _field("kvcomm", f"reuse policy, one of {', '.join(POLICIES)}")
+    gamma: float = _field(0.3, "entropy threshold of the shareability test (H > gamma*log2(n) -> new anchor)")
+    max_anchors: int = _field(20, "anchors kept per slot (V); eviction beyond it")
+    eviction_window: int = _field(5, "eviction picks the least-used among this many oldest anchors")
+    min_anchors: int = _field(2, "a slot needs at least this many length-compatible anchors to reuse")
+    top_p: float = _field(0.9, "anchors in the top-p mass of the weights get a use count (LFU)")
+    tau: float = _field(1.0, "softmax temperature of the anchor weights")
+    rerotate_key_deltas: bool = _field(
+        True, "rotate anchors' key deltas to the current position (the reference code adds them unrotated)"
+    )
+    correct_first_layer: bool = _field(False, "also correct layer 0 (the reference leaves it uncorrected)")
+    cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
+    sink_text: str = _field("\n", "neutral prefix prefilled before a user input and dropped from its base KV")
+    max_new_tokens: int = _field(64, "default number of generated tokens per call")
+    device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
+    dtype: str = _field("float32", "model dtype: float32, bfloat16 or float16")
+    kernels: str = _field("auto", "kernel backend: auto (triton on CUDA), triton or torch")
+    namespace: str = _field("default", "store key namespace (isolates teams sharing one store)")
+    fast_path: bool = _field(True, "static KV buffer (+ CUDA graph on CUDA) for the first-token forward")
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.gamma < 0:
+            raise ConfigError(f"gamma={self.gamma} must be >= 0")
+        if self.max_anchors < 2:
+            raise ConfigError(f"max_anchors={self.max_anchors} must be >= 2")
+        if not 1 <= self.eviction_window <= self.max_anchors:
+            raise ConfigError(f"eviction_window={self.eviction_window} must be in [1, max_anchors]")
+        if self.min_anchors < 1:
+            raise ConfigError(f"min_anchors={self.min_anchors} must be >= 1")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.tau <= 0:
+            raise ConfigError(f"tau={self.tau} must be > 0")
+        if not 0 <= self.cacheblend_ratio <= 1:
+            raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"kernels={self.kernels!r} must be auto, triton or torch")
+        if not self.namespace or ":" in self.namespace:
+            raise ConfigError(f"namespace={self.namespace!r} must be non-empty and contain no ':'")
+
+    def replace(self, **changes: Any) -> KVCommConfig:
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVCommConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: _coerce(names[k], v) for k, v in data.items()})
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> KVCommConfig:
+        """Fields from ``KVCOMM_<FIELD>`` environment variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = env_var(f.name)
+            if var in env:
+                data[f.name] = env[var]
+        data.update(overrides)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> KVCommConfig:
+        """Fields from a TOML or JSON file (a ``[kvcomm]`` table in TOML is also accepted)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        try:
+            data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid {p.suffix or 'TOML'}: {exc}") from None
+        if isinstance(data.get("kvcomm"), dict):
+            data = data["kvcomm"]
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def env_var(name: str) -> str:
+    return f"KVCOMM_{name.upper()}"
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    """Convert strings (environment, CLI) to the field's type; other values pass through."""
+    if not isinstance(value, str) or f.type in ("str", str):
+        return value
+    try:
+        if f.type in ("bool", bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if f.type in ("int", int):
+            return int(value)
+        if f.type in ("float", float):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{f.name}={value!r} is not a valid {f.type}") from None
+    return value
+
+
+def config_table() -> list[tuple[str, str, str, str]]:
+    """(field, default, environment variable, description) for every config field."""
+    return [
+        (f.name, repr(f.default), env_var(f.name), f.metadata["doc"]) for f in dataclasses.fields(KVCommConfig)
+    ]

