@@ -1,0 +1,387 @@
+"""The stored byte format of one KVEntry: a fixed prefix, a msgpack header, raw tensor bytes.
+
+Layout (little endian)::
+
+    offset 0   magic  b"KVCM"
+           4   u16    format version
+           6   u16    flags (0; reserved for signed entries)
+           8   u32    header length H
+          12   32 B   SHA-256 over bytes [4, 12) and [44, end): version, flags, H, header,
+                      padding and payload, so any flipped byte is detected
+          44   H B    msgpack map: fingerprint, namespace, key, meta, tensors (see below)
+               pad    zeros up to a multiple of 64
+               payload: each tensor part at a 64-aligned offset (relative to the payload start)
+
+Each ``tensors`` item: ``{name, dtype, shape, codec, offset, nbytes, scale}``. ``dtype`` and
+``shape`` are the logical (decoded) ones. ``codec == "raw"``: ``nbytes`` bytes of ``dtype``.
+``codec == "int8"``: ``nbytes`` int8 values of ``shape`` then ``scale = {shape, offset, nbytes}``
+float32 scales that broadcast against it (decoded value = q * scale).
+
+Decoding never unpickles or evaluates anything, and validates before it allocates: the version,
+the dtype whitelist, non-negative bounded shapes whose byte counts match, a total under
+``max_entry_bytes``, the exact payload length, the checksum, then namespace, key and fingerprint.
+Any failure raises :class:`EntryFormatError` whose ``kind`` is a store fault kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import struct
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import torch
+from kvcomm.store.entry import KVEntry
+
+from kvcomm.errors import StoreError, StoreFormatError
+
+MAGIC = b"KVCM"
+FORMAT_VERSION = 1
+CODECS = ("raw", "int8")
+DEFAULT_MAX_ENTRY_BYTES = 512 << 20  # Redis' own default proto-max-bulk-len
+MAX_HEADER_BYTES = 4 << 20
+MAX_TENSORS = 4096
+MAX_NDIM = 8
+ALIGN = 64
+
+_PREFIX = struct.Struct("<4sHHI32s")
+PREFIX_BYTES = _PREFIX.size  # 44
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+class EntryFormatError(StoreFormatError):
+    """A stored value that cannot be decoded; ``kind`` is the fault kind it is counted as."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+# -- int8 ----------------------------------------------------------------------------------------
+def quantize_reference(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: ``k`` per channel (scale over the token axis -2), ``v`` per token (axis -1).
+
+    Args:
+        x: ``[..., T, D]`` float tensor.
+        kind: ``"k"`` or ``"v"``.
+
+    Returns:
+        ``(q int8 [..., T, D], scale float32 [..., 1, D] for k or [..., T, 1] for v)``.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-2 if kind == "k" else -1, keepdim=True)
+    scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_reference`: ``(q * scale).to(dtype)``."""
+    return (q.float() * scale).to(dtype)
+
+
+_int8_ops: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+
+
+def _int8() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """kvcomm.kernels' quantize_kv/dequantize_kv (Triton on CUDA) when present, else the reference."""
+    global _int8_ops
+    if _int8_ops is None:
+        try:
+            from kvcomm.kernels import dequantize_kv, quantize_kv
+        except ImportError:
+            _int8_ops = (quantize_reference, dequantize_reference)
+        else:
+            _int8_ops = (quantize_kv, dequantize_kv)
+    return _int8_ops
+
+
+def _int8_kind(name: str, t: torch.Tensor) -> str | None:
+    kind = name.rsplit(".", 1)[-1]
+    if kind in ("k", "v") and t.is_floating_point() and t.dim() >= 2 and t.numel() > 0:
+        return kind
+    return None
+
+
+# -- encode --------------------------------------------------------------------------------------
+def encode(
+    entry: KVEntry,
+    *,
+    namespace: str,
+    key: str,
+    codec: str = "raw",
+    version: int = FORMAT_VERSION,
+) -> bytearray:
+    """Serialize ``entry`` (tensors on any device) into one value.
+
+    Raises:
+        StoreError: unknown codec, unsupported dtype, non-str tensor name or meta that msgpack
+            cannot round-trip (caller bugs).
+    """
+    if codec not in CODECS:
+        raise StoreError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+    if len(entry.tensors) > MAX_TENSORS:
+        raise StoreError(f"an entry holds at most {MAX_TENSORS} tensors, got {len(entry.tensors)}")
+    specs: list[dict[str, Any]] = []
+    parts: list[tuple[int, torch.Tensor]] = []
+    cursor = 0
+
+    def add(t: torch.Tensor) -> tuple[int, int]:
+        nonlocal cursor
+        offset = _align(cursor)
+        nbytes = t.numel() * t.element_size()
+        parts.append((offset, t))
+        cursor = offset + nbytes
+        return offset, nbytes
+
+    for name, t in entry.tensors.items():
+        if not isinstance(name, str) or not name:
+            raise StoreError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise StoreError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise StoreError(f"tensor {name!r} has unsupported dtype {t.dtype}: use one of {', '.join(DTYPES)}")
+        t = t.detach()
+        kind = _int8_kind(name, t) if codec == "int8" else None
+        spec: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(t.shape), "codec": "raw", "scale": None}
+        if kind is None:
+            spec["offset"], spec["nbytes"] = add(t)
+        else:
+            q, scale = _int8()[0](t, kind)
+            spec["codec"] = "int8"
+            spec["offset"], spec["nbytes"] = add(q.to(torch.int8))
+            scale = scale.to(torch.float32)
+            s_off, s_nbytes = add(scale)
+            spec["scale"] = {"shape": list(scale.shape), "offset": s_off, "nbytes": s_nbytes}
+        specs.append(spec)
+
+    header = {
+        "fingerprint": entry.fingerprint,
+        "namespace": namespace,
+        "key": key,
+        "meta": entry.meta,
+        "tensors": specs,
+    }
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+        _unpack_header(packed)  # what cannot be read back must not be written
+    except (TypeError, ValueError, OverflowError, EntryFormatError) as exc:
+        raise StoreError(f"entry meta/fingerprint cannot be stored as msgpack: {exc}") from exc
+    return _assemble(version, packed, parts, cursor)
+
+
+def frame(header: dict[str, Any], payload: bytes | memoryview, *, version: int = FORMAT_VERSION) -> bytearray:
+    """Wrap an already-built header and payload with a valid prefix and checksum.
+
+    Low level (tools and tests that craft entries); :func:`encode` is the normal way in.
+    """
+    packed = msgpack.packb(header, use_bin_type=True)
+    payload_t = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0)
+    return _assemble(version, packed, [(0, payload_t)], len(payload))
+
+
+def _assemble(version: int, packed: bytes, parts: list[tuple[int, torch.Tensor]], payload_len: int) -> bytearray:
+    if len(packed) > MAX_HEADER_BYTES:
+        raise StoreError(f"entry header is {len(packed)} bytes, over the {MAX_HEADER_BYTES} limit")
+    payload_off = _align(PREFIX_BYTES + len(packed))
+    buf = bytearray(payload_off + payload_len)
+    buf[PREFIX_BYTES : PREFIX_BYTES + len(packed)] = packed
+    for offset, t in parts:
+        n = t.numel() * t.element_size()
+        if n:
+            dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=payload_off + offset)
+            dst.copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    struct.pack_into("<HHI", buf, 4, version, 0, len(packed))
+    _PREFIX.pack_into(buf, 0, MAGIC, version, 0, len(packed), _digest(buf))
+    return buf
+
+
+def _digest(buf: bytes | bytearray | memoryview) -> bytes:
+    view = memoryview(buf)
+    h = hashlib.sha256(view[4:12])
+    h.update(view[PREFIX_BYTES:])
+    return h.digest()
+
+
+# -- decode --------------------------------------------------------------------------------------
+def split(blob: bytes | bytearray | memoryview) -> tuple[int, dict[str, Any], memoryview]:
+    """Parse the framing only: ``(version, header, payload)``; no checksum or shape checks.
+
+    Raises:
+        EntryFormatError: not a kvcomm value, truncated prefix or header, undecodable header.
+    """
+    view = memoryview(blob)
+    if len(view) < PREFIX_BYTES:
+        kind = "truncated" if MAGIC.startswith(bytes(view[:4])) else "corrupt"
+        raise EntryFormatError(kind, f"value of {len(view)} bytes is shorter than the {PREFIX_BYTES}-byte prefix")
+    magic, version, _flags, header_len, _ = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise EntryFormatError("corrupt", f"bad magic {bytes(magic)!r}: not a kvcomm entry")
+    if header_len > MAX_HEADER_BYTES:
+        raise EntryFormatError("corrupt", f"header length {header_len} is over the {MAX_HEADER_BYTES} limit")
+    if PREFIX_BYTES + header_len > len(view):
+        raise EntryFormatError("truncated", f"header of {header_len} bytes runs past the {len(view)}-byte value")
+    header = _unpack_header(view[PREFIX_BYTES : PREFIX_BYTES + header_len])
+    payload_off = min(_align(PREFIX_BYTES + header_len), len(view))
+    return version, header, view[payload_off:]
+
+
+def _unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise EntryFormatError("corrupt", f"undecodable header: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise EntryFormatError("corrupt", "header is not a map")
+    for name, typ in (("fingerprint", str), ("namespace", str), ("key", str), ("meta", dict), ("tensors", list)):
+        if not isinstance(header.get(name), typ):
+            raise EntryFormatError("corrupt", f"header field {name!r} is missing or not a {typ.__name__}")
+    if len(header["tensors"]) > MAX_TENSORS:
+        raise EntryFormatError("corrupt", f"header lists {len(header['tensors'])} tensors (max {MAX_TENSORS})")
+    return header
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_part(where: str, shape: Any, itemsize: int, part: dict[str, Any], cursor: int, limit: int) -> int:
+    """Validate one byte range; returns the new cursor (end of the part)."""
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise EntryFormatError("shape", f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative ints")
+    offset, nbytes = part.get("offset"), part.get("nbytes")
+    if not (_is_int(offset) and _is_int(nbytes)) or nbytes < 0:
+        raise EntryFormatError("corrupt", f"{where}: offset/nbytes {offset!r}/{nbytes!r} are not non-negative ints")
+    if offset != _align(cursor):
+        raise EntryFormatError("corrupt", f"{where}: offset {offset} is not the next aligned offset {_align(cursor)}")
+    if offset + nbytes > limit:
+        raise EntryFormatError("oversize", f"{where}: ends at byte {offset + nbytes}, over the {limit}-byte limit")
+    if math.prod(shape) * itemsize != nbytes:  # Python ints: no overflow on absurd shapes
+        raise EntryFormatError("shape", f"{where}: shape {shape} x {itemsize} B does not match nbytes {nbytes}")
+    return offset + nbytes
+
+
+def _check_specs(specs: list[Any], limit: int) -> int:
+    """Validate every tensor spec; returns the payload length they describe."""
+    cursor, names = 0, set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or spec["name"] in names:
+            raise EntryFormatError("corrupt", f"tensor #{i}: missing or duplicate name")
+        name = spec["name"]
+        names.add(name)
+        dtype, codec = spec.get("dtype"), spec.get("codec")
+        if dtype not in DTYPES:
+            raise EntryFormatError("corrupt", f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        if codec == "raw":
+            cursor = _check_part(f"tensor {name!r}", spec.get("shape"), _ITEMSIZE[dtype], spec, cursor, limit)
+        elif codec == "int8":
+            if dtype not in _FLOATS or not isinstance(spec.get("scale"), dict):
+                raise EntryFormatError("corrupt", f"tensor {name!r}: int8 needs a float dtype and a scale")
+            shape, scale = spec.get("shape"), spec["scale"]
+            cursor = _check_part(f"tensor {name!r}", shape, 1, spec, cursor, limit)
+            cursor = _check_part(f"scale of {name!r}", scale.get("shape"), 4, scale, cursor, limit)
+            s_shape = scale["shape"]
+            if len(s_shape) != len(shape) or any(s not in (1, d) for s, d in zip(s_shape, shape, strict=True)):
+                raise EntryFormatError("shape", f"tensor {name!r}: scale shape {s_shape} does not broadcast to {shape}")
+        else:
+            raise EntryFormatError("corrupt", f"tensor {name!r}: unknown codec {codec!r}")
+    return cursor
+
+
+def decode(
+    blob: bytes | bytearray | memoryview,
+    *,
+    namespace: str | None = None,
+    key: str | None = None,
+    fingerprint: str | None = None,
+    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+    device: str | torch.device = "cpu",
+) -> KVEntry:
+    """Validate and deserialize one value into a KVEntry whose tensors live on ``device``.
+
+    Args:
+        namespace, key: if given, the header must name exactly these (else ``key_mismatch``).
+        fingerprint: if given, the stored fingerprint must equal it (else ``fingerprint_mismatch``).
+        max_entry_bytes: values or declared payloads larger than this are ``oversize``.
+
+    Raises:
+        EntryFormatError: with ``kind`` in corrupt, truncated, version, shape, oversize,
+            key_mismatch, fingerprint_mismatch.
+    """
+    if len(blob) > max_entry_bytes:
+        raise EntryFormatError("oversize", f"value of {len(blob)} bytes is over the {max_entry_bytes}-byte limit")
+    version, header, payload = split(blob)
+    if version != FORMAT_VERSION:
+        raise EntryFormatError("version", f"format version {version}, this kvcomm reads version {FORMAT_VERSION}")
+    expected = _check_specs(header["tensors"], max_entry_bytes)
+    if len(payload) < expected:
+        raise EntryFormatError("truncated", f"payload has {len(payload)} of {expected} bytes")
+    if len(payload) > expected:
+        raise EntryFormatError("corrupt", f"payload has {len(payload)} bytes, the header describes {expected}")
+    stored_digest = _PREFIX.unpack_from(blob, 0)[4]
+    if not hmac.compare_digest(stored_digest, _digest(blob)):
+        raise EntryFormatError("corrupt", "checksum mismatch")
+    for field, want in (("namespace", namespace), ("key", key)):
+        if want is not None and header[field] != want:
+            raise EntryFormatError("key_mismatch", f"entry was written for {field} {header[field]!r}, read as {want!r}")
+    if fingerprint is not None and header["fingerprint"] != fingerprint:
+        raise EntryFormatError(
+            "fingerprint_mismatch", f"entry fingerprint {header['fingerprint']!r} != expected {fingerprint!r}"
+        )
+    return KVEntry(tensors=_materialize(blob, payload, header["tensors"], device), meta=header["meta"],
+                   fingerprint=header["fingerprint"])
+
+
+def _materialize(blob: Any, payload: memoryview, specs: list[dict[str, Any]], device: str | torch.device) -> dict[str, torch.Tensor]:
+    device = torch.device(device)
+    src = _uint8_view(payload) if len(payload) else torch.empty(0, dtype=torch.uint8)
+
+    def part(spec: dict[str, Any], dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        if spec["nbytes"] == 0:
+            return torch.empty(shape, dtype=dtype, device=device)
+        t = src[spec["offset"] : spec["offset"] + spec["nbytes"]].view(dtype).reshape(shape)
+        return t.to(device)  # still a view of the value on CPU: callers clone or transform
+
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        dtype = DTYPES[spec["dtype"]]
+        if spec["codec"] == "raw":
+            t = part(spec, dtype, spec["shape"])
+            out[spec["name"]] = t.clone() if t.device.type == "cpu" and spec["nbytes"] else t
+        else:
+            q = part(spec, torch.int8, spec["shape"])
+            scale = part(spec["scale"], torch.float32, spec["scale"]["shape"])
+            out[spec["name"]] = _int8()[1](q, scale, dtype)
+    return out
+
+
+def _uint8_view(payload: memoryview) -> torch.Tensor:
+    if payload.readonly:  # bytes from redis-py: torch warns once that it cannot protect them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(payload, dtype=torch.uint8)
+    return torch.frombuffer(payload, dtype=torch.uint8)

@@ -1,0 +1,118 @@
+"""TieredStore: fast tiers in front of slow ones (GPU memory -> Redis), read-through, write-through."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvcomm.store.base import KVStore
+from kvcomm.store.entry import KVEntry
+
+from kvcomm.errors import StoreError
+
+
+class TieredStore(KVStore):
+    """Stores ordered fastest first, e.g. ``TieredStore([MemoryStore("cuda", 8 << 30), RedisStore(url)])``.
+
+    - ``get`` asks each tier in order; a hit in tier ``i`` is copied into tiers ``0..i-1``
+      (promotion) and returned from the fastest tier that took it (on its device).
+    - ``put`` writes every tier; True if at least one tier stored the entry.
+    - ``delete``/``clear`` act on every tier; ``contains``/``scan`` see the union.
+    - Hashes, counters and records live in the **last** tier only: it is the one other processes
+      share, so an atomic ``hincrby`` there is the truth (a cached count would go stale).
+
+    Tier faults are counted by the tiers themselves (``stats()["tiers"]``); the tiered counters
+    count hits (found in any tier), misses (found in none) and promotions.
+    """
+
+    kind = "tiered"
+
+    def __init__(self, tiers: Sequence[KVStore]) -> None:
+        tiers = list(tiers)
+        if not tiers or not all(isinstance(t, KVStore) for t in tiers):
+            raise StoreError("TieredStore needs a non-empty list of KVStore tiers, fastest first")
+        namespaces = {t.namespace for t in tiers}
+        if len(namespaces) > 1:
+            raise StoreError(f"tiers of one TieredStore must share a namespace, got {sorted(namespaces)}")
+        super().__init__(tiers[0].namespace)
+        self.tiers = tiers
+        self.promotions = 0
+
+    @property
+    def shared(self) -> KVStore:
+        """The last tier: the one holding hashes and records."""
+        return self.tiers[-1]
+
+    def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
+        for i, tier in enumerate(self.tiers):
+            entry = tier.get(key, fingerprint=fingerprint)
+            if entry is None:
+                continue
+            self.counters.hit(entry.nbytes)
+            for faster in reversed(self.tiers[:i]):
+                if faster.put(key, entry):
+                    self.promotions += 1
+                    promoted = faster.get(key, fingerprint=fingerprint)
+                    entry = promoted if promoted is not None else entry
+            return entry
+        self.counters.miss()
+        return None
+
+    def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
+        results = [tier.put(key, entry, ttl=ttl) for tier in reversed(self.tiers)]  # shared first
+        if any(results):
+            self.counters.put(entry.nbytes)
+            return True
+        self.counters.put_failed()
+        return False
+
+    def delete(self, key: str) -> bool:
+        return any([tier.delete(key) for tier in self.tiers])
+
+    def contains(self, key: str) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def scan(self, prefix: str = "") -> list[str]:
+        return sorted(set().union(*(tier.scan(prefix) for tier in self.tiers)))
+
+    def clear(self, prefix: str = "") -> int:
+        keys = self.scan(prefix)
+        for tier in self.tiers:
+            tier.clear(prefix)
+        return len(keys)
+
+    def hincrby(self, key: str, field: str, amount: int = 1) -> int | None:
+        return self.shared.hincrby(key, field, amount)
+
+    def hset(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+        return self.shared.hset(key, mapping)
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        return self.shared.hgetall(key)
+
+    def hdel(self, key: str, *fields: str) -> int:
+        return self.shared.hdel(key, *fields)
+
+    def append_record(self, key: str, record: dict[str, Any]) -> bool:
+        return self.shared.append_record(key, record)
+
+    def read_records(self, key: str) -> list[dict[str, Any]]:
+        return self.shared.read_records(key)
+
+    def ping(self) -> None:
+        for tier in self.tiers:
+            tier.ping()
+
+    def usage(self) -> dict[str, int]:
+        return self.shared.usage()
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["promotions"] = self.promotions
+        out["faults"] = {k: sum(t.stats()["faults"][k] for t in self.tiers) for k in out["faults"]}
+        out["tiers"] = [tier.stats() for tier in self.tiers]
+        return out
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
