@@ -1,0 +1,57 @@
+"""Guarded Triton import: ``import kvcomm.kernels`` must work where Triton is absent (macOS).
+
+The kernel modules take ``triton``, ``tl`` and ``jit`` from here. Without Triton, ``jit`` leaves
+the function undecorated (it is never launched: dispatch falls back to the torch references) and
+``tl`` is never dereferenced at import time because every kernel module uses postponed
+annotations (``from __future__ import annotations``) and Triton accepts string annotations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+try:  # pragma: no cover - exercised by the presence or absence of triton
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Read once, when the kernels are decorated: triton.jit picks the interpreter at decoration time,
+# so setting TRITON_INTERPRET after `import kvcomm.kernels` has no effect on the kernels.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` when Triton is installed, else the plain (never launched) function."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@jit
+def cast_rne(y, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """Cast float32 ``y`` to DTYPE rounding to nearest even, as torch's ``.to(dtype)`` does.
+
+    The GPU cast already rounds to nearest even. The interpreter's float32 -> bfloat16 cast
+    truncates, so under TRITON_INTERPRET (EMULATE) bfloat16 is rounded with integer ops:
+    that keeps the CPU tests comparing the kernels' math, not the interpreter's rounding.
+    """
+    if EMULATE and DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = y.to(DTYPE)
+    return out

@@ -1,0 +1,291 @@
+"""Anchor weights: how much each anchor's measured deviation counts for a new content.
+
+Two granularities (DESIGN §3.4), both a softmax over the A anchors of negative distances::
+
+    token_weights   [A, T]       = softmax_A(-mean_{l,h,d} |base - anchor[:, :, :T]|   / tau)
+    channel_weights [A, L, H, D] = softmax_A(-||base - anchor[:, :, -T:]||_2 over T  / tau)
+
+token_weights serves a slot's own tokens (the anchor's *first* T tokens); channel_weights the
+text segment that follows a slot (the anchor's *last* T tokens). Anchors may be longer than the
+content (T_a >= T, the pool's length rule): the kernels read the window through strides, no copy.
+Distances are accumulated in float32 whatever the input dtype; the weights are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from kvcomm.kernels._checks import check_float, check_same_device
+from kvcomm.kernels._triton import cdiv, jit, next_power_of_2, tl
+from kvcomm.kernels.dispatch import use_triton
+
+from kvcomm.errors import KernelError
+
+# Stage 1, token distances. Shapes / strides:
+#   base [L, H, T, D] (rows r = l*H + h: row stride b_stride_h, needs b_stride_l == H*b_stride_h,
+#   which any view sliced on T or D keeps), anchors [A, L, H, T_a, D] read at tokens 0..T-1,
+#   partial [S, A, T] float32 contiguous: sum over the rows of split s of sum_d |b - a|.
+# Grid: (cdiv(T, BLOCK_T), S). A program loads each base tile once and compares it with every
+# anchor, keeping the A running sums as rows of an [A_P2, BLOCK_T] accumulator (A_P2 =
+# next_pow2(A)), so base is read once in total and each anchor window once. S splits the L*H
+# rows so that short contents still fill the GPU.
+
+
+@jit
+def _token_dist_kernel(
+    base_ptr, anc_ptr, part_ptr,
+    A, T, R, ROWS,
+    b_stride_r, b_stride_t, b_stride_d,
+    a_stride_a, a_stride_r, a_stride_t, a_stride_d,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, A_P2: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_a = tl.arange(0, A_P2)
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    b_off = offs_t[:, None] * b_stride_t + offs_d[None, :] * b_stride_d
+    a_off = offs_t[:, None] * a_stride_t + offs_d[None, :] * a_stride_d
+
+    acc = tl.zeros([A_P2, BLOCK_T], dtype=tl.float32)
+    row0 = split.to(tl.int64) * ROWS
+    b_row = base_ptr + row0 * b_stride_r
+    a_row = anc_ptr + row0 * a_stride_r
+    for _ in range(row0, tl.minimum(row0 + ROWS, R)):
+        b = tl.load(b_row + b_off, mask=mask, other=0.0).to(tl.float32)
+        a_ptr = a_row
+        for a in range(0, A):
+            x = tl.load(a_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sum(tl.abs(b - x), axis=1)  # [BLOCK_T]
+            acc = tl.where((offs_a == a)[:, None], acc + s[None, :], acc)
+            a_ptr += a_stride_a
+        b_row += b_stride_r
+        a_row += a_stride_r
+    p_off = (split * A + offs_a)[:, None] * T + offs_t[None, :]
+    tl.store(part_ptr + p_off, acc, mask=(offs_a < A)[:, None] & (offs_t < T)[None, :])
+
+
+# Stage 1, channel distances. Shapes / strides:
+#   base [L, H, T, D] as rows r = l*H + h, anchors [A, L, H, T_a, D] read at tokens T_a-T..T_a-1
+#   (the caller offsets the pointer), partial [S, A, R*D] float32: sum over split s's tokens of
+#   (b - a)^2 per (row, channel).
+# Grid: (R, S). A program owns one row (layer, head) and a 1/S share of the tokens, streams
+# BLOCK_T x D tiles of base once and of each anchor once.
+
+
+@jit
+def _channel_dist_kernel(
+    base_ptr, anc_ptr, part_ptr,
+    A, T, R, TOKENS,
+    b_stride_r, b_stride_t, b_stride_d,
+    a_stride_a, a_stride_r, a_stride_t, a_stride_d,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, A_P2: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_a = tl.arange(0, A_P2)
+    mask_d = offs_d < D
+    b_off = offs_t[:, None] * b_stride_t + offs_d[None, :] * b_stride_d
+    a_off = offs_t[:, None] * a_stride_t + offs_d[None, :] * a_stride_d
+
+    acc = tl.zeros([A_P2, BLOCK_D], dtype=tl.float32)
+    t0 = split * TOKENS
+    t1 = tl.minimum(t0 + TOKENS, T)
+    b_blk = base_ptr + row * b_stride_r + t0 * b_stride_t
+    a_blk = anc_ptr + row * a_stride_r + t0 * a_stride_t
+    for start in range(t0, t1, BLOCK_T):
+        mask = ((start + offs_t) < t1)[:, None] & mask_d[None, :]
+        b = tl.load(b_blk + b_off, mask=mask, other=0.0).to(tl.float32)
+        a_ptr = a_blk
+        for a in range(0, A):
+            x = tl.load(a_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+            diff = b - x
+            s = tl.sum(diff * diff, axis=0)  # [BLOCK_D]
+            acc = tl.where((offs_a == a)[:, None], acc + s[None, :], acc)
+            a_ptr += a_stride_a
+        b_blk += BLOCK_T * b_stride_t
+        a_blk += BLOCK_T * a_stride_t
+    p_off = (split * A + offs_a).to(tl.int64)[:, None] * (R * D) + row * D + offs_d[None, :]
+    tl.store(part_ptr + p_off, acc, mask=(offs_a < A)[:, None] & mask_d[None, :])
+
+
+# Stage 2, shared: partial [S, A, M] float32 -> weights [A, M] float32.
+#   dist = (sum over S) * scale, sqrt'ed when SQRT; weights = softmax over A of -dist / tau.
+# Grid: (cdiv(M, BLOCK_M),), each program holds an [A_P2, BLOCK_M] tile.
+
+
+@jit
+def _anchor_softmax_kernel(
+    part_ptr, out_ptr, A, M, S, scale, neg_inv_tau,
+    SQRT: tl.constexpr, BLOCK_M: tl.constexpr, A_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_a = tl.arange(0, A_P2)
+    mask = (offs_a < A)[:, None] & (offs_m < M)[None, :]
+    off = offs_a.to(tl.int64)[:, None] * M + offs_m[None, :]
+    dist = tl.zeros([A_P2, BLOCK_M], dtype=tl.float32)
+    for _ in range(0, S):
+        dist += tl.load(part_ptr + off, mask=mask, other=0.0)
+        off += A * M
+    dist = dist * scale
+    if SQRT:
+        dist = tl.sqrt(dist)
+    # padding anchors/columns get a finite floor (not -inf: -inf - -inf would be NaN in padding)
+    logits = tl.where(mask, dist * neg_inv_tau, -1.0e30)
+    top = tl.max(logits, axis=0)
+    e = tl.exp(logits - top[None, :])
+    w = e / tl.sum(e, axis=0)[None, :]
+    tl.store(out_ptr + offs_a[:, None] * M + offs_m[None, :], w, mask=mask)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few, large programs
+
+
+def _softmax_stage(part: torch.Tensor, A: int, M: int, scale: float, tau: float, sqrt: bool) -> torch.Tensor:
+    out = torch.empty((A, M), dtype=torch.float32, device=part.device)
+    a_p2 = next_power_of_2(A)
+    block_m = max(16, min(1024, 4096 // a_p2, next_power_of_2(M)))
+    _anchor_softmax_kernel[(cdiv(M, block_m),)](
+        part, out, A, M, part.shape[0], scale, -1.0 / tau, SQRT=sqrt, BLOCK_M=block_m, A_P2=a_p2,
+    )
+    return out
+
+
+def token_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Launch the two token-weight kernels (arguments already checked)."""
+    L, H, T, D = base.shape
+    A, R = anchors.shape[0], L * H
+    block_d = next_power_of_2(D)
+    a_p2 = next_power_of_2(A)
+    block_t = max(1, min(next_power_of_2(T), 2048 // block_d))
+    n_t = cdiv(T, block_t)
+    splits = max(1, min(R, cdiv(_target_programs(base.device), n_t)))
+    rows = cdiv(R, splits)
+    splits = cdiv(R, rows)
+    part = torch.empty((splits, A, T), dtype=torch.float32, device=base.device)
+    _token_dist_kernel[(n_t, splits)](
+        base, anchors, part, A, T, R, rows,
+        base.stride(1), base.stride(2), base.stride(3),
+        anchors.stride(0), anchors.stride(2), anchors.stride(3), anchors.stride(4),
+        D=D, BLOCK_T=block_t, BLOCK_D=block_d, A_P2=a_p2,
+    )
+    return _softmax_stage(part, A, T, 1.0 / (R * D), tau, sqrt=False)
+
+
+def channel_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Launch the two channel-weight kernels (arguments already checked)."""
+    L, H, T, D = base.shape
+    A, R = anchors.shape[0], L * H
+    block_d = next_power_of_2(D)
+    a_p2 = next_power_of_2(A)
+    block_t = max(1, min(next_power_of_2(T), 2048 // block_d))
+    splits = max(1, min(cdiv(T, block_t), cdiv(_target_programs(base.device), R)))
+    tokens = cdiv(cdiv(T, splits), block_t) * block_t  # whole tiles per split
+    splits = cdiv(T, tokens)
+    window = anchors[:, :, :, anchors.shape[3] - T :, :]  # the anchor's last T tokens (a view)
+    part = torch.empty((splits, A, R * D), dtype=torch.float32, device=base.device)
+    _channel_dist_kernel[(R, splits)](
+        base, window, part, A, T, R, tokens,
+        base.stride(1), base.stride(2), base.stride(3),
+        window.stride(0), window.stride(2), window.stride(3), window.stride(4),
+        D=D, BLOCK_T=block_t, BLOCK_D=block_d, A_P2=a_p2,
+    )
+    return _softmax_stage(part, A, R * D, 1.0, tau, sqrt=True).view(A, L, H, D)
+
+
+def token_weights_reference(base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Plain-torch token_weights (same contract)."""
+    tau = _check(base, anchors, tau)
+    T = base.shape[2]
+    b = base.to(torch.float32)
+    # one anchor at a time: no [A, L, H, T, D] float32 temporary
+    dist = torch.stack([(b - a[:, :, :T].to(torch.float32)).abs().mean(dim=(0, 1, 3)) for a in anchors])
+    return torch.softmax(-dist / tau, dim=0)
+
+
+def channel_weights_reference(base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Plain-torch channel_weights (same contract)."""
+    tau = _check(base, anchors, tau)
+    T = base.shape[2]
+    b = base.to(torch.float32)
+    dist = torch.stack(
+        [(b - a[:, :, a.shape[2] - T :].to(torch.float32)).square().sum(dim=2).sqrt() for a in anchors]
+    )
+    return torch.softmax(-dist / tau, dim=0)
+
+
+def token_weights(
+    base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """Per-token anchor weights for a slot's own tokens.
+
+    Args:
+        base: ``[L, H, T, D]`` the new content's base K or V.
+        anchors: ``[A, L, H, T_a, D]`` the anchors' base K or V, ``T_a >= T``: the first T
+            tokens are compared.
+        tau: softmax temperature (> 0).
+        backend: see :func:`kvcomm.kernels.get_backend`.
+
+    Returns:
+        ``[A, T]`` float32, ``softmax_A(-mean_{l,h,d} |base - anchor| / tau)``: sums to 1 over A.
+
+    Raises:
+        KernelError: bad shapes, dtypes, devices or tau.
+    """
+    tau = _check(base, anchors, tau)
+    if use_triton(backend, base, anchors):
+        return token_weights_forward(base, anchors, tau)
+    return token_weights_reference(base, anchors, tau)
+
+
+def channel_weights(
+    base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """Per-(layer, head, channel) anchor weights for the text segment that follows a slot.
+
+    Args:
+        base: ``[L, H, T, D]`` the segment's base K or V.
+        anchors: ``[A, L, H, T_a, D]``, ``T_a >= T``: the last T tokens are compared.
+        tau: softmax temperature (> 0).
+        backend: see :func:`kvcomm.kernels.get_backend`.
+
+    Returns:
+        ``[A, L, H, D]`` float32, ``softmax_A(-||base - anchor||_2 over T / tau)``.
+
+    Raises:
+        KernelError: bad shapes, dtypes, devices or tau.
+    """
+    tau = _check(base, anchors, tau)
+    if use_triton(backend, base, anchors):
+        return channel_weights_forward(base, anchors, tau)
+    return channel_weights_reference(base, anchors, tau)
+
+
+def _check(base: object, anchors: object, tau: object) -> float:
+    base = check_float("base", base)
+    if base.dim() != 4:
+        raise KernelError(f"base must be [L, H, T, D], got shape {tuple(base.shape)}")
+    L, H, T, D = base.shape
+    anchors = check_float("anchors", anchors)
+    if anchors.dim() != 5 or (anchors.shape[1], anchors.shape[2], anchors.shape[4]) != (L, H, D):
+        raise KernelError(f"anchors must be [A, {L}, {H}, T_a, {D}] to match base, got {tuple(anchors.shape)}")
+    if anchors.shape[0] < 1:
+        raise KernelError("anchors must hold at least one anchor (A >= 1)")
+    if anchors.shape[3] < T:
+        raise KernelError(f"anchors must be at least as long as base: T_a={anchors.shape[3]} < T={T}")
+    if T < 1:
+        raise KernelError("base must hold at least one token")
+    if base.stride(0) != H * base.stride(1) or anchors.stride(1) != H * anchors.stride(2):
+        # the kernels walk (layer, head) as one row axis; true of any tensor sliced on T or D
+        base_ok = base.stride(0) == H * base.stride(1)
+        raise KernelError(f"{'anchors' if base_ok else 'base'} must have its layer and head axes mergeable (strides)")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        raise KernelError(f"tau must be a positive number, got {tau!r}")
+    check_same_device(base=base, anchors=anchors)
+    return float(tau)
