@@ -1,0 +1,452 @@
+"""KVCommEngine: register agents, publish contents, plan and run each agent call.
+
+One engine serves every policy (``dense``, ``prefix``, ``naive``, ``cacheblend``, ``kvcomm``),
+so comparisons run through one harness. See DESIGN §3 and :mod:`kvcomm.reuse`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvcomm.anchors import AnchorPool, ShareDecision
+from kvcomm.config import KVCommConfig
+from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
+from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill
+from kvcomm.metrics import CallRecord
+from kvcomm.models import model_fingerprint, resolve_device
+from kvcomm.reuse import Piece, SlotAnchors, assemble, key_delta
+from kvcomm.rope import model_inv_freq, shift_keys
+from kvcomm.template import RenderedTemplate, Template, slot_kind
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Content:
+    """What fills a slot in one request: token ids and base KV at positions 0..T-1."""
+
+    slot: str
+    ids: tuple[int, ...]
+    hash: str
+    kv: KVBlock
+    decision: ShareDecision | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Agent:
+    name: str
+    template: Template
+    rendered: RenderedTemplate
+    block: KVBlock  # the template prefilled with dummy slot text
+    reg_starts: list[int]  # where each segment starts in that prefill
+
+
+@dataclass
+class Result:
+    """One agent call's answer and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    mode: str
+    record: CallRecord
+    logits: list[torch.Tensor] | None = None  # per generated token, when asked for
+    cache: KVBlock | None = None  # the prompt's KV but the last token, when asked for
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.record.ttft_ms
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.record.reused_tokens
+
+
+@dataclass
+class _Plan:
+    mode: str
+    anchors: list[SlotAnchors | None] = field(default_factory=list)
+    record_slots: list[int] = field(default_factory=list)  # anchors lacking this agent's deltas
+    slot_state: dict[str, str] = field(default_factory=dict)
+
+
+class KVCommEngine:
+    """Cross-agent KV reuse over a Hugging Face causal LM (batch 1, greedy).
+
+    Args:
+        model, tokenizer: a loaded HF causal LM with RoPE and its tokenizer.
+        store: a :class:`kvcomm.store.KVStore` (default: an in-process ``MemoryStore``).
+        config: :class:`KVCommConfig`.
+        fingerprint: the model fingerprint (computed when not given).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        store: Any = None,
+        config: KVCommConfig | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or KVCommConfig()
+        if self.config.device != "auto" and resolve_device(self.config.device) != model.device:
+            model.to(resolve_device(self.config.device))
+        self.fingerprint = fingerprint or model_fingerprint(model)
+        if store is None:
+            from kvcomm.store import MemoryStore
+
+            store = MemoryStore()
+        self.store = store
+        self.prefix = f"{self.fingerprint[:16]}:"
+        self.inv_freq = model_inv_freq(model).to(model.device)
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.agents: dict[str, _Agent] = {}
+        self.latest: dict[str, Content] = {}
+        self.records: list[CallRecord] = []
+        self.last_prompt_ids: list[int] = []
+        self._pools: dict[str, AnchorPool] = {}
+        self._sink = self._encode(self.config.sink_text)
+        eos = {tokenizer.eos_token_id}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
+            eos.add(im_end)
+        self.eos_ids = {e for e in eos if e is not None}
+
+    # -- agents ---------------------------------------------------------------------------
+    def register_agent(self, name: str, template: Template | str | list[dict[str, str]]) -> None:
+        """Register an agent's prompt template and prefill its fixed text once (cached in the store)."""
+        tmpl = template if isinstance(template, Template) else Template(template)
+        if name in self.agents:
+            if self.agents[name].template == tmpl:
+                return
+            raise AgentError(f"agent {name!r} is already registered with a different template")
+        rendered = tmpl.render(self.tokenizer)
+        ids: list[int] = list(rendered.segment_ids[0])
+        starts = [0]
+        for slot, seg in zip(rendered.slots, rendered.segment_ids[1:], strict=True):
+            ids += self._encode(f"[{slot}]")  # dummy text standing for the slot at registration
+            starts.append(len(ids))
+            ids += seg
+        key = f"{self.prefix}tmpl:{name}:{_hash_ids(ids)}"
+        entry = self.store.get(key, fingerprint=self.fingerprint)
+        if entry is not None and entry.tensors["k"].shape[2] == len(ids):
+            block = KVBlock(entry.tensors["k"].to(self.model.device), entry.tensors["v"].to(self.model.device))
+        else:
+            _, cache = prefill(self.model, ids)
+            block = block_from_cache(cache)
+            self.store.put(key, self._entry({"k": block.k, "v": block.v}, {"agent": name}))
+        self.agents[name] = _Agent(name, tmpl, rendered, block, starts)
+
+    def _agent(self, name: str) -> _Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            known = ", ".join(sorted(self.agents)) or "none"
+            raise AgentError(f"unknown agent {name!r} (registered: {known})") from None
+
+    # -- contents -------------------------------------------------------------------------
+    def publish(
+        self, slot: str, text: str | None = None, *, ids: list[int] | None = None, kv: Any = None
+    ) -> Content:
+        """Publish a slot's content: its base KV, and (kvcomm) the shareability test.
+
+        ``kv`` may be a :class:`KVBlock` at positions 0..T-1 or a ``KVEntry`` from a store,
+        which must carry this engine's model fingerprint.
+        """
+        if ids is None:
+            if text is None:
+                raise SlotError(f"publish({slot!r}) needs text or ids")
+            ids = self._encode(text)
+        if not ids:
+            raise SlotError(f"content for slot {slot!r} is empty")
+        h = _hash_ids(ids, slot)
+        key = f"{self.prefix}content:{h}"
+        if kv is not None and not isinstance(kv, KVBlock):
+            if kv.fingerprint != self.fingerprint:
+                raise FingerprintMismatchError(
+                    f"KV entry for slot {slot!r} was computed by model {kv.fingerprint[:16] or '?'}, "
+                    f"this engine runs {self.fingerprint[:16]}"
+                )
+            kv = KVBlock(kv.tensors["k"], kv.tensors["v"])
+        entry = self.store.get(key, fingerprint=self.fingerprint)
+        if entry is not None and entry.tensors["k"].shape[2] == len(ids):
+            dev = self.model.device
+            return Content(slot, tuple(ids), h, KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev)))
+        if kv is None:
+            _, cache = prefill(self.model, self._sink + list(ids))
+            s = len(self._sink)
+            raw = block_from_cache(cache, s)
+            kv = KVBlock(shift_keys(raw.k, -s, self.inv_freq), raw.v)
+        content = Content(slot, tuple(ids), h, kv)
+        if self.config.policy == "kvcomm":
+            content.decision = self._admit(content)
+        self.store.put(key, self._entry({"k": kv.k, "v": kv.v}, {"slot": slot, "length": len(ids)}))
+        return content
+
+    def _pool(self, slot: str) -> AnchorPool:
+        if slot not in self._pools:
+            self._pools[slot] = AnchorPool(self.store, self.prefix, slot, self.config)
+        return self._pools[slot]
+
+    def _admit(self, content: Content) -> ShareDecision:
+        pool = self._pool(content.slot)
+        anchor_v = {}
+        for a in pool.anchors():
+            if a.content_hash == content.hash:
+                return ShareDecision(False, "already an anchor")
+            if a.length >= content.length:
+                base = self._fetch(f"content:{a.content_hash}")
+                if base is not None:
+                    anchor_v[a.content_hash] = base.v
+        decision = pool.decide(content.hash, content.kv.v, anchor_v)
+        if decision.new_anchor:
+            for gone in pool.add(content.hash, content.length):
+                for key in self.store.scan(f"{self.prefix}delta:{gone}:"):
+                    self.store.delete(key)
+        return decision
+
+    def _fetch(self, key: str) -> KVBlock | None:
+        entry = self.store.get(f"{self.prefix}{key}", fingerprint=self.fingerprint)
+        if entry is None:
+            return None
+        dev = self.model.device
+        return KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev))
+
+    # -- one call ---------------------------------------------------------------------------
+    def generate(
+        self,
+        agent: str,
+        fills: dict[str, Any] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        request_id: str = "",
+        forced_ids: list[int] | None = None,
+        return_logits: bool = False,
+        return_cache: bool = False,
+        publish_answer: bool = True,
+    ) -> Result:
+        """Run one agent call: plan, build the prompt KV (dense or reused), decode greedily.
+
+        ``fills`` maps slot names to text (or :class:`Content`); an ``agent:<name>`` slot not in
+        ``fills`` takes that agent's latest answer. ``forced_ids`` teacher-forces the decode
+        (for fidelity measurements).
+        """
+        a = self._agent(agent)
+        fills = dict(fills or {})
+        n_new = max_new_tokens or self.config.max_new_tokens
+        unknown = sorted(set(fills) - set(a.rendered.slots))
+        if unknown:
+            raise SlotError(f"agent {agent!r} has no slot(s) {', '.join(unknown)} (its slots: {', '.join(a.rendered.slots)})")
+        t_pub = time.perf_counter()
+        contents: list[Content] = []
+        for slot in a.rendered.slots:
+            value = fills.get(slot)
+            if value is None and slot_kind(slot) == "agent" and slot in self.latest:
+                value = self.latest[slot]
+            if value is None:
+                raise SlotError(f"agent {agent!r}: no content for slot {slot!r} (fills given: {', '.join(sorted(fills)) or 'none'})")
+            contents.append(value if isinstance(value, Content) else self.publish(slot, str(value)))
+        publish_ms = (time.perf_counter() - t_pub) * 1e3
+
+        segs = a.rendered.segment_ids
+        ids = list(segs[0])
+        seg_starts, slot_starts = [0], []
+        for c, seg in zip(contents, segs[1:], strict=True):
+            slot_starts.append(len(ids))
+            ids += c.ids
+            seg_starts.append(len(ids))
+            ids += seg
+        P = len(ids)
+        self.last_prompt_ids = ids
+        if P + n_new > self.max_positions:
+            raise ContextLengthError(
+                f"agent {agent!r}: prompt of {P} tokens + {n_new} new tokens exceeds the model's "
+                f"context of {self.max_positions}"
+            )
+        plan = self._plan(a, contents)
+        rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=P,
+                         reused_tokens=0, recomputed_tokens=P, publish_ms=publish_ms, request_id=request_id,
+                         timestamp=time.time(), slots=plan.slot_state)
+        _sync(self.model.device)
+        t0 = time.perf_counter()
+        if plan.mode == "dense":
+            logits, cache = prefill(self.model, ids)
+        elif plan.mode == "prefix":
+            n0 = len(segs[0])
+            cache = cache_from_block(a.block.slice(0, n0), self.model.config)
+            logits, cache = prefill(self.model, ids[n0:], start=n0, cache=cache)
+            rec.reused_tokens, rec.recomputed_tokens = n0, P - n0
+        else:
+            logits, cache, rec = self._reuse(a, contents, ids, seg_starts, slot_starts, plan, rec, t0)
+        _sync(self.model.device)
+        rec.ttft_ms = (time.perf_counter() - t0) * 1e3
+        if plan.mode != "reuse":
+            rec.first_token_ms = rec.ttft_ms
+
+        prompt_kv = None
+        if return_cache and self.config.policy != "cacheblend":
+            prompt_kv = block_from_cache(cache, 0, P - 1)
+        t1 = time.perf_counter()
+        if plan.record_slots:
+            self._record_deltas(a, contents, cache, seg_starts, slot_starts, plan.record_slots)
+        rec.record_ms = (time.perf_counter() - t1) * 1e3
+
+        t2 = time.perf_counter()
+        out_ids, step_logits = greedy_decode(self.model, cache, logits, P, n_new, self.eos_ids, forced=forced_ids)
+        answer = [t for t in out_ids if t not in self.eos_ids] if forced_ids is None else list(out_ids)
+        if publish_answer and answer:
+            self._publish_answer(agent, answer, out_ids, cache, P)
+        _sync(self.model.device)
+        rec.decode_ms = (time.perf_counter() - t2) * 1e3
+        rec.new_tokens = len(out_ids)
+        self.records.append(rec)
+        self.store.append_record(f"{self.prefix}metrics", rec.to_dict())
+        text = self.tokenizer.decode(answer, skip_special_tokens=True)
+        return Result(text, out_ids, plan.mode, rec, step_logits if return_logits else None, prompt_kv)
+
+    def _plan(self, a: _Agent, contents: list[Content]) -> _Plan:
+        policy = self.config.policy
+        if policy in ("dense", "prefix"):
+            return _Plan(policy)
+        if policy in ("naive", "cacheblend"):
+            return _Plan("reuse", [None] * len(contents))
+        plan = _Plan("reuse")
+        for i, c in enumerate(contents):
+            pool = self._pool(c.slot)
+            anchors = pool.anchors()
+            if any(x.content_hash == c.hash for x in anchors):
+                got = self._slot_anchors(a.name, [c.hash], c.length, exact=True)
+                plan.slot_state[c.slot] = "exact" if got else "new-anchor"
+                if not got:
+                    plan.mode = "dense"
+                    plan.record_slots.append(i)
+                plan.anchors.append(got)
+                continue
+            usable = [x.content_hash for x in anchors if x.length >= c.length]
+            got = self._slot_anchors(a.name, usable, c.length, exact=False)
+            plan.slot_state[c.slot] = f"shared({len(got) if got else 0})"
+            if got is None:
+                plan.mode = "dense"
+            plan.anchors.append(got)
+        return plan
+
+    def _slot_anchors(self, agent: str, hashes: list[str], T: int, *, exact: bool) -> SlotAnchors | None:
+        sa = SlotAnchors([], [], [], [], exact=exact)
+        for h in hashes:
+            delta = self.store.get(f"{self.prefix}delta:{h}:{agent}", fingerprint=self.fingerprint)
+            if delta is None:
+                continue
+            base = self._fetch(f"content:{h}")
+            if base is None:
+                continue
+            dev = self.model.device
+            t = {k: v.to(dev) for k, v in delta.tensors.items()}
+            sa.base_first.append(base.slice(0, T))
+            sa.base_last.append(base.slice(base.length - T, base.length))
+            sa.ph.append(KVBlock(t["ph.k"], t["ph.v"]))
+            sa.pf.append(KVBlock(t["pf.k"], t["pf.v"]))
+            sa.ph_shift.append(int(delta.meta["ph_shift"]))
+            sa.pf_shift.append(int(delta.meta["pf_shift"]))
+        return sa if len(sa) else None
+
+    def _pieces(self, a: _Agent, contents: list[Content], seg_starts: list[int], slot_starts: list[int],
+                anchors: list[SlotAnchors | None]) -> list[Piece]:
+        segs = a.rendered.segment_ids
+        pieces = [Piece(0, a.block.slice(0, len(segs[0])), 0)]
+        for j, c in enumerate(contents):
+            sa = anchors[j] if j < len(anchors) else None
+            pieces.append(Piece(slot_starts[j], c.kv, slot_starts[j], sa, "slot"))
+            r = a.reg_starts[j + 1]
+            seg_block = a.block.slice(r, r + len(segs[j + 1]))
+            pieces.append(Piece(seg_starts[j + 1], seg_block, seg_starts[j + 1] - r, sa, "seg", c.kv))
+        return pieces
+
+    def _reuse(self, a, contents, ids, seg_starts, slot_starts, plan, rec, t0):
+        P = len(ids)
+        t_fetch = time.perf_counter()
+        rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
+        pieces = self._pieces(a, contents, seg_starts, slot_starts, plan.anchors)
+        block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=self.config.policy == "kvcomm")
+        rec.anchors_matched = sum(len(x) for x in plan.anchors if x is not None)
+        rec.bytes_moved = block.nbytes
+        _sync(self.model.device)
+        t_corr = time.perf_counter()
+        rec.correct_ms = (t_corr - t_fetch) * 1e3
+        if self.config.policy == "cacheblend":
+            from kvcomm.cacheblend import selective_recompute
+
+            logits, cache, n_re = selective_recompute(self.model, ids, block, len(a.rendered.segment_ids[0]),
+                                                      self.config.cacheblend_ratio)
+        else:
+            cache = cache_from_block(block, self.model.config)
+            logits, cache = prefill(self.model, ids[-1:], start=P - 1, cache=cache)
+            n_re = 1
+        _sync(self.model.device)
+        rec.first_token_ms = (time.perf_counter() - t_corr) * 1e3
+        rec.reused_tokens, rec.recomputed_tokens = P - n_re, n_re
+        return logits, cache, rec
+
+    def _record_deltas(self, a, contents, cache, seg_starts, slot_starts, which) -> None:
+        real = block_from_cache(cache, 0, seg_starts[-1] + len(a.rendered.segment_ids[-1]))
+        for j in which:
+            c = contents[j]
+            q, T = slot_starts[j], c.length
+            ph_k = key_delta(real.k[:, :, q : q + T], c.kv.k, q, self.inv_freq)
+            ph_v = real.v[:, :, q : q + T] - c.kv.v
+            r, p = a.reg_starts[j + 1], seg_starts[j + 1]
+            m = len(a.rendered.segment_ids[j + 1])
+            seg = a.block.slice(r, r + m)
+            pf_k = key_delta(real.k[:, :, p : p + m], seg.k, p - r, self.inv_freq)
+            pf_v = real.v[:, :, p : p + m] - seg.v
+            entry = self._entry({"ph.k": ph_k, "ph.v": ph_v, "pf.k": pf_k, "pf.v": pf_v},
+                                {"ph_shift": q, "pf_shift": p - r, "agent": a.name, "slot": c.slot})
+            self.store.put(f"{self.prefix}delta:{c.hash}:{a.name}", entry)
+
+    def _publish_answer(self, agent: str, answer: list[int], out_ids: list[int], cache: Any, P: int) -> None:
+        n = len(answer)
+        if cache.get_seq_length() < P + n:  # the last token was sampled but never fed
+            prefill(self.model, answer[-1:], start=P + n - 1, cache=cache)
+        raw = block_from_cache(cache, P, P + n)
+        kv = KVBlock(shift_keys(raw.k, -P, self.inv_freq), raw.v)
+        slot = f"agent:{agent}"
+        self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+    def _entry(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
+        from kvcomm.store import KVEntry
+
+        return KVEntry(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta,
+                       fingerprint=self.fingerprint)
+
+    def reset_answers(self) -> None:
+        """Forget the latest answers (start a new request); anchors and templates stay."""
+        self.latest.clear()
+
+
+def _hash_ids(ids: list[int] | tuple[int, ...], salt: str = "") -> str:
+    h = hashlib.blake2b(salt.encode(), digest_size=12)
+    h.update(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # timers need the GPU's queued work finished
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["Content", "KVCommEngine", "Result"]

@@ -1,0 +1,101 @@
+"""KV blocks and the few model calls the engine makes (prefill, one-token forward, decode).
+
+A block is stacked over layers: ``k``, ``v`` each ``[L, H_kv, T, D]`` (batch 1 squeezed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class KVBlock:
+    k: torch.Tensor  # [L, H, T, D], keys post-RoPE
+    v: torch.Tensor  # [L, H, T, D]
+
+    @property
+    def length(self) -> int:
+        return int(self.k.shape[2])
+
+    def slice(self, start: int, end: int) -> KVBlock:
+        return KVBlock(self.k[:, :, start:end], self.v[:, :, start:end])
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def block_from_cache(cache: Any, start: int = 0, end: int | None = None) -> KVBlock:
+    """Copy tokens [start, end) of every layer out of a HF cache."""
+    ks = [layer.keys[0, :, start:end] for layer in cache.layers]
+    vs = [layer.values[0, :, start:end] for layer in cache.layers]
+    return KVBlock(torch.stack(ks), torch.stack(vs))
+
+
+def cache_from_block(block: KVBlock, config: Any) -> DynamicCache:
+    """A DynamicCache holding ``block`` (it copies the tensors)."""
+    data = [(block.k[i].unsqueeze(0), block.v[i].unsqueeze(0)) for i in range(block.k.shape[0])]
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+@torch.inference_mode()
+def prefill(model: Any, ids: list[int], *, start: int = 0, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    """Run ``ids`` at positions start.. over ``cache``; returns (last logits [V], cache)."""
+    dev = model.device
+    input_ids = torch.tensor([ids], device=dev)
+    pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), out.cache
+
+
+@torch.inference_mode()
+def prefill_all_logits(model: Any, ids: list[int]) -> tuple[torch.Tensor, Any]:
+    """Full prefill returning every position's logits [T, V] (for teacher-forced evaluation)."""
+    dev = model.device
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([ids], device=dev), cache=cache, use_cache=True)
+    return out.logits[0].float(), out.cache
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: Any,
+    cache: Any,
+    first_logits: torch.Tensor,
+    start_pos: int,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    *,
+    forced: list[int] | None = None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding from the first token's logits.
+
+    Returns the generated ids (EOS included if produced) and each step's logits. With
+    ``forced`` the given tokens are fed instead of the argmax (teacher forcing), so logits of
+    two caches can be compared token by token.
+    """
+    dev = model.device
+    ids: list[int] = []
+    logits = [first_logits]
+    nxt = int(first_logits.argmax())  # host sync: the token decides whether we stop
+    for step in range(max_new_tokens):
+        tok = forced[step] if forced is not None else nxt
+        ids.append(tok)
+        if (forced is None and tok in eos_ids) or step == max_new_tokens - 1:
+            break
+        out = model(
+            input_ids=torch.tensor([[tok]], device=dev),
+            position_ids=torch.tensor([[start_pos + step]], device=dev),
+            cache=cache,
+            use_cache=True,
+        )
+        last = out.logits[0, -1].float()
+        logits.append(last)
+        nxt = int(last.argmax())
+    return ids, logits

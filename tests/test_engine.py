@@ -1,0 +1,195 @@
+"""The engine on the real SmolLM2 (fp32, CPU) and on tiny random Llama/Qwen2 configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm import (
+    AgentError,
+    ContextLengthError,
+    FingerprintMismatchError,
+    KVCommConfig,
+    KVCommEngine,
+    SlotError,
+    Template,
+    TemplateError,
+)
+from kvcomm.config import POLICIES
+from kvcomm.kv import block_from_cache, prefill
+from kvcomm.models import tiny_random_model
+from kvcomm.rope import model_inv_freq, shift_keys
+from kvcomm.store import KVEntry, MemoryStore
+
+PLANNER = Template.from_system_user("You are a careful planner.", "Question: {question}\nGive a short plan.")
+SOLVER = Template.from_system_user(
+    "You are a precise solver.", "Question: {question}\nPlan: {agent:planner}\nAnswer briefly."
+)
+Q1 = "What is the capital of France, and which river flows through it?"
+Q2 = "Name three prime numbers larger than ten and explain why they are prime."
+Q3 = "Why is the sky blue during the day but red at sunset?"
+
+
+def make_engine(loaded, **cfg) -> KVCommEngine:
+    return KVCommEngine(loaded.model, loaded.tokenizer, store=MemoryStore(), fingerprint=loaded.fingerprint,
+                        config=KVCommConfig(**{"max_new_tokens": 8, **cfg}))
+
+
+def test_rope_shift_matches_keys_at_shifted_positions(smollm2):
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).input_ids
+    delta = 37
+    _, c0 = prefill(smollm2.model, ids, start=0)
+    _, c1 = prefill(smollm2.model, ids, start=delta)
+    k0, k1 = block_from_cache(c0).k, block_from_cache(c1).k
+    shifted = shift_keys(k0, delta, model_inv_freq(smollm2.model))
+    assert (shifted - k1).abs().max().item() < 1e-4
+    assert (k0 - k1).abs().max().item() > 1e-2  # the shift is not a no-op
+
+
+def test_dense_equals_model_generate(smollm2):
+    eng = make_engine(smollm2, policy="dense")
+    eng.register_agent("planner", PLANNER)
+    res = eng.generate("planner", {"question": Q1}, max_new_tokens=12)
+    ids = torch.tensor([eng.last_prompt_ids])
+    ref = smollm2.model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(eng.eos_ids))
+    assert res.token_ids == ref[0, ids.shape[1]:].tolist()
+    assert res.mode == "dense" and res.record.reused_tokens == 0
+
+
+def test_first_two_contents_become_anchors_then_shareable(smollm2):
+    eng = make_engine(smollm2)
+    for q in (Q1, Q2):
+        assert eng.publish("question", q).decision.new_anchor
+    assert len(eng._pool("question").anchors()) == 2
+    third = eng.publish("question", Q1[:-1] + " exactly?")
+    assert third.decision is not None and third.decision.reason in ("shareable", "entropy", "too few anchors")
+
+
+def test_exact_anchor_reuse_equals_dense_cache(smollm2):
+    """Every anchor carries the request's own content: the corrected cache is the dense cache."""
+    eng = make_engine(smollm2)
+    eng.register_agent("planner", PLANNER)
+    eng.register_agent("solver", SOLVER)
+    first_p = eng.generate("planner", {"question": Q1})
+    first_s = eng.generate("solver", {"question": Q1})
+    assert first_p.mode == "dense" and first_s.mode == "dense"  # new anchors: deltas recorded
+    reuse_p = eng.generate("planner", {"question": Q1}, return_cache=True)
+    reuse_s = eng.generate("solver", {"question": Q1}, return_cache=True)
+    assert reuse_p.mode == "reuse" and reuse_s.mode == "reuse"
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    dense.register_agent("solver", SOLVER)
+    ref_p = dense.generate("planner", {"question": Q1}, return_cache=True)
+    ref_s = dense.generate("solver", {"question": Q1}, return_cache=True)
+    for got, ref in ((reuse_p, ref_p), (reuse_s, ref_s)):
+        assert (got.cache.k - ref.cache.k).abs().max().item() < 2e-4
+        assert (got.cache.v - ref.cache.v).abs().max().item() < 2e-4
+        assert got.token_ids == ref.token_ids
+        assert got.record.recomputed_tokens == 1
+        assert got.record.reused_tokens == got.record.prompt_tokens - 1
+
+
+def test_shared_content_reuses_and_stays_close(smollm2):
+    eng = make_engine(smollm2)
+    eng.register_agent("planner", PLANNER)
+    for q in (Q1, Q2):
+        eng.generate("planner", {"question": q})
+    res = eng.generate("planner", {"question": Q3}, return_cache=True, return_logits=True)
+    if res.mode != "reuse":
+        pytest.skip(f"the shareability test made {Q3!r} an anchor: {res.record.slots}")
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q3}, return_cache=True, return_logits=True)
+    naive = make_engine(smollm2, policy="naive")
+    naive.register_agent("planner", PLANNER)
+    nai = naive.generate("planner", {"question": Q3}, return_logits=True)
+    kl = lambda a, b: torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,  # noqa: E731
+                                                 reduction="sum").item()
+    assert kl(ref.logits[0], res.logits[0]) < kl(ref.logits[0], nai.logits[0])
+
+
+def test_cacheblend_full_ratio_equals_dense(smollm2):
+    eng = make_engine(smollm2, policy="cacheblend", cacheblend_ratio=1.0)
+    eng.register_agent("planner", PLANNER)
+    got = eng.generate("planner", {"question": Q2}, max_new_tokens=10)
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q2}, max_new_tokens=10)
+    assert got.token_ids == ref.token_ids
+    assert got.record.recomputed_tokens == got.record.prompt_tokens - len(eng.agents["planner"].rendered.segment_ids[0])
+
+
+def test_prefix_policy_reuses_system_prompt_exactly(smollm2):
+    eng = make_engine(smollm2, policy="prefix")
+    eng.register_agent("planner", PLANNER)
+    got = eng.generate("planner", {"question": Q1})
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    assert got.token_ids == dense.generate("planner", {"question": Q1}).token_ids
+    assert 0 < got.record.reused_tokens < got.record.prompt_tokens
+
+
+def test_answer_published_for_downstream_slot(smollm2):
+    eng = make_engine(smollm2)
+    eng.register_agent("planner", PLANNER)
+    eng.register_agent("solver", SOLVER)
+    plan = eng.generate("planner", {"question": Q1})
+    latest = eng.latest["agent:planner"]
+    assert list(latest.ids) == [t for t in plan.token_ids if t not in eng.eos_ids]
+    assert latest.kv.k.shape[2] == latest.length
+    out = eng.generate("solver", {"question": Q1})  # the plan comes from the latest answer
+    assert out.record.prompt_tokens > plan.record.prompt_tokens
+
+
+def test_eviction_obeys_capacity_and_window(smollm2):
+    eng = make_engine(smollm2, max_anchors=3, eviction_window=2, min_anchors=99)
+    pool = eng._pool("question")
+    for h in ("a", "b", "c"):
+        assert pool.add(h, 5) == []
+    eng.store.hincrby(f"{eng.prefix}uses:question", "a", 3)  # 'a' is oldest but used
+    assert pool.add("d", 5) == ["b"]  # least used among the 2 oldest (a, b)
+    assert [x.content_hash for x in pool.anchors()] == ["a", "c", "d"]
+    assert pool.add("e", 5) == ["c"]
+    assert len(pool.anchors()) == 3
+
+
+def test_bad_input_errors(smollm2):
+    eng = make_engine(smollm2)
+    eng.register_agent("planner", PLANNER)
+    with pytest.raises(AgentError, match="unknown agent 'nobody'"):
+        eng.generate("nobody", {"question": Q1})
+    with pytest.raises(SlotError, match="no content for slot 'question'"):
+        eng.generate("planner", {})
+    with pytest.raises(SlotError, match="has no slot"):
+        eng.generate("planner", {"question": Q1, "doc:1": "x"})
+    with pytest.raises(TemplateError, match="no slots"):
+        eng.register_agent("x", Template.from_system_user("sys", "no slot here"))
+    with pytest.raises(ContextLengthError, match="exceeds the model's context"):
+        eng.generate("planner", {"question": "word " * 9000})
+    with pytest.raises(AgentError, match="different template"):
+        eng.register_agent("planner", SOLVER)
+    foreign = KVEntry(tensors={"k": torch.zeros(30, 3, 2, 64), "v": torch.zeros(30, 3, 2, 64)},
+                      fingerprint="0123456789abcdef00000000")
+    with pytest.raises(FingerprintMismatchError, match="different|computed by model"):
+        eng.publish("question", ids=[1, 2], kv=foreign)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tiny_models_run_every_policy(smollm2, arch, policy):
+    model = tiny_random_model(arch, vocab_size=len(smollm2.tokenizer))
+    eng = KVCommEngine(model, smollm2.tokenizer, config=KVCommConfig(policy=policy, max_new_tokens=4))
+    eng.register_agent("planner", PLANNER)
+    eng.register_agent("solver", SOLVER)
+    modes = []
+    for q in (Q1, Q2, Q3):
+        eng.reset_answers()
+        for agent in ("planner", "solver"):
+            res = eng.generate(agent, {"question": q})
+            assert 1 <= len(res.token_ids) <= 4
+            modes.append(res.mode)
+    expected = {"dense": {"dense"}, "prefix": {"prefix"}, "naive": {"reuse"}, "cacheblend": {"reuse"}}
+    if policy in expected:
+        assert set(modes) == expected[policy]
+    else:
+        assert modes[:2] == ["dense", "dense"]
