@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
@@ -50,6 +51,14 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not key or any(c.isspace() for c in key):
         raise StoreError(f"bad store key {key!r}: a key is a non-empty string without whitespace")
     return key
+
+
+def _caller_level() -> int:
+    """The warnings stacklevel of the first frame outside kvcomm.store (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("kvcomm.store"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class StoreStats:
@@ -212,9 +221,9 @@ class KVStore(ABC):
             first = kind not in self._warned
             self._warned.add(kind)
         if first:
-            text = f"{self.kind} store ({self.namespace}): {kind}: {message}; treated as a miss"
+            text = f"{self.kind} store ({self.namespace}): {kind}: {message}; degraded to a miss"
             logger.warning("%s", text)
-            warnings.warn(text, StoreFaultWarning, stacklevel=3)
+            warnings.warn(text, StoreFaultWarning, stacklevel=_caller_level())
         else:
             logger.debug("%s store fault %s: %s", self.kind, kind, message)
 
