@@ -3,8 +3,9 @@
 Scales follow the store's int8 codec (docs/INTERFACES.md): keys per channel (amax over the token
 axis -2, so scale is ``[..., 1, D]``: RoPE and outlier channels keep their own range), values per
 token (amax over the channel axis -1, scale ``[..., T, 1]``). ``scale = amax / 127`` in float32,
-``q = round_half_even(x / scale)`` clamped to [-127, 127] (symmetric: -128 is never used), an
-all-zero channel/token gets scale 0 and q 0. Dequantisation is ``q * scale``; the error per
+``q = round_half_even(x / scale)`` clamped to [-127, 127] (symmetric: -128 is never used); the
+scale is floored at float32's smallest normal (``tiny``) so an all-zero channel/token gives q 0
+without a division by zero, as the store codec's reference does. Dequantisation is ``q * scale``; the error per
 element is at most ``scale / 2``.
 """
 
@@ -23,6 +24,7 @@ KINDS = ("k", "v")
 # integer, ties to even (IEEE add), which is torch.round's rule; it is exact on GPU and in the
 # interpreter (no fast-math reassociation in Triton). x / scale is the IEEE division (div_rn).
 _RNE_MAGIC = 12582912.0
+_FLT_TINY = torch.finfo(torch.float32).tiny
 
 # quantize, keys (per channel). Shapes / strides:
 #   x [N, T, D] any strides; q [N, T, D] int8 contiguous; scale [N, 1, D] float32 contiguous.
@@ -34,7 +36,7 @@ _RNE_MAGIC = 12582912.0
 def _quantize_k_kernel(
     x_ptr, q_ptr, scale_ptr, T, D,
     x_stride_n, x_stride_t, x_stride_d,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLT_TINY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -48,14 +50,13 @@ def _quantize_k_kernel(
         off = (t0 + offs_t)[:, None] * x_stride_t + offs_d[None, :] * x_stride_d
         x = tl.load(x_blk + off, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    scale = tl.math.div_rn(amax, 127.0)
+    scale = tl.maximum(tl.math.div_rn(amax, 127.0), FLT_TINY)
     tl.store(scale_ptr + n * D + offs_d, scale, mask=mask_d)
-    safe = tl.where(scale > 0, scale, 1.0)
     for t0 in range(0, T, BLOCK_T):
         mask = ((t0 + offs_t) < T)[:, None] & mask_d[None, :]
         off = (t0 + offs_t)[:, None] * x_stride_t + offs_d[None, :] * x_stride_d
         x = tl.load(x_blk + off, mask=mask, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, safe[None, :])
+        y = tl.math.div_rn(x, scale[None, :])
         y = (y + 12582912.0) - 12582912.0  # _RNE_MAGIC: round half to even
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
         tl.store(q_blk + (t0 + offs_t)[:, None] * D + offs_d[None, :], y.to(tl.int8), mask=mask)
@@ -69,7 +70,7 @@ def _quantize_k_kernel(
 @jit
 def _quantize_v_kernel(
     x_ptr, q_ptr, scale_ptr, M, D, x_stride_m, x_stride_d,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLT_TINY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -77,10 +78,9 @@ def _quantize_v_kernel(
     mask = mask_m[:, None] & (offs_d < D)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * x_stride_m + offs_d[None, :] * x_stride_d, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0), FLT_TINY)
     tl.store(scale_ptr + offs_m, scale, mask=mask_m)
-    safe = tl.where(scale > 0, scale, 1.0)
-    y = tl.math.div_rn(x, safe[:, None])
+    y = tl.math.div_rn(x, scale[:, None])
     y = (y + 12582912.0) - 12582912.0  # _RNE_MAGIC: round half to even
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     tl.store(q_ptr + offs_m[:, None] * D + offs_d[None, :], y.to(tl.int8), mask=mask)
@@ -125,14 +125,14 @@ def quantize_kv_forward(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch
         block_d = min(64, next_power_of_2(D))
         block_t = max(1, min(next_power_of_2(T), 4096 // block_d))
         _quantize_k_kernel[(x3.shape[0], cdiv(D, block_d))](
-            x3, q, scale, T, D, *x3.stride(), BLOCK_T=block_t, BLOCK_D=block_d,
+            x3, q, scale, T, D, *x3.stride(), FLT_TINY=_FLT_TINY, BLOCK_T=block_t, BLOCK_D=block_d,
         )
     else:
         x2 = x.reshape(-1, D)
         block_d = next_power_of_2(D)
         block_m = max(1, min(next_power_of_2(x2.shape[0]), 4096 // block_d))
         _quantize_v_kernel[(cdiv(x2.shape[0], block_m),)](
-            x2, q, scale, x2.shape[0], D, *x2.stride(), BLOCK_M=block_m, BLOCK_D=block_d,
+            x2, q, scale, x2.shape[0], D, *x2.stride(), FLT_TINY=_FLT_TINY, BLOCK_M=block_m, BLOCK_D=block_d,
         )
     return q, scale
 
@@ -161,9 +161,8 @@ def quantize_kv_reference(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
     _check_quantize(x, kind)
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-2 if kind == "k" else -1, keepdim=True)
-    scale = amax / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xf / safe).clamp_(-127, 127).to(torch.int8)
+    scale = (amax / 127).clamp_min(_FLT_TINY)
+    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
