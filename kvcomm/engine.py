@@ -305,7 +305,7 @@ class KVCommEngine:
 
         t2 = time.perf_counter()
         out_ids, step_logits = greedy_decode(self.model, cache, logits, P, n_new, self.eos_ids, forced=forced_ids)
-        answer = [t for t in out_ids if t not in self.eos_ids] if forced_ids is None else list(out_ids)
+        answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
             self._publish_answer(agent, answer, out_ids, cache, P)
         _sync(self.model.device)
