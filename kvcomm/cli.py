@@ -44,5 +44,100 @@ def ask(model: str, question: str, max_new_tokens: int) -> None:
     click.echo(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
 
 
+# -- kvcomm store ---------------------------------------------------------------------------------
+_STORE_URL_HELP = (
+    "store URL (repeat for tiers, fastest first), e.g. redis://host:6379/0?namespace=team1; "
+    "default: $KVCOMM_STORE_URL or redis://127.0.0.1:6379/0"
+)
+
+
+def _store_url_option(f: Any) -> Any:
+    return click.option(
+        "--url", "urls", multiple=True, envvar="KVCOMM_STORE_URL", default=("redis://127.0.0.1:6379/0",),
+        show_default=False, help=_STORE_URL_HELP,
+    )(f)
+
+
+def _open_store(urls: tuple[str, ...]) -> Any:
+    from kvcomm.store import from_url
+
+    store = from_url(*urls)
+    try:
+        store.ping()  # unreachable -> StoreError -> one line, exit 1
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+_PROCESS_COUNTERS = {"hits", "misses", "puts", "put_failures", "bytes_read", "bytes_written", "faults", "promotions",
+                     "evictions"}
+
+
+@main.group()
+def store() -> None:
+    """Inspect or clear a KV store (Redis, or tiers of memory and Redis)."""
+
+
+@store.command("stats")
+@_store_url_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def store_stats(urls: tuple[str, ...], as_json: bool) -> None:
+    """What the store's namespace holds, and its configuration."""
+    import json
+
+    def config(stats: dict[str, Any]) -> dict[str, Any]:  # hit/miss counters of this fresh process are 0
+        return {k: v for k, v in stats.items() if k not in _PROCESS_COUNTERS}
+
+    st = _open_store(urls)
+    try:
+        info = {**config(st.stats()), **st.usage()}
+    finally:
+        st.close()
+    if "tiers" in info:
+        info["tiers"] = [config(t) for t in info["tiers"]]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    for name, value in info.items():
+        if name != "tiers":
+            click.echo(f"{name:12} {value}")
+    for i, tier in enumerate(info.get("tiers", [])):
+        click.echo(f"tier {i:<7} {tier['kind']} {tier.get('url') or tier.get('device')}")
+
+
+@store.command("ls")
+@_store_url_option
+@click.option("--prefix", default="", help="only keys starting with this (relative to the namespace)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def store_ls(urls: tuple[str, ...], prefix: str, as_json: bool) -> None:
+    """List the keys of the store's namespace."""
+    import json
+
+    st = _open_store(urls)
+    try:
+        keys = st.scan(prefix)
+    finally:
+        st.close()
+    click.echo(json.dumps(keys) if as_json else "\n".join(keys))
+
+
+@store.command("clear")
+@_store_url_option
+@click.option("--prefix", default="", help="only keys starting with this (relative to the namespace)")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+def store_clear(urls: tuple[str, ...], prefix: str, yes: bool) -> None:
+    """Delete the keys of the store's namespace (entries, anchor pools, metrics)."""
+    st = _open_store(urls)
+    try:
+        if not yes:
+            what = f"keys starting with {prefix!r}" if prefix else "all keys"
+            click.confirm(f"Delete {what} of namespace {st.namespace!r}?", abort=True)
+        removed = st.clear(prefix)
+    finally:
+        st.close()
+    click.echo(f"removed {removed} keys")
+
+
 if __name__ == "__main__":
     main()
