@@ -139,5 +139,29 @@ def store_clear(urls: tuple[str, ...], prefix: str, yes: bool) -> None:
     click.echo(f"removed {removed} keys")
 
 
+@main.command()
+@click.option("--run-dir", type=click.Path(file_okay=False), help="a run directory holding records.jsonl")
+@click.option("--records", "records_path", type=click.Path(), help="a JSONL file of call records")
+@click.option("--store", "stores", multiple=True, metavar="URL",
+              help="read the records an engine appended to a store (repeatable), e.g. redis://host:6379/0")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), help="also draw reuse rate and TTFT per agent to this PNG")
+def report(run_dir: str | None, records_path: str | None, stores: tuple[str, ...], as_json: bool,
+           plot: str | None) -> None:
+    """Reuse per agent and slot: calls, reuse %, tokens reused, TTFT (saved vs dense), anchors, store hits."""
+    import json
+
+    from kvcomm import report as rep
+
+    if not (run_dir or records_path or stores):
+        raise click.UsageError("give --run-dir, --records or --store")
+    built = rep.build(rep.load(run_dir=run_dir, records=records_path, stores=stores))
+    if plot:
+        built["plot"] = str(rep.plot(built, plot))
+    click.echo(json.dumps(built, indent=2) if as_json else rep.render(built))
+    if plot and not as_json:
+        click.echo(f"\nplot: {built['plot']}")
+
+
 if __name__ == "__main__":
     main()

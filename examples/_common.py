@@ -1,0 +1,105 @@
+"""What the example pipelines share: command-line options, engines per policy, the run directory.
+
+Each example runs its LangGraph pipeline once per policy (``--policy dense,kvcomm``), each
+policy on an engine of its own over a store of its own (``--store``; one namespace per example
+and policy, so a dense run never fills the store a kvcomm run admits anchors from), and writes
+every engine call record to ``<run-dir>/records.jsonl`` for ``kvcomm report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from kvcomm import KVCommConfig, KVCommEngine
+from kvcomm.config import POLICIES
+from kvcomm.metrics import format_table, summarize, write_jsonl
+
+_SPLIT = re.compile(r",\s*(?=[a-z][a-z0-9+.\-]*://)")
+
+
+def parser(example: str, description: str, *, n: int, max_new_tokens: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{example}.py", description=description)
+    p.add_argument("--n", type=int, default=n, help="number of problems (default %(default)s)")
+    p.add_argument("--policy", default="dense,kvcomm",
+                   help=f"comma-separated policies to run, of {', '.join(POLICIES)} (default %(default)s)")
+    p.add_argument("--store", default="memory://", help="store URL, e.g. memory:// or redis://host:6379/0")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens per agent call")
+    p.add_argument("--model", default="smollm2-135m", help="model short name, HF directory or .gguf file")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default %(default)s)")
+    p.add_argument("--run-dir", default=None, help=f"where records go (default runs/{example}-<timestamp>)")
+    return p
+
+
+def policies(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in POLICIES]
+    if bad or not out:
+        raise SystemExit(f"error: --policy {text!r}: each policy must be one of {', '.join(POLICIES)}")
+    return out
+
+
+def run_dir(example: str, given: str | None) -> Path:
+    path = Path(given) if given else Path("runs") / f"{example}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def with_namespace(url: str, namespace: str) -> str:
+    """``url`` (or each URL of a tiered ``a://,b://``) with ``namespace`` appended to its own."""
+    parts = []
+    for one in _SPLIT.split(url):
+        u = urlsplit(one)
+        query = dict(parse_qsl(u.query, keep_blank_values=True))
+        base = query.pop("namespace", query.pop("prefix", ""))
+        query["namespace"] = f"{base}-{namespace}" if base else namespace
+        parts.append(urlunsplit((u.scheme, u.netloc, u.path, urlencode(query), u.fragment)))
+    return ",".join(parts)
+
+
+def make_engine(loaded: Any, policy: str, store_url: str, example: str, max_new_tokens: int) -> KVCommEngine:
+    from kvcomm.store import from_url
+
+    store = from_url(with_namespace(store_url, f"{example}-{policy}"))
+    config = KVCommConfig(policy=policy, max_new_tokens=max_new_tokens)
+    return KVCommEngine(loaded.model, loaded.tokenizer, store=store, config=config, fingerprint=loaded.fingerprint)
+
+
+def load(args: argparse.Namespace) -> Any:
+    from kvcomm.models import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def save(engine: KVCommEngine, out: Path, policy: str) -> None:
+    """Append the engine's call records to ``records.jsonl`` and its store stats to ``store_stats.json``."""
+    write_jsonl(engine.records, out / "records.jsonl")
+    stats_path = out / "store_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats[policy] = engine.store.stats()
+    stats_path.write_text(json.dumps(stats, indent=2, default=str))
+
+
+def print_summary(engines: dict[str, KVCommEngine], scores: dict[str, Sequence[bool]], metric: str,
+                  out: Path) -> dict[str, Any]:
+    """Print score and reuse per policy; write ``summary.json``; return it."""
+    rows = []
+    for policy, eng in engines.items():
+        total = summarize(eng.records, by="policy")[0]
+        ok = scores[policy]
+        rows.append({"name": policy, "problems": len(ok), metric: sum(ok) / max(1, len(ok)),
+                     "reuse_calls_pct": total["reuse_calls_pct"], "reused_tokens_pct": total["reused_tokens_pct"],
+                     "ttft_mean_ms": total["ttft_mean_ms"]})
+    print(format_table(rows, [("name", "policy", "s"), ("problems", "n", "d"), (metric, metric, ".3f"),
+                              ("reuse_calls_pct", "reuse calls %", ".1f"),
+                              ("reused_tokens_pct", "tokens reused %", ".1f"),
+                              ("ttft_mean_ms", "TTFT mean ms", ".1f")]))
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nrecords: {out / 'records.jsonl'}   report: kvcomm report --run-dir {out}")
+    return {"rows": rows}
