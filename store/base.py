@@ -10,9 +10,8 @@ import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
-from kvcomm.store.entry import KVEntry
-
 from kvcomm.errors import StoreError, StoreFaultWarning
+from kvcomm.store.entry import KVEntry
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import msgpack
 import torch
-from kvcomm.store.entry import KVEntry
 
 from kvcomm.errors import StoreError, StoreFormatError
+from kvcomm.store.entry import KVEntry
 
 MAGIC = b"KVCM"
 FORMAT_VERSION = 1

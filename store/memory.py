@@ -9,10 +9,10 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from kvcomm.store.base import KVStore, check_key
-from kvcomm.store.entry import KVEntry
 
 from kvcomm.errors import StoreError
+from kvcomm.store.base import KVStore, check_key
+from kvcomm.store.entry import KVEntry
 
 DEFAULT_MAX_BYTES = 2 << 30
 

@@ -10,13 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import torch
-from kvcomm.store.base import KVStore, check_key
-from kvcomm.store.codec import CODECS, DEFAULT_MAX_ENTRY_BYTES, EntryFormatError, decode, encode
-from kvcomm.store.entry import KVEntry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kvcomm.errors import StoreError
+from kvcomm.store.base import KVStore, check_key
+from kvcomm.store.codec import CODECS, DEFAULT_MAX_ENTRY_BYTES, EntryFormatError, decode, encode
+from kvcomm.store.entry import KVEntry
 
 T = TypeVar("T")
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore
 from kvcomm.store.entry import KVEntry
-
-from kvcomm.errors import StoreError
 
 
 class TieredStore(KVStore):

@@ -6,13 +6,13 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore
 from kvcomm.store.memory import MemoryStore
 from kvcomm.store.redis_store import RedisStore, redact
 from kvcomm.store.tiered import TieredStore
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
-
-from kvcomm.errors import StoreError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
