@@ -158,9 +158,10 @@ def share_context(
         is_async = inspect.iscoroutinefunction(fn)
 
         def prepare(state: Any) -> tuple[Any, dict[str, Any]]:
+            values = _values(state, keys, node, agent)  # state errors first: they need no engine
             eng = engine if engine is not None else _engine_from_langgraph(node, agent)
             eng.register_agent(agent, tmpl)
-            return eng, _fills(eng, state, keys, node, agent)
+            return eng, _fills(eng, values)
 
         def update(result: Any, returned: Any) -> dict[str, Any]:
             base = {out_key: result.text, METRICS_KEY: [call_summary(node, result)]}
@@ -246,30 +247,38 @@ def _check_annotation(fn: Callable[..., Any], node: str, agent: str, keys: dict[
         )
 
 
-def _fills(engine: Any, state: Any, keys: dict[str, str], node: str, agent: str) -> dict[str, Any]:
+def _values(state: Any, keys: dict[str, str], node: str, agent: str) -> dict[str, str]:
+    """Each slot's text from the state; every missing key named in one error."""
     if not isinstance(state, Mapping):
         raise AgentConfigError(
             f"node {node!r} (agent {agent!r}): state is a {type(state).__name__}; @share_context "
             "reads slots from a dict or TypedDict state"
         )
-    fills: dict[str, Any] = {}
-    missing = []
+    values, missing = {}, []
     for slot, key in keys.items():
         value = state.get(key)
         if value is None or value == "":
             missing.append(f"{slot!r} (state key {key!r}{' is empty' if value == '' else ''})")
-            continue
-        text = str(value)
-        latest = engine.latest.get(slot) if slot_kind(slot) == "agent" else None
-        if latest is not None and engine.tokenizer.decode(list(latest.ids), skip_special_tokens=True) == text:
-            continue  # the engine holds this answer's own tokens and KV: let it use them
-        fills[slot] = text
+        else:
+            values[slot] = str(value)
     if missing:
         present = ", ".join(sorted(str(k) for k in state)) or "none"
         raise AgentConfigError(
             f"node {node!r} (agent {agent!r}): no state value for template slot(s) {', '.join(missing)} "
             f"(state keys: {present}); set them before this node, or map slots with state_keys="
         )
+    return values
+
+
+def _fills(engine: Any, values: dict[str, str]) -> dict[str, str]:
+    """The engine's fills: an ``agent:`` slot whose text is the engine's latest answer for that
+    agent is left out, so the engine uses the answer's own tokens and KV (no re-tokenizing)."""
+    fills = {}
+    for slot, text in values.items():
+        latest = engine.latest.get(slot) if slot_kind(slot) == "agent" else None
+        if latest is not None and engine.tokenizer.decode(list(latest.ids), skip_special_tokens=True) == text:
+            continue
+        fills[slot] = text
     return fills
 
 

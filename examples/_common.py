@@ -12,7 +12,7 @@ import argparse
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -103,3 +103,29 @@ def print_summary(engines: dict[str, KVCommEngine], scores: dict[str, Sequence[b
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(f"\nrecords: {out / 'records.jsonl'}   report: kvcomm report --run-dir {out}")
     return {"rows": rows}
+
+
+def run(args: argparse.Namespace, example: str, graph: Any, items: Sequence[Any],
+        to_state: Callable[[Any], dict[str, Any]], score: Callable[[Any, dict[str, Any]], bool],
+        metric: str, loaded: Any = None) -> dict[str, Any]:
+    """Run ``graph`` over ``items`` once per policy (one engine each, passed as the run's
+    context); score each final state; save the records; print and return the summary."""
+    from tqdm import tqdm
+
+    out = run_dir(example, args.run_dir)
+    loaded = loaded or load(args)
+    engines, scores = {}, {}
+    for policy in policies(args.policy):
+        eng = engines[policy] = make_engine(loaded, policy, args.store, example, args.max_new_tokens)
+        ok: list[bool] = []
+        scores[policy] = ok
+        bar = tqdm(items, desc=f"{policy:>10}", unit="item")
+        for item in bar:
+            eng.reset_answers()
+            state = graph.invoke(to_state(item), context=eng)
+            ok.append(bool(score(item, state)))
+            bar.set_postfix({metric: f"{sum(ok) / len(ok):.2f}"})
+        save(eng, out, policy)
+    summary = print_summary(engines, scores, metric, out)
+    summary["run_dir"] = str(out)
+    return summary

