@@ -41,17 +41,24 @@ def cdiv(a: int, b: int) -> int:
 
 
 @jit
-def cast_rne(y, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """Cast float32 ``y`` to DTYPE rounding to nearest even, as torch's ``.to(dtype)`` does.
+def cast_rne(y, EMULATE_BF16: tl.constexpr):
+    """Round float32 ``y`` for a store to a bfloat16 pointer the way torch's ``.to()`` does.
 
-    The GPU cast already rounds to nearest even. The interpreter's float32 -> bfloat16 cast
-    truncates, so under TRITON_INTERPRET (EMULATE) bfloat16 is rounded with integer ops:
-    that keeps the CPU tests comparing the kernels' math, not the interpreter's rounding.
+    The GPU's store cast already rounds to nearest even, so y is returned unchanged and
+    ``tl.store`` casts it. The interpreter's float32 -> bfloat16 cast truncates, so under
+    TRITON_INTERPRET the launchers set EMULATE_BF16 for bfloat16 outputs and the rounding is done
+    here with integer ops: the CPU tests then compare the kernels' math, not the interpreter's
+    rounding. (float16 rounds correctly in both.)
     """
-    if EMULATE and DTYPE == tl.bfloat16:
+    if EMULATE_BF16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = y.to(DTYPE)
-    return out
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y
+
+
+def emulate_bf16(dtype: object) -> bool:
+    """The EMULATE_BF16 flag of :func:`cast_rne` for an output of this torch dtype."""
+    import torch
+
+    return INTERPRET and dtype == torch.bfloat16

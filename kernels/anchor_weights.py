@@ -14,11 +14,11 @@ Distances are accumulated in float32 whatever the input dtype; the weights are f
 from __future__ import annotations
 
 import torch
+
+from kvcomm.errors import KernelError
 from kvcomm.kernels._checks import check_float, check_same_device
 from kvcomm.kernels._triton import cdiv, jit, next_power_of_2, tl
 from kvcomm.kernels.dispatch import use_triton
-
-from kvcomm.errors import KernelError
 
 # Stage 1, token distances. Shapes / strides:
 #   base [L, H, T, D] (rows r = l*H + h: row stride b_stride_h, needs b_stride_l == H*b_stride_h,

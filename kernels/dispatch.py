@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 
 import torch
-from kvcomm.kernels._triton import HAS_TRITON, INTERPRET
 
 from kvcomm.errors import KernelError
+from kvcomm.kernels._triton import HAS_TRITON, INTERPRET
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "KVCOMM_KERNELS"

@@ -12,11 +12,11 @@ element is at most ``scale / 2``.
 from __future__ import annotations
 
 import torch
-from kvcomm.kernels._checks import check_float, check_same_device
-from kvcomm.kernels._triton import INTERPRET, cast_rne, cdiv, jit, next_power_of_2, tl
-from kvcomm.kernels.dispatch import use_triton
 
 from kvcomm.errors import KernelError
+from kvcomm.kernels._checks import check_float, check_same_device
+from kvcomm.kernels._triton import cast_rne, cdiv, emulate_bf16, jit, next_power_of_2, tl
+from kvcomm.kernels.dispatch import use_triton
 
 KINDS = ("k", "v")
 
@@ -97,7 +97,7 @@ def _dequantize_kernel(
     q_ptr, scale_ptr, out_ptr, M, T, D,
     q_stride_n, q_stride_t, q_stride_d,
     s_stride_n, s_stride_t, s_stride_d,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -107,7 +107,7 @@ def _dequantize_kernel(
     q = tl.load(q_ptr + (n * q_stride_n + t * q_stride_t)[:, None] + offs_d[None, :] * q_stride_d, mask=mask, other=0)
     s = tl.load(scale_ptr + (n * s_stride_n + t * s_stride_t)[:, None] + offs_d[None, :] * s_stride_d, mask=mask, other=0.0)
     y = q.to(tl.float32) * s
-    out = cast_rne(y, out_ptr.dtype.element_ty, EMULATE_RNE)
+    out = cast_rne(y, EMULATE_BF16)
     tl.store(out_ptr + offs_m[:, None] * D + offs_d[None, :], out, mask=mask)
 
 
@@ -151,7 +151,7 @@ def dequantize_kv_forward(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     M = q3.shape[0] * T
     _dequantize_kernel[(cdiv(M, block_m),)](
         q3, s3, out, M, T, D, *q3.stride(), *s_strides,
-        BLOCK_M=block_m, BLOCK_D=block_d, EMULATE_RNE=INTERPRET,
+        BLOCK_M=block_m, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16(out.dtype),
     )
     return out
 
