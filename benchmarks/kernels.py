@@ -197,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
     ap.add_argument("--ops", default="", help="comma-separated op name prefixes to run (default: all)")
+    ap.add_argument("--backends", default="", help="e.g. triton,torch (default: both on CUDA, torch on CPU; "
+                    "triton on CPU needs TRITON_INTERPRET=1 and is only a smoke test)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows and the device info as JSON")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     rep_ms = args.rep_ms or (100.0 if device.type == "cuda" else 300.0)
-    backends = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+    backends = args.backends.split(",") if args.backends else (["triton", "torch"] if device.type == "cuda" else ["torch"])
+    if "torch" not in backends:
+        backends.append("torch")  # the ratio column needs the reference
     dev_name, sheet = datasheet_gbps(device)
     peak = measured_peak_gbps(device, rep_ms)
     wanted = [o for o in args.ops.split(",") if o]
