@@ -43,6 +43,7 @@ import asyncio
 import functools
 import inspect
 import operator
+import sys
 import threading
 import typing
 import weakref
@@ -154,7 +155,7 @@ def share_context(
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         node = getattr(fn, "__name__", agent)
         _check_signature(fn, node, agent)
-        _check_annotation(fn, node, agent, keys)
+        _check_annotation(fn, node, agent, keys, sys._getframe(1).f_locals)  # the defining scope
         is_async = inspect.iscoroutinefunction(fn)
 
         def prepare(state: Any) -> tuple[Any, dict[str, Any]]:
@@ -228,10 +229,11 @@ def _sig_text(fn: Callable[..., Any]) -> str:
         return "(?)"
 
 
-def _check_annotation(fn: Callable[..., Any], node: str, agent: str, keys: dict[str, str]) -> None:
+def _check_annotation(fn: Callable[..., Any], node: str, agent: str, keys: dict[str, str],
+                      localns: Mapping[str, Any]) -> None:
     """Check slots against a ``TypedDict`` state annotation when it resolves (best effort)."""
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, localns=dict(localns))
         first = next(iter(inspect.signature(fn).parameters))
         schema = hints.get(first)
         fields = typing.get_type_hints(schema) if schema is not None and typing.is_typeddict(schema) else None

@@ -1,0 +1,23 @@
+"""Agents-adapter fixtures: engines over the session's real SmolLM2, small answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvcomm import KVCommConfig, KVCommEngine
+from kvcomm.store import MemoryStore
+
+MAX_NEW = 8
+
+
+@pytest.fixture
+def make_engine(smollm2) -> Callable[..., KVCommEngine]:
+    def make(policy: str = "kvcomm", store: Any = None, **cfg: Any) -> KVCommEngine:
+        config = KVCommConfig(policy=policy, max_new_tokens=MAX_NEW, device="cpu", **cfg)
+        return KVCommEngine(smollm2.model, smollm2.tokenizer, store=store or MemoryStore(), config=config,
+                            fingerprint=smollm2.fingerprint)
+
+    return make
