@@ -47,13 +47,14 @@ def ask(model: str, question: str, max_new_tokens: int) -> None:
 # -- kvcomm store ---------------------------------------------------------------------------------
 _STORE_URL_HELP = (
     "store URL (repeat for tiers, fastest first), e.g. redis://host:6379/0?namespace=team1; "
-    "default: $KVCOMM_STORE_URL or redis://127.0.0.1:6379/0"
+    "default: $KVCOMM_STORE_URL, else $KVCOMM_REDIS_URL, else redis://127.0.0.1:6379/0; "
+    "the entry-signing secret comes from $KVCOMM_STORE_KEY, never from the URL"
 )
 
 
 def _store_url_option(f: Any) -> Any:
     return click.option(
-        "--url", "urls", multiple=True, envvar="KVCOMM_STORE_URL", default=("redis://127.0.0.1:6379/0",),
+        "--url", "urls", multiple=True, envvar="KVCOMM_STORE_URL", default=(),  # () -> from_url's env/default
         show_default=False, help=_STORE_URL_HELP,
     )(f)
 

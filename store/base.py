@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 FAULT_KINDS = (
     "unreachable",  # connection refused / reset / server gone
     "timeout",  # socket timeout
-    "server_error",  # any other error the server answered with (WRONGTYPE, OOM, auth ...)
+    "server_error",  # any other error the server answered with (WRONGTYPE, OOM, ...)
+    "auth",  # credentials refused (WRONGPASS, NOAUTH) or an ACL forbids the command or key (NOPERM)
     "corrupt",  # checksum mismatch, undecodable header, unknown dtype or codec
     "truncated",  # fewer bytes than the header promises
     "version",  # written by another format version
@@ -27,6 +28,9 @@ FAULT_KINDS = (
     "shape",  # shape inconsistent with the byte count
     "oversize",  # larger than the store accepts
     "key_mismatch",  # the header names another namespace or key (a copied or swapped value)
+    "unsigned",  # the store has a secret and the entry carries no MAC
+    "bad_mac",  # the MAC does not verify: forged, tampered, or copied from another key/namespace
+    "budget",  # the read would exceed the store's fetch budget (max_fetch_bytes per fetch_window)
 )
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -216,6 +220,7 @@ class KVStore(ABC):
     def _fault(self, kind: str, message: str) -> None:
         """Count a fault; warn (StoreFaultWarning) and log the first one of each kind."""
         self.counters.fault(kind)
+        message = self._scrub(message)
         with self._warn_lock:
             first = kind not in self._warned
             self._warned.add(kind)
@@ -225,6 +230,10 @@ class KVStore(ABC):
             warnings.warn(text, StoreFaultWarning, stacklevel=_caller_level())
         else:
             logger.debug("%s store fault %s: %s", self.kind, kind, message)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without this store's secrets (stores holding credentials override this)."""
+        return text
 
     def _rearm(self, *kinds: str) -> None:
         """Let the next fault of these kinds warn again (after the store recovered)."""

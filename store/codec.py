@@ -4,23 +4,39 @@ Layout (little endian)::
 
     offset 0   magic  b"KVCM"
            4   u16    format version
-           6   u16    flags (0; reserved for signed entries)
+           6   u16    flags: bit 0 = signed (a MAC follows the prefix); other bits must be 0
            8   u32    header length H
-          12   32 B   SHA-256 over bytes [4, 12) and [44, end): version, flags, H, header,
+          12   32 B   SHA-256 over bytes [4, 12) and [B, end): version, flags, H, header,
                       padding and payload, so any flipped byte is detected
-          44   H B    msgpack map: fingerprint, namespace, key, meta, tensors (see below)
+          44   32 B   signed entries only: MAC (see below)
+           B   H B    msgpack map: fingerprint, namespace, key, meta, tensors (see below);
+                      B = 44, or 76 for a signed entry
                pad    zeros up to a multiple of 64
                payload: each tensor part at a 64-aligned offset (relative to the payload start)
 
 Each ``tensors`` item: ``{name, dtype, shape, codec, offset, nbytes, scale}``. ``dtype`` and
 ``shape`` are the logical (decoded) ones. ``codec == "raw"``: ``nbytes`` bytes of ``dtype``.
 ``codec == "int8"``: ``nbytes`` int8 values of ``shape`` then ``scale = {shape, offset, nbytes}``
-float32 scales that broadcast against it (decoded value = q * scale).
+float32 scales of shape ``[..., 1, D]`` (keys) or ``[..., T, 1]`` (values); value = q * scale.
 
-Decoding never unpickles or evaluates anything, and validates before it allocates: the version,
-the dtype whitelist, non-negative bounded shapes whose byte counts match, a total under
-``max_entry_bytes``, the exact payload length, the checksum, then namespace, key and fingerprint.
-Any failure raises :class:`EntryFormatError` whose ``kind`` is a store fault kind.
+Integrity. Unsigned entries carry only the SHA-256 checksum: it catches accidental corruption, not
+an attacker, who can recompute it. With a shared secret (``secret=`` or ``$KVCOMM_STORE_KEY``) an
+entry is signed: ``MAC = HMAC-SHA256(secret, b"kvcomm-entry-mac/1" | len+namespace | len+key |
+checksum)``. The checksum covers header and payload, so the MAC authenticates every byte of the
+value *and* the namespace and key it is stored under: a value copied to another key or namespace,
+or written without the secret, fails. A reader with a secret rejects unsigned entries
+(``unsigned``) and bad MACs (``bad_mac``); a reader without one still checks the checksum of
+signed entries. The MAC does not encrypt: whoever can read the Redis can read the KV.
+
+Decoding never unpickles or evaluates anything, and validates before it allocates, in this order:
+the value size against ``max_entry_bytes``; the prefix (magic, flags, version, header length
+against ``MAX_HEADER_BYTES`` and the value); with a secret, checksum then MAC, *before* the header
+is parsed (unauthenticated bytes never reach msgpack); the header with msgpack's container limits;
+every tensor spec (dtype and codec whitelists, non-negative dims each under the limit, byte counts
+that match, parts in order, a total under ``max_entry_bytes``); the exact payload length; without
+a secret, the checksum; then namespace, key and fingerprint. Only then are tensors allocated, each
+at most its validated size (int8 parts decode to at most 2 bytes per stored byte for fp16/bf16
+and 4 for fp32). Any failure raises :class:`EntryFormatError` whose ``kind`` is a fault kind.
 """
 
 from __future__ import annotations
@@ -46,7 +62,12 @@ DEFAULT_MAX_ENTRY_BYTES = 512 << 20  # Redis' own default proto-max-bulk-len
 MAX_HEADER_BYTES = 4 << 20
 MAX_TENSORS = 4096
 MAX_NDIM = 8
+MAX_DIM = (1 << 31) - 1  # per dimension; byte counts bound the product
+MAX_CONTAINER_LEN = 1 << 16  # msgpack arrays/maps in a header
 ALIGN = 64
+FLAG_SIGNED = 1
+MAC_BYTES = 32
+_MAC_DOMAIN = b"kvcomm-entry-mac/1"
 
 _PREFIX = struct.Struct("<4sHHI32s")
 PREFIX_BYTES = _PREFIX.size  # 44
@@ -65,7 +86,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
+_INT8_FLOATS = ("float32", "float16", "bfloat16")  # what the int8 kernels take
 
 
 class EntryFormatError(StoreFormatError):
@@ -121,7 +142,7 @@ def _int8() -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 def _int8_kind(name: str, t: torch.Tensor) -> str | None:
     kind = name.rsplit(".", 1)[-1]
-    if kind in ("k", "v") and t.is_floating_point() and t.dim() >= 2 and t.numel() > 0:
+    if kind in ("k", "v") and _DTYPE_NAMES.get(t.dtype) in _INT8_FLOATS and t.dim() >= 2 and t.numel() > 0:
         return kind
     return None
 
@@ -134,8 +155,11 @@ def encode(
     key: str,
     codec: str = "raw",
     version: int = FORMAT_VERSION,
+    secret: bytes | None = None,
 ) -> bytearray:
-    """Serialize ``entry`` (tensors on any device) into one value.
+    """Serialize ``entry`` (tensors on any device) into one value, signed if ``secret`` is given.
+
+    ``namespace`` and ``key`` are written into the header and, with a ``secret``, into the MAC.
 
     Raises:
         StoreError: unknown codec, unsupported dtype, non-str tensor name or meta that msgpack
@@ -191,40 +215,73 @@ def encode(
         _unpack_header(packed)  # what cannot be read back must not be written
     except (TypeError, ValueError, OverflowError, EntryFormatError) as exc:
         raise StoreError(f"entry meta/fingerprint cannot be stored as msgpack: {exc}") from exc
-    return _assemble(version, packed, parts, cursor)
+    return _assemble(version, packed, parts, cursor, (secret, namespace, key) if secret else None)
 
 
-def frame(header: dict[str, Any], payload: bytes | memoryview, *, version: int = FORMAT_VERSION) -> bytearray:
-    """Wrap an already-built header and payload with a valid prefix and checksum.
+def frame(
+    header: dict[str, Any],
+    payload: bytes | memoryview,
+    *,
+    version: int = FORMAT_VERSION,
+    secret: bytes | None = None,
+    namespace: str | None = None,
+    key: str | None = None,
+) -> bytearray:
+    """Wrap an already-built header and payload with a valid prefix and checksum (and MAC).
 
-    Low level (tools and tests that craft entries); :func:`encode` is the normal way in.
+    Low level (tools and tests that craft entries); :func:`encode` is the normal way in. The MAC
+    binds ``namespace``/``key``, by default the header's own.
     """
     packed = msgpack.packb(header, use_bin_type=True)
     payload_t = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0)
-    return _assemble(version, packed, [(0, payload_t)], len(payload))
+    signer = (secret, namespace or header["namespace"], key or header["key"]) if secret else None
+    return _assemble(version, packed, [(0, payload_t)], len(payload), signer)
 
 
-def _assemble(version: int, packed: bytes, parts: list[tuple[int, torch.Tensor]], payload_len: int) -> bytearray:
+def _assemble(
+    version: int,
+    packed: bytes,
+    parts: list[tuple[int, torch.Tensor]],
+    payload_len: int,
+    signer: tuple[bytes, str, str] | None,
+) -> bytearray:
     if len(packed) > MAX_HEADER_BYTES:
         raise StoreError(f"entry header is {len(packed)} bytes, over the {MAX_HEADER_BYTES} limit")
-    payload_off = _align(PREFIX_BYTES + len(packed))
+    flags = FLAG_SIGNED if signer else 0
+    header_off = PREFIX_BYTES + (MAC_BYTES if signer else 0)
+    payload_off = _align(header_off + len(packed))
     buf = bytearray(payload_off + payload_len)
-    buf[PREFIX_BYTES : PREFIX_BYTES + len(packed)] = packed
+    buf[header_off : header_off + len(packed)] = packed
     for offset, t in parts:
         n = t.numel() * t.element_size()
         if n:
             dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=payload_off + offset)
             dst.copy_(t.contiguous().reshape(-1).view(torch.uint8))
-    struct.pack_into("<HHI", buf, 4, version, 0, len(packed))
-    _PREFIX.pack_into(buf, 0, MAGIC, version, 0, len(packed), _digest(buf))
+    struct.pack_into("<HHI", buf, 4, version, flags, len(packed))
+    digest = _digest(buf, header_off)
+    _PREFIX.pack_into(buf, 0, MAGIC, version, flags, len(packed), digest)
+    if signer:
+        buf[PREFIX_BYTES:header_off] = _mac(*signer, digest)
     return buf
 
 
-def _digest(buf: bytes | bytearray | memoryview) -> bytes:
+def _digest(buf: bytes | bytearray | memoryview, header_off: int) -> bytes:
     view = memoryview(buf)
     h = hashlib.sha256(view[4:12])
-    h.update(view[PREFIX_BYTES:])
+    h.update(view[header_off:])
     return h.digest()
+
+
+def _mac(secret: bytes, namespace: str, key: str, digest: bytes) -> bytes:
+    """HMAC-SHA256 of the checksum, bound to the namespace and key (length-prefixed: unambiguous)."""
+    ns, k = namespace.encode("utf-8"), key.encode("utf-8")
+    msg = b"".join((_MAC_DOMAIN, struct.pack("<I", len(ns)), ns, struct.pack("<I", len(k)), k, digest))
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def is_signed(blob: bytes | bytearray | memoryview) -> bool:
+    """Whether a value carries the signed flag (its first 8 bytes suffice; nothing is verified)."""
+    return len(blob) >= 8 and bytes(blob[:4]) == MAGIC and bool(struct.unpack_from("<H", blob, 6)[0] & FLAG_SIGNED)
 
 
 # -- decode --------------------------------------------------------------------------------------
@@ -235,24 +292,36 @@ def split(blob: bytes | bytearray | memoryview) -> tuple[int, dict[str, Any], me
         EntryFormatError: not a kvcomm value, truncated prefix or header, undecodable header.
     """
     view = memoryview(blob)
+    version, _flags, header_off, header_len, _ = _prefix(view)
+    header = _unpack_header(view[header_off : header_off + header_len])
+    payload_off = min(_align(header_off + header_len), len(view))
+    return version, header, view[payload_off:]
+
+
+def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
+    """``(version, flags, header offset, header length, checksum)`` after bounds checks (no allocation)."""
     if len(view) < PREFIX_BYTES:
         kind = "truncated" if MAGIC.startswith(bytes(view[:4])) else "corrupt"
         raise EntryFormatError(kind, f"value of {len(view)} bytes is shorter than the {PREFIX_BYTES}-byte prefix")
-    magic, version, _flags, header_len, _ = _PREFIX.unpack_from(view, 0)
+    magic, version, flags, header_len, digest = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise EntryFormatError("corrupt", f"bad magic {bytes(magic)!r}: not a kvcomm entry")
+    if flags & ~FLAG_SIGNED:
+        raise EntryFormatError("corrupt", f"unknown flags {flags:#06x}")
     if header_len > MAX_HEADER_BYTES:
         raise EntryFormatError("corrupt", f"header length {header_len} is over the {MAX_HEADER_BYTES} limit")
-    if PREFIX_BYTES + header_len > len(view):
+    header_off = PREFIX_BYTES + (MAC_BYTES if flags & FLAG_SIGNED else 0)
+    if header_off + header_len > len(view):
         raise EntryFormatError("truncated", f"header of {header_len} bytes runs past the {len(view)}-byte value")
-    header = _unpack_header(view[PREFIX_BYTES : PREFIX_BYTES + header_len])
-    payload_off = min(_align(PREFIX_BYTES + header_len), len(view))
-    return version, header, view[payload_off:]
+    return version, flags, header_off, header_len, digest
 
 
 def _unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True, max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN, max_ext_len=0,  # no ext types: nothing but plain data
+        )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise EntryFormatError("corrupt", f"undecodable header: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
@@ -271,8 +340,8 @@ def _is_int(x: Any) -> bool:
 
 def _check_part(where: str, shape: Any, itemsize: int, part: dict[str, Any], cursor: int, limit: int) -> int:
     """Validate one byte range; returns the new cursor (end of the part)."""
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
-        raise EntryFormatError("shape", f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative ints")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise EntryFormatError("shape", f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} ints in [0, {MAX_DIM}]")
     offset, nbytes = part.get("offset"), part.get("nbytes")
     if not (_is_int(offset) and _is_int(nbytes)) or nbytes < 0:
         raise EntryFormatError("corrupt", f"{where}: offset/nbytes {offset!r}/{nbytes!r} are not non-negative ints")
@@ -299,14 +368,15 @@ def _check_specs(specs: list[Any], limit: int) -> int:
         if codec == "raw":
             cursor = _check_part(f"tensor {name!r}", spec.get("shape"), _ITEMSIZE[dtype], spec, cursor, limit)
         elif codec == "int8":
-            if dtype not in _FLOATS or not isinstance(spec.get("scale"), dict):
-                raise EntryFormatError("corrupt", f"tensor {name!r}: int8 needs a float dtype and a scale")
+            if dtype not in _INT8_FLOATS or not isinstance(spec.get("scale"), dict):
+                raise EntryFormatError("corrupt", f"tensor {name!r}: int8 needs a float16/32 dtype and a scale")
             shape, scale = spec.get("shape"), spec["scale"]
             cursor = _check_part(f"tensor {name!r}", shape, 1, spec, cursor, limit)
             cursor = _check_part(f"scale of {name!r}", scale.get("shape"), 4, scale, cursor, limit)
             s_shape = scale["shape"]
-            if len(s_shape) != len(shape) or any(s not in (1, d) for s, d in zip(s_shape, shape, strict=True)):
-                raise EntryFormatError("shape", f"tensor {name!r}: scale shape {s_shape} does not broadcast to {shape}")
+            if len(shape) < 2 or s_shape not in ([*shape[:-2], 1, shape[-1]], [*shape[:-1], 1]):
+                raise EntryFormatError("shape", f"tensor {name!r}: int8 shape {shape} with scale shape {s_shape}: "
+                                                "want [..., T, D] with [..., 1, D] or [..., T, 1]")
         else:
             raise EntryFormatError("corrupt", f"tensor {name!r}: unknown codec {codec!r}")
     return cursor
@@ -320,30 +390,48 @@ def decode(
     fingerprint: str | None = None,
     max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
     device: str | torch.device = "cpu",
+    secret: bytes | None = None,
 ) -> KVEntry:
     """Validate and deserialize one value into a KVEntry whose tensors live on ``device``.
 
     Args:
-        namespace, key: if given, the header must name exactly these (else ``key_mismatch``).
+        namespace, key: if given, the header must name exactly these (else ``key_mismatch``);
+            required with a ``secret``: the MAC is checked against them.
         fingerprint: if given, the stored fingerprint must equal it (else ``fingerprint_mismatch``).
         max_entry_bytes: values or declared payloads larger than this are ``oversize``.
+        secret: the HMAC key; if given, only entries signed with it for this namespace and key
+            are accepted (else ``unsigned`` or ``bad_mac``).
 
     Raises:
-        EntryFormatError: with ``kind`` in corrupt, truncated, version, shape, oversize,
-            key_mismatch, fingerprint_mismatch.
+        EntryFormatError: with ``kind`` in corrupt, truncated, version, shape, oversize, unsigned,
+            bad_mac, key_mismatch, fingerprint_mismatch.
+        StoreError: a ``secret`` without ``namespace`` and ``key`` (a caller bug).
     """
     if len(blob) > max_entry_bytes:
         raise EntryFormatError("oversize", f"value of {len(blob)} bytes is over the {max_entry_bytes}-byte limit")
-    version, header, payload = split(blob)
+    view = memoryview(blob)
+    version, flags, header_off, header_len, stored_digest = _prefix(view)
     if version != FORMAT_VERSION:
         raise EntryFormatError("version", f"format version {version}, this kvcomm reads version {FORMAT_VERSION}")
+    if secret is not None:  # authenticate before parsing: forged headers never reach msgpack
+        if namespace is None or key is None:
+            raise StoreError("decode(secret=...) needs the namespace and key the entry is read under")
+        if not flags & FLAG_SIGNED:
+            raise EntryFormatError("unsigned", "entry is not signed, and this store only accepts signed entries")
+        digest = _digest(view, header_off)
+        if not hmac.compare_digest(stored_digest, digest):
+            raise EntryFormatError("corrupt", "checksum mismatch")
+        if not hmac.compare_digest(bytes(view[PREFIX_BYTES:header_off]), _mac(secret, namespace, key, digest)):
+            raise EntryFormatError("bad_mac", "MAC mismatch: written without this store's secret, or under another "
+                                              "namespace or key")
+    header = _unpack_header(view[header_off : header_off + header_len])
+    payload = view[min(_align(header_off + header_len), len(view)) :]
     expected = _check_specs(header["tensors"], max_entry_bytes)
     if len(payload) < expected:
         raise EntryFormatError("truncated", f"payload has {len(payload)} of {expected} bytes")
     if len(payload) > expected:
         raise EntryFormatError("corrupt", f"payload has {len(payload)} bytes, the header describes {expected}")
-    stored_digest = _PREFIX.unpack_from(blob, 0)[4]
-    if not hmac.compare_digest(stored_digest, _digest(blob)):
+    if secret is None and not hmac.compare_digest(stored_digest, _digest(view, header_off)):
         raise EntryFormatError("corrupt", "checksum mismatch")
     for field, want in (("namespace", namespace), ("key", key)):
         if want is not None and header[field] != want:

@@ -1,12 +1,20 @@
-"""RedisStore: entries, counters and records in a (shared) Redis, on redis-py."""
+"""RedisStore: entries, counters and records in a (shared) Redis, on redis-py.
+
+Security (see also :mod:`kvcomm.store.security` and :mod:`kvcomm.store.codec`): credentials and
+TLS come from the URL (``redis://user:pass@host:6379/0``, ``rediss://...?ssl_ca_certs=ca.pem``)
+or redis-py keyword arguments; the password is redacted from every message, warning, ``repr`` and
+``stats()``. With a secret, entries are signed and only signed entries are accepted. Reads are
+bounded per entry (``max_entry_bytes``, enforced by ``GETRANGE`` before the value crosses the
+wire) and, optionally, in total (``max_fetch_bytes`` per ``fetch_window`` seconds).
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import torch
@@ -15,27 +23,25 @@ from redis.retry import Retry
 
 from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore, check_key
-from kvcomm.store.codec import CODECS, DEFAULT_MAX_ENTRY_BYTES, EntryFormatError, decode, encode
+from kvcomm.store.codec import (
+    CODECS,
+    DEFAULT_MAX_ENTRY_BYTES,
+    MAGIC,
+    EntryFormatError,
+    decode,
+    encode,
+    is_signed,
+)
 from kvcomm.store.entry import KVEntry
+from kvcomm.store.security import DEFAULT_REDIS_URL, redact, redis_url, resolve_secret, scrub, url_secrets
 
 T = TypeVar("T")
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_URL = DEFAULT_REDIS_URL
 _SCAN_COUNT = 1000
+_AUTH_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and stats)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+__all__ = ["DEFAULT_URL", "RedisStore", "redact"]
 
 
 def _glob_escape(text: str) -> str:
@@ -51,34 +57,51 @@ class RedisStore(KVStore):
     are ``HINCRBY`` on Redis hashes, records are ``RPUSH``-ed JSON: both atomic across processes.
 
     Every Redis error degrades (``get`` -> None, ``put`` -> False, ``hincrby`` -> None, ...)
-    with one :class:`~kvcomm.errors.StoreFaultWarning` per fault kind and a counter. After a
-    connection fault the store skips Redis for ``retry_after`` seconds (a dead server costs
-    nothing per call), then reconnects by itself. Construction never connects; :meth:`ping` does.
+    with one :class:`~kvcomm.errors.StoreFaultWarning` per fault kind and a counter; refused
+    credentials and ACL denials count as ``auth``. After a connection or auth fault the store
+    skips Redis for ``retry_after`` seconds (a dead server costs nothing per call), then
+    reconnects by itself. Construction does not connect unless ``check=True``; :meth:`ping` does.
 
     Args:
-        url: ``redis://[user:pass@]host:port/db`` or ``rediss://`` or ``unix://`` (redis-py URLs).
-        namespace: keys live under ``kvcomm:<namespace>:``.
+        url: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS; redis-py's
+            ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` ... as query
+            parameters or keywords) or ``unix://``; None: ``$KVCOMM_REDIS_URL``, else
+            ``redis://127.0.0.1:6379/0``.
+        namespace: keys live under ``kvcomm:<namespace>:``; the namespace is also in every MAC.
         ttl: default seconds to live of an entry (None or 0: no expiry); counters never expire.
         codec: ``"raw"`` (bit exact) or ``"int8"`` (K per channel, V per token; ~half of bf16).
         device: where decoded tensors are placed (int8 is dequantized there).
         max_entry_bytes: larger entries are neither written nor read (fault ``oversize``).
+        max_fetch_bytes: if set, at most this many entry bytes are read per ``fetch_window``
+            seconds (a fixed window per store object, shared by its threads); a get that would
+            go over is a miss (fault ``budget``) and reads at most the budget left.
+        fetch_window: seconds after which the fetch budget resets.
+        secret: HMAC-SHA256 key (str or bytes, >= 16 bytes) that signs every entry written and
+            must have signed every entry read; None: ``$KVCOMM_STORE_KEY``; ``""``: unsigned.
+        check: ping at construction and raise :class:`~kvcomm.errors.StoreError` (one line,
+            password redacted) if the server is unreachable or refuses the credentials.
         socket_timeout, socket_connect_timeout: seconds before a call fails as ``timeout``.
         socket_read_size: bytes per socket read; large values read faster with a large buffer.
         retry_after: seconds to skip Redis after a connection fault or timeout.
-        **redis_kwargs: passed to ``redis.Redis.from_url`` (TLS options, username, ...).
+        **redis_kwargs: passed to ``redis.Redis.from_url`` (``username``, ``password``, TLS
+            options, ...).
     """
 
     kind = "redis"
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         namespace: str = "default",
         ttl: float | None = None,
         codec: str = "raw",
         device: str | torch.device = "cpu",
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        max_fetch_bytes: int | None = None,
+        fetch_window: float = 1.0,
+        secret: str | bytes | None = None,
+        check: bool = False,
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 2.0,
         socket_read_size: int = 4 << 20,
@@ -86,19 +109,35 @@ class RedisStore(KVStore):
         **redis_kwargs: Any,
     ) -> None:
         super().__init__(namespace)
+        url = redis_url(url)
+        self._secrets = url_secrets(url) + [
+            str(redis_kwargs[k]) for k in ("password", "ssl_password") if redis_kwargs.get(k)
+        ]
         if codec not in CODECS:
             raise StoreError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
         if ttl is not None and ttl < 0:
             raise StoreError(f"ttl must be >= 0 seconds, got {ttl!r}")
-        self.url = url
+        if not isinstance(max_entry_bytes, int) or max_entry_bytes <= 0:
+            raise StoreError(f"max_entry_bytes must be a positive int, got {max_entry_bytes!r}")
+        if max_fetch_bytes is not None and (not isinstance(max_fetch_bytes, int) or max_fetch_bytes <= 0):
+            raise StoreError(f"max_fetch_bytes must be a positive int or None, got {max_fetch_bytes!r}")
+        if not fetch_window > 0:
+            raise StoreError(f"fetch_window must be > 0 seconds, got {fetch_window!r}")
+        self._secret = resolve_secret(secret)
+        self.url = redact(url)  # the password stays in the connection pool only
         self.ttl = ttl
         self.codec = codec
         self.device = torch.device(device)
         self.max_entry_bytes = max_entry_bytes
+        self.max_fetch_bytes = max_fetch_bytes
+        self.fetch_window = fetch_window
         self.retry_after = retry_after
         self._prefix = f"kvcomm:{namespace}:"
         self._degraded = False
         self._skip_until = 0.0
+        self._budget_lock = threading.Lock()
+        self._window_start = time.monotonic()
+        self._fetched = 0
         redis_kwargs.pop("decode_responses", None)  # values are bytes
         try:
             self.client = redis.Redis.from_url(
@@ -112,7 +151,24 @@ class RedisStore(KVStore):
                 **redis_kwargs,
             )
         except (ValueError, TypeError) as exc:
-            raise StoreError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+            raise StoreError(self._scrub(f"bad Redis URL {self.url!r}: {exc}")) from None
+        if check:
+            try:
+                self.ping()
+            except BaseException:
+                self.client.close()
+                raise
+
+    @property
+    def signed(self) -> bool:
+        """Whether this store signs what it writes and accepts only signed entries."""
+        return self._secret is not None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, namespace={self.namespace!r}, codec={self.codec!r}, signed={self.signed})"
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
 
     def _full(self, key: str) -> str:
         return self._prefix + check_key(key)
@@ -120,20 +176,24 @@ class RedisStore(KVStore):
     def _call(self, what: str, fn: Callable[[], T], default: T) -> T:
         """Run one Redis operation; any Redis error becomes a counted, warned fault -> default."""
         if self._degraded and time.monotonic() < self._skip_until:
-            self._fault("unreachable", f"{redact(self.url)} failed moments ago; skipping {what}")
+            self._fault("unreachable", f"{self.url} failed moments ago; skipping {what}")
             return default
         try:
             result = fn()
+        except _AUTH_ERRORS as exc:
+            self._connection_fault("auth", f"{what} on {self.url}: credentials refused: {type(exc).__name__}: {exc}")
+        except redis.exceptions.NoPermissionError as exc:
+            self._fault("auth", f"{what} on {self.url}: the ACL forbids it: {exc}")
         except redis.TimeoutError as exc:
-            self._connection_fault("timeout", f"{what} on {redact(self.url)}: {exc}")
+            self._connection_fault("timeout", f"{what} on {self.url}: {exc}")
         except redis.ConnectionError as exc:
-            self._connection_fault("unreachable", f"{what} on {redact(self.url)}: {exc}")
+            self._connection_fault("unreachable", f"{what} on {self.url}: {exc}")
         except redis.RedisError as exc:
-            self._fault("server_error", f"{what} on {redact(self.url)}: {type(exc).__name__}: {exc}")
+            self._fault("server_error", f"{what} on {self.url}: {type(exc).__name__}: {exc}")
         else:
             if self._degraded:  # recovered: the next outage warns again
                 self._degraded = False
-                self._rearm("unreachable", "timeout")
+                self._rearm("unreachable", "timeout", "auth")
             return result
         return default
 
@@ -142,12 +202,40 @@ class RedisStore(KVStore):
         self._skip_until = time.monotonic() + self.retry_after
         self._fault(kind, message)
 
+    def _budget_left(self) -> int:
+        """Bytes this get may read: max_entry_bytes, or less when the fetch budget is nearly spent."""
+        if self.max_fetch_bytes is None:
+            return self.max_entry_bytes
+        with self._budget_lock:
+            now = time.monotonic()
+            if now - self._window_start >= self.fetch_window:
+                self._window_start, self._fetched = now, 0
+            return min(self.max_entry_bytes, self.max_fetch_bytes - self._fetched)
+
+    def _charge(self, nbytes: int) -> None:
+        if self.max_fetch_bytes is not None:
+            with self._budget_lock:
+                self._fetched += nbytes
+
     # -- entries -------------------------------------------------------------------------------
     def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
         full = self._full(key)
-        # GETRANGE end is inclusive: at most max_entry_bytes + 1 bytes ever cross the wire
-        blob = self._call(f"GET {key!r}", lambda: self.client.getrange(full, 0, self.max_entry_bytes), None)
+        cap = self._budget_left()
+        if cap <= 0:
+            self._fault("budget", f"GET {key!r}: the fetch budget of {self.max_fetch_bytes} bytes per "
+                                  f"{self.fetch_window:g} s is spent")
+            self.counters.miss()
+            return None
+        # GETRANGE end is inclusive: at most cap + 1 bytes ever cross the wire
+        blob = self._call(f"GET {key!r}", lambda: self.client.getrange(full, 0, cap), None)
+        if blob:
+            self._charge(len(blob))
         if not blob:  # missing key (b"") or fault (None)
+            self.counters.miss()
+            return None
+        if len(blob) > cap and cap < self.max_entry_bytes:
+            self._fault("budget", f"GET {key!r}: the value is larger than the {cap} bytes left of the fetch "
+                                  f"budget ({self.max_fetch_bytes} bytes per {self.fetch_window:g} s)")
             self.counters.miss()
             return None
         try:
@@ -158,6 +246,7 @@ class RedisStore(KVStore):
                 fingerprint=fingerprint,
                 max_entry_bytes=self.max_entry_bytes,
                 device=self.device,
+                secret=self._secret,
             )
         except EntryFormatError as exc:
             self._fault(exc.kind, f"entry {key!r}: {exc}")
@@ -170,7 +259,7 @@ class RedisStore(KVStore):
         full = self._full(key)
         if entry.nbytes > 2 * self.max_entry_bytes:  # skip quantizing what cannot fit anyway
             return self._reject(key, entry.nbytes)
-        blob = encode(entry, namespace=self.namespace, key=key, codec=self.codec)
+        blob = encode(entry, namespace=self.namespace, key=key, codec=self.codec, secret=self._secret)
         if len(blob) > self.max_entry_bytes:
             return self._reject(key, len(blob))
         ttl = self.ttl if ttl is None else ttl
@@ -260,8 +349,14 @@ class RedisStore(KVStore):
     def ping(self) -> None:
         try:
             self.client.ping()
+        except _AUTH_ERRORS as exc:
+            who = self.client.connection_pool.connection_kwargs.get("username") or "default"
+            raise StoreError(self._scrub(
+                f"Redis at {self.url} refused the credentials of user {who!r} (wrong or missing password, "
+                f"or a disabled user): {type(exc).__name__}: {exc}"
+            )) from None
         except redis.RedisError as exc:
-            raise StoreError(f"Redis at {redact(self.url)} is not reachable: {type(exc).__name__}: {exc}") from None
+            raise StoreError(self._scrub(f"Redis at {self.url} is not reachable: {type(exc).__name__}: {exc}")) from None
 
     def usage(self) -> dict[str, int]:
         def run() -> dict[str, int]:
@@ -273,12 +368,31 @@ class RedisStore(KVStore):
             strings = [k for k, t in zip(keys, types, strict=True) if t == b"string"]
             for k in strings:
                 pipe.strlen(k)
-            return {"keys": len(keys), "entries": len(strings), "entry_bytes": sum(pipe.execute())}
+                pipe.getrange(k, 0, 7)  # magic, version, flags: nothing else is read
+            out = pipe.execute()
+            heads = out[1::2]
+            return {
+                "keys": len(keys),
+                "entries": len(strings),
+                "entry_bytes": sum(out[0::2]),
+                "signed_entries": sum(map(is_signed, heads)),
+                "unsigned_entries": sum(h[:4] == MAGIC and not is_signed(h) for h in heads),
+            }
 
-        return self._call("usage", run, {"keys": 0, "entries": 0, "entry_bytes": 0})
+        empty = {"keys": 0, "entries": 0, "entry_bytes": 0, "signed_entries": 0, "unsigned_entries": 0}
+        return self._call("usage", run, empty)
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "url": redact(self.url), "codec": self.codec, "ttl": self.ttl}
+        return {
+            **super().stats(),
+            "url": self.url,
+            "codec": self.codec,
+            "ttl": self.ttl,
+            "signed": self.signed,
+            "integrity": "hmac-sha256 (signed)" if self.signed else "sha256 checksum only (unsigned)",
+            "max_entry_bytes": self.max_entry_bytes,
+            "max_fetch_bytes": self.max_fetch_bytes,
+        }
 
     def close(self) -> None:
         self.client.close()

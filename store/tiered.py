@@ -110,6 +110,9 @@ class TieredStore(KVStore):
         out["promotions"] = self.promotions
         out["faults"] = {k: sum(t.stats()["faults"][k] for t in self.tiers) for k in out["faults"]}
         out["tiers"] = [tier.stats() for tier in self.tiers]
+        for name in ("signed", "integrity"):  # what the shared tier accepts is what other processes can inject
+            if name in out["tiers"][-1]:
+                out[name] = out["tiers"][-1][name]
         return out
 
     def close(self) -> None:

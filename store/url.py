@@ -1,4 +1,9 @@
-"""from_url(): build a store (or a TieredStore) from URLs such as ``memory://`` and ``redis://``."""
+"""from_url(): build a store (or a TieredStore) from URLs such as ``memory://`` and ``redis://``.
+
+Which URL: the arguments, else ``$KVCOMM_STORE_URL``, else ``$KVCOMM_REDIS_URL``, else
+``redis://127.0.0.1:6379/0`` (``kvcomm store ...`` follows the same order, ``--url`` first). The
+entry secret is never a URL parameter: pass ``secret=`` or set ``$KVCOMM_STORE_KEY``.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,18 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore
 from kvcomm.store.memory import MemoryStore
-from kvcomm.store.redis_store import RedisStore, redact
+from kvcomm.store.redis_store import RedisStore
+from kvcomm.store.security import ENTRY_KEY_PARAMS, STORE_KEY_ENV, redact, store_urls
 from kvcomm.store.tiered import TieredStore
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 _MEMORY_PARAMS = ("max_bytes", "device", "namespace", "prefix", "ttl")
-_REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "retry_after")
+_REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "max_fetch_bytes", "fetch_window",
+                 "retry_after")
+# redis-py reads these from the query too (as strings): credentials and TLS files
+_REDIS_PY_EXTRA = ("username", "password", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile",
+                   "ssl_keyfile", "ssl_password")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SPLIT_RE = re.compile(r",\s*(?=[a-z][a-z0-9+.\-]*://)")
 
@@ -44,6 +54,9 @@ def _seconds(text: str, what: str) -> float:
 def _query(url: str, allowed: tuple[str, ...]) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if name.lower() in ENTRY_KEY_PARAMS:
+            raise StoreError(f"store URL {redact(url)!r} holds {name!r}: the entry secret does not go in a URL "
+                             f"(URLs end up in logs and shell history); set ${STORE_KEY_ENV} or pass secret=")
         if name not in allowed:
             raise StoreError(f"unknown parameter {name!r} in store URL {redact(url)!r}: accepted: {', '.join(allowed)}")
         params[name] = value
@@ -61,7 +74,7 @@ def _namespace(url: str) -> str | None:
 def _memory(url: str, namespace: str) -> MemoryStore:
     parts = urlsplit(url)
     if parts.netloc or parts.path not in ("", "/"):
-        raise StoreError(f"bad memory store URL {url!r}: use memory://?max_bytes=2GiB&device=cuda")
+        raise StoreError(f"bad memory store URL {redact(url)!r}: use memory://?max_bytes=2GiB&device=cuda")
     q = _query(url, _MEMORY_PARAMS)
     kwargs: dict[str, Any] = {"namespace": q.get("namespace", namespace), "device": q.get("device", "cpu")}
     if "max_bytes" in q:
@@ -71,9 +84,9 @@ def _memory(url: str, namespace: str) -> MemoryStore:
     return MemoryStore(**kwargs)
 
 
-def _redis(url: str, namespace: str) -> RedisStore:
+def _redis(url: str, namespace: str, secret: str | bytes | None) -> RedisStore:
     parts = urlsplit(url)
-    passthrough = tuple(URL_QUERY_ARGUMENT_PARSERS) + ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+    passthrough = tuple(URL_QUERY_ARGUMENT_PARSERS) + _REDIS_PY_EXTRA
     q = _query(url, _REDIS_PARAMS + passthrough)
     ours = {k: v for k, v in q.items() if k in _REDIS_PARAMS}
     theirs = [(k, v) for k, v in q.items() if k not in _REDIS_PARAMS]
@@ -88,28 +101,40 @@ def _redis(url: str, namespace: str) -> RedisStore:
         kwargs["ttl"] = _seconds(ours["ttl"], "ttl")
     if "retry_after" in ours:
         kwargs["retry_after"] = _seconds(ours["retry_after"], "retry_after")
-    if "max_entry_bytes" in ours:
-        kwargs["max_entry_bytes"] = parse_size(ours["max_entry_bytes"], "max_entry_bytes")
+    for name in ("max_entry_bytes", "max_fetch_bytes"):
+        if name in ours:
+            kwargs[name] = parse_size(ours[name], name)
+    if "fetch_window" in ours:
+        kwargs["fetch_window"] = _seconds(ours["fetch_window"], "fetch_window")
     if "device" in ours:
         kwargs["device"] = ours["device"]
-    return RedisStore(urlunsplit(parts._replace(query=urlencode(theirs))), **kwargs)
+    return RedisStore(urlunsplit(parts._replace(query=urlencode(theirs))), secret=secret, **kwargs)
 
 
-def from_url(*urls: str) -> KVStore:
+def from_url(*urls: str, secret: str | bytes | None = None) -> KVStore:
     """Build a store from one or more URLs; several make a TieredStore, fastest first.
 
     ``from_url("memory://?max_bytes=8GiB&device=cuda", "redis://host:6379/0?namespace=team1&ttl=3600")``.
     One string may also hold several URLs separated by commas. Query parameters:
 
     - ``memory://``: ``max_bytes`` (512MiB, 2GB, bytes), ``device``, ``namespace``, ``ttl``.
-    - ``redis://``, ``rediss://``, ``unix://``: ``namespace`` (alias ``prefix``), ``ttl``,
-      ``codec`` (raw, int8), ``device``, ``max_entry_bytes``, ``retry_after``, plus redis-py's
-      own (``socket_timeout``, ``ssl_cert_reqs``, ...).
+    - ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``: ``namespace``
+      (alias ``prefix``), ``ttl``, ``codec`` (raw, int8), ``device``, ``max_entry_bytes``,
+      ``max_fetch_bytes`` and ``fetch_window`` (see :class:`RedisStore`), ``retry_after``, plus
+      redis-py's own (``socket_timeout``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+      ``ssl_cert_reqs``, ``ssl_check_hostname``, ...).
+
+    With no URL at all: ``$KVCOMM_STORE_URL``, else ``$KVCOMM_REDIS_URL``, else the local Redis.
+
+    Args:
+        secret: the entry-signing key of every Redis tier (None: ``$KVCOMM_STORE_KEY``).
 
     Raises:
-        StoreError: an empty or unknown scheme, an unknown parameter, a bad value (one line,
-            passwords redacted).
+        StoreError: an empty or unknown scheme, an unknown parameter, a secret in the URL, a bad
+            value (one line, passwords redacted).
     """
+    if not urls:
+        urls = tuple(store_urls())
     flat = [u for url in urls for u in _SPLIT_RE.split(url.strip()) if u]
     if not flat:
         raise StoreError("no store URL given: use memory://, redis://host:6379/0 or both")
@@ -124,7 +149,7 @@ def from_url(*urls: str) -> KVStore:
             if scheme == "memory":
                 stores.append(_memory(url, namespace))
             elif scheme in _REDIS_SCHEMES:
-                stores.append(_redis(url, namespace))
+                stores.append(_redis(url, namespace, secret))
             else:
                 raise StoreError(f"unknown store URL scheme in {redact(url)!r}: use memory://, redis://, rediss:// or unix://")
         return stores[0] if len(stores) == 1 else TieredStore(stores)
