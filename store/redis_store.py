@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import torch
 from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 
 from kvcomm.errors import StoreError
@@ -40,6 +42,9 @@ T = TypeVar("T")
 DEFAULT_URL = DEFAULT_REDIS_URL
 _SCAN_COUNT = 1000
 _AUTH_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+#: query parameters redis-py takes from a URL: its parsed ones plus credentials and TLS files
+REDIS_PY_QUERY_PARAMS = (*URL_QUERY_ARGUMENT_PARSERS, "username", "password", "ssl_cert_reqs", "ssl_ca_certs",
+                         "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password")
 
 __all__ = ["DEFAULT_URL", "RedisStore", "redact"]
 
@@ -123,6 +128,10 @@ class RedisStore(KVStore):
             raise StoreError(f"max_fetch_bytes must be a positive int or None, got {max_fetch_bytes!r}")
         if not fetch_window > 0:
             raise StoreError(f"fetch_window must be > 0 seconds, got {fetch_window!r}")
+        unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(REDIS_PY_QUERY_PARAMS))
+        if unknown:  # redis-py would only fail at the first connection, with a TypeError
+            raise StoreError(f"Redis URL {redact(url)!r} has parameters redis-py does not take: {', '.join(unknown)} "
+                             "(kvcomm's own, such as namespace or ttl, go through kvcomm.store.from_url)")
         self._secret = resolve_secret(secret)
         self.url = redact(url)  # the password stays in the connection pool only
         self.ttl = ttl

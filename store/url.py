@@ -11,12 +11,10 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
-
 from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore
 from kvcomm.store.memory import MemoryStore
-from kvcomm.store.redis_store import RedisStore
+from kvcomm.store.redis_store import REDIS_PY_QUERY_PARAMS, RedisStore
 from kvcomm.store.security import ENTRY_KEY_PARAMS, STORE_KEY_ENV, redact, store_urls
 from kvcomm.store.tiered import TieredStore
 
@@ -25,9 +23,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "m
 _MEMORY_PARAMS = ("max_bytes", "device", "namespace", "prefix", "ttl")
 _REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "max_fetch_bytes", "fetch_window",
                  "retry_after")
-# redis-py reads these from the query too (as strings): credentials and TLS files
-_REDIS_PY_EXTRA = ("username", "password", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile",
-                   "ssl_keyfile", "ssl_password")
+
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SPLIT_RE = re.compile(r",\s*(?=[a-z][a-z0-9+.\-]*://)")
 
@@ -86,8 +82,7 @@ def _memory(url: str, namespace: str) -> MemoryStore:
 
 def _redis(url: str, namespace: str, secret: str | bytes | None) -> RedisStore:
     parts = urlsplit(url)
-    passthrough = tuple(URL_QUERY_ARGUMENT_PARSERS) + _REDIS_PY_EXTRA
-    q = _query(url, _REDIS_PARAMS + passthrough)
+    q = _query(url, _REDIS_PARAMS + REDIS_PY_QUERY_PARAMS)
     ours = {k: v for k, v in q.items() if k in _REDIS_PARAMS}
     theirs = [(k, v) for k, v in q.items() if k not in _REDIS_PARAMS]
     if parts.scheme != "unix" and not parts.hostname:
