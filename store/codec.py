@@ -363,7 +363,7 @@ def _check_specs(specs: list[Any], limit: int) -> int:
         name = spec["name"]
         names.add(name)
         dtype, codec = spec.get("dtype"), spec.get("codec")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or map is unhashable
             raise EntryFormatError("corrupt", f"tensor {name!r}: dtype {dtype!r} is not allowed")
         if codec == "raw":
             cursor = _check_part(f"tensor {name!r}", spec.get("shape"), _ITEMSIZE[dtype], spec, cursor, limit)
