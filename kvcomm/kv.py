@@ -84,10 +84,11 @@ def greedy_decode(
     ids: list[int] = []
     logits = [first_logits]
     nxt = int(first_logits.argmax())  # host sync: the token decides whether we stop
-    for step in range(max_new_tokens):
+    steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
+    for step in range(steps):
         tok = forced[step] if forced is not None else nxt
         ids.append(tok)
-        if (forced is None and tok in eos_ids) or step == max_new_tokens - 1:
+        if (forced is None and tok in eos_ids) or step == steps - 1:
             break
         out = model(
             input_ids=torch.tensor([[tok]], device=dev),

@@ -1,0 +1,80 @@
+"""Packaging, public API, model loading and the CLI's contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+import kvcomm
+from kvcomm.cli import main
+from kvcomm.errors import KVCommError, ModelLoadError
+from kvcomm.models import load_model
+
+
+def test_exported_members_sorted_and_resolvable():
+    assert kvcomm.__all__ == sorted(kvcomm.__all__)
+    for name in kvcomm.__all__:
+        assert getattr(kvcomm, name) is not None, name
+
+
+def test_subpackages_import_without_transformers():
+    code = "import sys, kvcomm.store, kvcomm.kernels; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_wheel_contains_every_subpackage(tmp_path, repo_root):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(repo_root)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("kvcomm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for pkg in ("kvcomm", "kvcomm/store", "kvcomm/kernels", "kvcomm/agents"):
+        assert f"{pkg}/__init__.py" in names, f"wheel lacks {pkg}"
+    assert not any(n.startswith(("store/", "kernels/", "agents/")) for n in names)
+    assert "kvcomm/py.typed" in names
+
+
+@pytest.mark.parametrize("bad", ["no-such-model", "/nonexistent/dir/model.gguf"])
+def test_load_model_bad_name_names_path_and_forms(bad):
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(bad)
+    assert isinstance(exc.value, KVCommError)
+    assert bad in str(exc.value) and "smollm2-135m" in str(exc.value) and ".gguf" in str(exc.value)
+
+
+def test_load_model_rejects_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_real_model_answers_and_fingerprint_is_stable(smollm2):
+    tok, model = smollm2.tokenizer, smollm2.model
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    again = load_model("smollm2-135m", dtype="float32")
+    assert again.fingerprint == smollm2.fingerprint
+    assert load_model("smollm2-135m", dtype="bfloat16").fingerprint != smollm2.fingerprint
+
+
+def test_cli_version_and_help():
+    runner = CliRunner()
+    assert kvcomm.__version__ in runner.invoke(main, ["--version"]).output
+    res = runner.invoke(main, ["--help"])
+    assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_cli_user_error_is_one_line_exit_1():
+    res = CliRunner().invoke(main, ["ask", "--model", "no-such-model"])
+    assert res.exit_code == 1
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ModelLoadError:") and "Traceback" not in res.output
