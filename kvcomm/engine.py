@@ -17,6 +17,7 @@ import torch
 from kvcomm.anchors import AnchorPool, ShareDecision
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
+from kvcomm.fastpath import StaticPromptCache
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill
 from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
@@ -116,6 +117,7 @@ class KVCommEngine:
         self.latest: dict[str, Content] = {}
         self.records: list[CallRecord] = []
         self.last_prompt_ids: list[int] = []
+        self._static: StaticPromptCache | None = None
         self._pools: dict[str, AnchorPool] = {}
         self._sink = self._encode(self.config.sink_text)
         eos = {tokenizer.eos_token_id}
@@ -289,7 +291,7 @@ class KVCommEngine:
             logits, cache = prefill(self.model, ids[n0:], start=n0, cache=cache)
             rec.reused_tokens, rec.recomputed_tokens = n0, P - n0
         else:
-            logits, cache, rec = self._reuse(a, contents, ids, seg_starts, slot_starts, plan, rec, t0)
+            logits, cache, rec = self._reuse(a, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
         if plan.mode != "reuse":
@@ -304,7 +306,9 @@ class KVCommEngine:
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()
-        out_ids, step_logits = greedy_decode(self.model, cache, logits, P, n_new, self.eos_ids, forced=forced_ids)
+        step = cache.step if isinstance(cache, StaticPromptCache) else None
+        out_ids, step_logits = greedy_decode(self.model, cache, logits, P, n_new, self.eos_ids, forced=forced_ids,
+                                             step=step)
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
             self._publish_answer(agent, answer, out_ids, cache, P)
@@ -373,12 +377,15 @@ class KVCommEngine:
             pieces.append(Piece(seg_starts[j + 1], seg_block, seg_starts[j + 1] - r, sa, "seg", c.kv))
         return pieces
 
-    def _reuse(self, a, contents, ids, seg_starts, slot_starts, plan, rec, t0):
+    def _reuse(self, a, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new):
         P = len(ids)
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
         pieces = self._pieces(a, contents, seg_starts, slot_starts, plan.anchors)
-        block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=self.config.policy == "kvcomm")
+        fast = self.config.fast_path and self.config.policy != "cacheblend"
+        buf = self._static_cache(P + n_new) if fast else None
+        block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=self.config.policy == "kvcomm",
+                         out=buf.prompt_views(P - 1) if buf is not None else None)
         rec.anchors_matched = sum(len(x) for x in plan.anchors if x is not None)
         rec.bytes_moved = block.nbytes
         _sync(self.model.device)
@@ -389,6 +396,9 @@ class KVCommEngine:
 
             logits, cache, n_re = selective_recompute(self.model, ids, block, len(a.rendered.segment_ids[0]),
                                                       self.config.cacheblend_ratio)
+        elif buf is not None:
+            buf.begin(P - 1)
+            logits, cache, n_re = buf.step(ids[-1], P - 1), buf, 1
         else:
             cache = cache_from_block(block, self.model.config)
             logits, cache = prefill(self.model, ids[-1:], start=P - 1, cache=cache)
@@ -417,13 +427,23 @@ class KVCommEngine:
     def _publish_answer(self, agent: str, answer: list[int], out_ids: list[int], cache: Any, P: int) -> None:
         n = len(answer)
         if cache.get_seq_length() < P + n:  # the last token was sampled but never fed
-            prefill(self.model, answer[-1:], start=P + n - 1, cache=cache)
+            if isinstance(cache, StaticPromptCache):
+                cache.step(answer[-1], P + n - 1)
+            else:
+                prefill(self.model, answer[-1:], start=P + n - 1, cache=cache)
         raw = block_from_cache(cache, P, P + n)
         kv = KVBlock(shift_keys(raw.k, -P, self.inv_freq), raw.v)
         slot = f"agent:{agent}"
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _static_cache(self, need: int) -> StaticPromptCache:
+        """The engine's one static buffer, grown (and its CUDA graph recaptured) when too small."""
+        if self._static is None or self._static.capacity < need:
+            capacity = -(-need // 512) * 512
+            self._static = StaticPromptCache(self.model, capacity)
+        return self._static
+
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
 

@@ -5,6 +5,7 @@ A block is stacked over layers: ``k``, ``v`` each ``[L, H_kv, T, D]`` (batch 1 s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,30 +74,35 @@ def greedy_decode(
     eos_ids: set[int],
     *,
     forced: list[int] | None = None,
+    step: Callable[[int, int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding from the first token's logits.
 
     Returns the generated ids (EOS included if produced) and each step's logits. With
     ``forced`` the given tokens are fed instead of the argmax (teacher forcing), so logits of
-    two caches can be compared token by token.
+    two caches can be compared token by token. ``step(token, position) -> logits`` replaces the
+    plain forward over ``cache`` (the static fast path).
     """
     dev = model.device
     ids: list[int] = []
     logits = [first_logits]
     nxt = int(first_logits.argmax())  # host sync: the token decides whether we stop
     steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
-    for step in range(steps):
-        tok = forced[step] if forced is not None else nxt
+    for i in range(steps):
+        tok = forced[i] if forced is not None else nxt
         ids.append(tok)
-        if (forced is None and tok in eos_ids) or step == steps - 1:
+        if (forced is None and tok in eos_ids) or i == steps - 1:
             break
-        out = model(
-            input_ids=torch.tensor([[tok]], device=dev),
-            position_ids=torch.tensor([[start_pos + step]], device=dev),
-            cache=cache,
-            use_cache=True,
-        )
-        last = out.logits[0, -1].float()
+        if step is not None:
+            last = step(tok, start_pos + i)
+        else:
+            out = model(
+                input_ids=torch.tensor([[tok]], device=dev),
+                position_ids=torch.tensor([[start_pos + i]], device=dev),
+                cache=cache,
+                use_cache=True,
+            )
+            last = out.logits[0, -1].float()
         logits.append(last)
         nxt = int(last.argmax())
     return ids, logits

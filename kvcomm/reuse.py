@@ -62,14 +62,20 @@ def assemble(
     config: KVCommConfig,
     *,
     correct: bool,
+    out: KVBlock | None = None,
 ) -> KVBlock:
-    """Write every piece (moved, and corrected when ``correct``) into one [L, H, total, D] block."""
+    """Write every piece (moved, and corrected when ``correct``) into one [L, H, total, D] block.
+
+    ``out`` may be (strided) views of a preallocated cache buffer: the pieces land there directly.
+    """
     from kvcomm.kernels import apply_correction, channel_weights, token_weights
 
     first = pieces[0].src
     L, H, _, D = first.k.shape
-    k_out = torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device)
-    v_out = torch.empty_like(k_out)
+    if out is None:
+        out = KVBlock(torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device),
+                      torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device))
+    k_out, v_out = out.k, out.v
     skip = 0 if config.correct_first_layer else 1
     for p in pieces:
         n = min(p.src.length, total - p.start)
@@ -113,7 +119,7 @@ def assemble(
         apply_correction(src.k, deltas_k, wk, inv_freq=inv_freq, delta_pos=p.shift, rotate_deltas=rotate,
                          skip_layers=skip, out=kd)
         apply_correction(src.v, deltas_v, wv, inv_freq=None, skip_layers=skip, out=vd)
-    return KVBlock(k_out, v_out)
+    return out
 
 
 def key_delta(real_k: torch.Tensor, base_k: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
