@@ -158,11 +158,9 @@ def share_context(
         _check_annotation(fn, node, agent, keys, sys._getframe(1).f_locals)  # the defining scope
         is_async = inspect.iscoroutinefunction(fn)
 
-        def prepare(state: Any) -> tuple[Any, dict[str, Any]]:
+        def prepare(state: Any) -> tuple[Any, dict[str, str]]:
             values = _values(state, keys, node, agent)  # state errors first: they need no engine
-            eng = engine if engine is not None else _engine_from_langgraph(node, agent)
-            eng.register_agent(agent, tmpl)
-            return eng, _fills(eng, values)
+            return (engine if engine is not None else _engine_from_langgraph(node, agent)), values
 
         def update(result: Any, returned: Any) -> dict[str, Any]:
             base = {out_key: result.text, METRICS_KEY: [call_summary(node, result)]}
@@ -175,16 +173,17 @@ def share_context(
                 )
             return {**base, **returned}
 
-        def call_engine(eng: Any, fills: dict[str, Any]) -> Any:
-            with engine_lock(eng):
-                return eng.generate(agent, fills, max_new_tokens=max_new_tokens)
+        def call_engine(eng: Any, values: dict[str, str]) -> Any:
+            with engine_lock(eng):  # registering and reading the latest answers race too
+                eng.register_agent(agent, tmpl)
+                return eng.generate(agent, _fills(eng, values), max_new_tokens=max_new_tokens)
 
         if is_async:
 
             @functools.wraps(fn)
             async def anode(state: Any) -> dict[str, Any]:
-                eng, fills = prepare(state)
-                result = await asyncio.to_thread(call_engine, eng, fills)
+                eng, values = prepare(state)
+                result = await asyncio.to_thread(call_engine, eng, values)
                 return update(result, await fn(state, result))
 
             wrapper: Callable[..., Any] = anode
@@ -192,8 +191,8 @@ def share_context(
 
             @functools.wraps(fn)
             def node_fn(state: Any) -> dict[str, Any]:
-                eng, fills = prepare(state)
-                result = call_engine(eng, fills)
+                eng, values = prepare(state)
+                result = call_engine(eng, values)
                 return update(result, fn(state, result))
 
             wrapper = node_fn

@@ -236,3 +236,38 @@ def test_wrapper_keeps_name_doc_and_state_annotation():
     assert list(inspect.signature(planner).parameters) == ["state"]
     assert planner.__kvcomm__["output_key"] == "planner_answer"
     assert state_key("doc:3") == "doc_3" and state_key("agent:coder") == "coder_answer"
+
+
+def test_parallel_branches_share_one_engine(make_engine):
+    """LangGraph runs fan-out branches concurrently; the engine calls are serialized, not mixed."""
+    engine = make_engine("kvcomm")
+
+    class S(TypedDict, total=False):
+        question: str
+        planner_answer: str
+        solver_answer: str
+        critic_answer: str
+
+    @share_context(agent="planner", template=PLANNER, max_new_tokens=3)
+    async def planner(state: S, result: Result) -> None:
+        return None
+
+    @share_context(agent="solver", template=SOLVER, max_new_tokens=3)
+    async def solver(state: S, result: Result) -> None:
+        return None
+
+    critic_tmpl = Template.from_system_user("You are a strict critic.", "Plan:\n{agent:planner}\nCritique it.")
+
+    @share_context(agent="critic", template=critic_tmpl, max_new_tokens=3)
+    def critic(state: S, result: Result) -> None:  # a sync node beside an async one
+        return None
+
+    g = StateGraph(S)
+    for node in (planner, solver, critic):
+        g.add_node(node)
+    g.add_edge(START, "planner")
+    g.add_edge("planner", "solver")
+    g.add_edge("planner", "critic")
+    out = asyncio.run(g.compile().ainvoke({"question": Q2}, context=engine))
+    assert out["solver_answer"] and out["critic_answer"]
+    assert sorted(r.agent for r in engine.records) == ["critic", "planner", "solver"]
