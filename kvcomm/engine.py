@@ -108,7 +108,7 @@ class KVCommEngine:
         if store is None:
             from kvcomm.store import MemoryStore
 
-            store = MemoryStore()
+            store = MemoryStore(device=model.device)
         self.store = store
         self.prefix = f"{self.fingerprint[:16]}:"
         self.inv_freq = model_inv_freq(model).to(model.device)
@@ -277,12 +277,12 @@ class KVCommEngine:
                 f"agent {agent!r}: prompt of {P} tokens + {n_new} new tokens exceeds the model's "
                 f"context of {self.max_positions}"
             )
+        _sync(self.model.device)
+        t0 = time.perf_counter()  # TTFT counts planning, i.e. fetching anchors and deltas
         plan = self._plan(a, contents)
         rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=P,
                          reused_tokens=0, recomputed_tokens=P, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
-        _sync(self.model.device)
-        t0 = time.perf_counter()
         if plan.mode == "dense":
             logits, cache = prefill(self.model, ids)
         elif plan.mode == "prefix":

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One batched run on a lent GPU (device tool): GPU kernel tests, the kernel benchmark and the TTFT
+# benchmark in the paper's setting. Wheels the GPU image lacks (transformers 5.24, redis) are
+# carried in .whl/dev (see benchmarks/README.md). Results land in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/kvcomm-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
+if ls .whl/dev/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/dev/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/kv . || exit 1
+export PYTHONPATH=/tmp/kv:${PYTHONPATH:-}
+cd /tmp && python3 -c "import torch, transformers, triton, kvcomm.store, kvcomm.kernels; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; cd - >/dev/null
+STAGE=${1:-all}
+if [[ $STAGE == all || $STAGE == ttft ]]; then
+  timeout 220 python3 benchmarks/ttft.py --model-shape llama-3.1-8b --device cuda --dtype bfloat16 \
+    --warmup 3 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
+fi
+if [[ $STAGE == all || $STAGE == tests ]]; then
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+fi
+if [[ $STAGE == all || $STAGE == kernels ]]; then
+  timeout 150 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -45
+fi

@@ -1,0 +1,207 @@
+"""TTFT benchmark in the paper's setting: agents in a chain, each reading the user input and
+every upstream answer behind its own long system prompt.
+
+Every policy runs the same requests through the same harness in one process; the first
+``warmup`` requests (anchors being created, CUDA graphs being captured) are not timed. Upstream
+answers are synthetic texts of ``output_len`` tokens published as each agent's answer, so the
+benchmark measures prompt handling, not decoding. ``--model-shape`` builds a real architecture
+(Llama-3.1-8B, Qwen2.5-7B) with random weights on the device: TTFT does not depend on weight
+values, and no download is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcomm.config import KVCommConfig
+
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(
+        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "qwen2.5-7b": dict(
+        arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
+    ),
+    "tiny": dict(arch="llama", vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384),
+}
+
+
+class SyntheticTokenizer:
+    """One token per whitespace-separated word (a stable hash): enough for prompts of random words.
+
+    Implements the few tokenizer calls the engine makes, so architecture-shaped random models run
+    without any tokenizer files.
+    """
+
+    SPECIAL = {"<|im_start|>": 1, "<|im_end|>": 2}
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = 2
+        self.unk_token_id = 0
+        self._words: dict[int, str] = {}
+
+    def _id(self, word: str) -> int:
+        if word in self.SPECIAL:
+            return self.SPECIAL[word]
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        i = 3 + h % (self.vocab_size - 3)
+        self._words.setdefault(i, word)
+        return i
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_: Any) -> Any:
+        class _Enc:
+            input_ids = [self._id(w) for w in text.split()]
+
+        return _Enc()
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = True, **_: Any) -> str:
+        text = "".join(f"<|im_start|> {m['role']} {m['content']} <|im_end|> " for m in messages)
+        return text + ("<|im_start|> assistant " if add_generation_prompt else "")
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.SPECIAL.get(token, 0)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, **_: Any) -> str:
+        return " ".join(self._words.get(i, f"<{i}>") for i in ids)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def build_shaped_model(shape: str, *, device: str, dtype: torch.dtype, layers: int | None = None) -> Any:
+    """A random-weight model of a real architecture, initialised directly on ``device``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    spec = dict(MODEL_SHAPES[shape])
+    arch = spec.pop("arch")
+    if layers:
+        spec["num_hidden_layers"] = layers
+    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(**spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+_WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
+          "an they you were her all she there would their we him been has when who will more no if out so said "
+          "what up its about into than them can only other new some could time these two may then do first any "
+          "my now such like our over man me even most made after also did many before must through back years "
+          "where much your way well down should because each just those people how too little state good very "
+          "make world still own see men work long get here between both life being under never day same another "
+          "know while last might us great old year off come since against go came right used take three").split()
+
+
+def make_text(tokenizer: Any, n_tokens: int, rng: random.Random) -> str:
+    """Random words whose tokenization is exactly ``n_tokens`` long (trimmed by decoding)."""
+    words: list[str] = []
+    while True:
+        words += [rng.choice(_WORDS) for _ in range(max(8, n_tokens // 2))]
+        ids = tokenizer(" ".join(words), add_special_tokens=False).input_ids
+        if len(ids) >= n_tokens:
+            break
+    text = tokenizer.decode(ids[:n_tokens], skip_special_tokens=True)
+    return text
+
+
+@dataclass
+class BenchSetting:
+    agents: int = 5
+    prefix_len: int = 512
+    input_len: int = 1024
+    output_len: int = 512
+    warmup: int = 3
+    requests: int = 3
+    policies: tuple[str, ...] = ("dense", "prefix", "naive", "kvcomm")
+    gamma: float = 0.3
+
+
+def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory: Any = None,
+             fingerprint: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Measure TTFT per policy and agent position; returns rows and the raw records."""
+    from tqdm.auto import tqdm
+
+    from kvcomm.engine import KVCommEngine
+    from kvcomm.models import model_fingerprint
+    from kvcomm.template import Template
+
+    rng = random.Random(0)
+    fp = fingerprint or model_fingerprint(model)
+    names = [f"agent{i + 1}" for i in range(setting.agents)]
+    templates = []
+    for i, name in enumerate(names):
+        system = make_text(tokenizer, setting.prefix_len, rng)
+        user = "Input: {question}\n" + "".join(f"{prev} said: {{agent:{prev}}}\n" for prev in names[:i]) + "Respond."
+        templates.append((name, Template.from_system_user(system, user)))
+    total = setting.warmup + setting.requests
+    questions = [make_text(tokenizer, setting.input_len, rng) for _ in range(total)]
+    answers = [[make_text(tokenizer, setting.output_len, rng) for _ in names] for _ in range(total)]
+    results: dict[str, list[Any]] = {}
+    bar = tqdm(total=len(setting.policies) * total, desc="ttft", disable=not progress)
+    for policy in setting.policies:
+        store = store_factory() if store_factory else None
+        eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp,
+                           config=KVCommConfig(policy=policy, max_new_tokens=1, gamma=setting.gamma))
+        for name, tmpl in templates:
+            eng.register_agent(name, tmpl)
+        timed = []
+        for r in range(total):
+            eng.reset_answers()
+            for i, name in enumerate(names):
+                res = eng.generate(name, {"question": questions[r]}, max_new_tokens=1, publish_answer=False,
+                                   request_id=str(r))
+                eng.latest[f"agent:{name}"] = eng.publish(f"agent:{name}", answers[r][i])
+                if r >= setting.warmup:
+                    timed.append((i, res.record))
+                if progress and r == total - 1:
+                    bar.write(f"{policy} {name}: {res.mode} {res.record.slots}")
+            bar.update(1)
+        results[policy] = timed
+    bar.close()
+    rows = []
+    dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
+                 for i in range(setting.agents)} if "dense" in results else {}
+    for policy, timed in results.items():
+        for i in range(setting.agents):
+            recs = [rec for j, rec in timed if j == i]
+            p50 = statistics.median(x.ttft_ms for x in recs)
+            rows.append({
+                "policy": policy,
+                "agent": i + 1,
+                "prompt_tokens": recs[0].prompt_tokens,
+                "reuse_pct": 100.0 * sum(x.mode == "reuse" for x in recs) / len(recs),
+                "reused_tokens": statistics.fmean(x.reused_tokens for x in recs),
+                "ttft_p50_ms": p50,
+                "fetch_ms": statistics.fmean(x.fetch_ms for x in recs),
+                "correct_ms": statistics.fmean(x.correct_ms for x in recs),
+                "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
+                "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
+            })
+    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows}
+
+
+TTFT_COLUMNS = [
+    ("policy", "policy", ""),
+    ("agent", "agent", "d"),
+    ("prompt_tokens", "prompt", "d"),
+    ("reuse_pct", "reuse %", ".0f"),
+    ("reused_tokens", "reused tok", ".0f"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".2f"),
+    ("fetch_ms", "fetch ms", ".2f"),
+    ("correct_ms", "shift+corr ms", ".2f"),
+    ("first_token_ms", "1st tok ms", ".2f"),
+    ("speedup", "dense/policy", ".2f"),
+]
