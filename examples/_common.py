@@ -87,16 +87,25 @@ def save(engine: KVCommEngine, out: Path, policy: str) -> None:
 
 
 def print_summary(engines: dict[str, KVCommEngine], scores: dict[str, Sequence[bool]], metric: str,
-                  out: Path) -> dict[str, Any]:
-    """Print score and reuse per policy; write ``summary.json``; return it."""
+                  out: Path, answers: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Print score, agreement with dense and reuse per policy; write ``summary.json``; return it.
+
+    "same as dense %" counts the items whose every agent answer equals the dense run's.
+    """
     rows = []
+    dense = (answers or {}).get("dense")
     for policy, eng in engines.items():
         total = summarize(eng.records, by="policy")[0]
         ok = scores[policy]
-        rows.append({"name": policy, "problems": len(ok), metric: sum(ok) / max(1, len(ok)),
-                     "reuse_calls_pct": total["reuse_calls_pct"], "reused_tokens_pct": total["reused_tokens_pct"],
-                     "ttft_mean_ms": total["ttft_mean_ms"]})
+        row = {"name": policy, "problems": len(ok), metric: sum(ok) / max(1, len(ok)),
+               "reuse_calls_pct": total["reuse_calls_pct"], "reused_tokens_pct": total["reused_tokens_pct"],
+               "ttft_mean_ms": total["ttft_mean_ms"]}
+        if dense is not None and answers is not None:
+            same = [a == d for a, d in zip(answers[policy], dense, strict=True)]
+            row["same_as_dense_pct"] = 100.0 * sum(same) / max(1, len(same))
+        rows.append(row)
     print(format_table(rows, [("name", "policy", "s"), ("problems", "n", "d"), (metric, metric, ".3f"),
+                              ("same_as_dense_pct", "same as dense %", ".1f"),
                               ("reuse_calls_pct", "reuse calls %", ".1f"),
                               ("reused_tokens_pct", "tokens reused %", ".1f"),
                               ("ttft_mean_ms", "TTFT mean ms", ".1f")]))
@@ -114,18 +123,24 @@ def run(args: argparse.Namespace, example: str, graph: Any, items: Sequence[Any]
 
     out = run_dir(example, args.run_dir)
     loaded = loaded or load(args)
-    engines, scores = {}, {}
+    engines, scores, answers = {}, {}, {}
+    outputs: list[dict[str, Any]] = []
     for policy in policies(args.policy):
         eng = engines[policy] = make_engine(loaded, policy, args.store, example, args.max_new_tokens)
         ok: list[bool] = []
-        scores[policy] = ok
+        scores[policy], answers[policy] = ok, []
         bar = tqdm(items, desc=f"{policy:>10}", unit="item")
-        for item in bar:
+        for i, item in enumerate(bar):
             eng.reset_answers()
             state = graph.invoke(to_state(item), context=eng)
             ok.append(bool(score(item, state)))
+            final = {k: v for k, v in state.items() if k.endswith("_answer") or k == "code"}
+            answers[policy].append(final)
+            outputs.append({"policy": policy, "item": i, "ok": ok[-1], **final})
             bar.set_postfix({metric: f"{sum(ok) / len(ok):.2f}"})
         save(eng, out, policy)
-    summary = print_summary(engines, scores, metric, out)
+    with (out / "outputs.jsonl").open("a") as f:
+        f.writelines(json.dumps(o) + "\n" for o in outputs)
+    summary = print_summary(engines, scores, metric, out, answers)
     summary["run_dir"] = str(out)
     return summary

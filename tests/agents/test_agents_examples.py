@@ -36,4 +36,7 @@ def test_example_pipeline_runs(name, examples, smollm2, tmp_path, capsys):
     agents = {r.agent for r in records}
     assert len(records) == 2 * 2 * len(agents) and {r.policy for r in records} == {"dense", "kvcomm"}
     assert set(json.loads((out / "store_stats.json").read_text())) == {"dense", "kvcomm"}
+    outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(outputs) == 4 and all(o[f"{a}_answer"] for o in outputs for a in agents)
+    assert summary["rows"][0]["same_as_dense_pct"] == 100.0  # dense against itself
     assert "kvcomm report --run-dir" in capsys.readouterr().out
