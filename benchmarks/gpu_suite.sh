@@ -18,7 +18,8 @@ if [[ $STAGE == all || $STAGE == ttft ]]; then
     --warmup 3 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
 fi
 if [[ $STAGE == all || $STAGE == tests ]]; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.txt" | head -20
 fi
 if [[ $STAGE == all || $STAGE == kernels ]]; then
   timeout 150 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -45

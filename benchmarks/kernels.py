@@ -180,7 +180,11 @@ def outputs_match(got: Any, want: Any, dtype: torch.dtype) -> bool:
     if isinstance(got, tuple):
         return all(outputs_match(g, w, dtype) for g, w in zip(got, want, strict=True))
     if not got.is_floating_point():
-        return bool(torch.equal(got, want))
+        if not torch.equal(got, want):
+            diff = (got.int() - want.int()).abs()
+            print(f"  int mismatch: {int((diff > 0).sum())} of {diff.numel()} elements, max |diff| {int(diff.max())}")
+            return False
+        return True
     rtol = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(got.dtype, 1e-4)
     return bool(torch.allclose(got.float(), want.float(), rtol=rtol, atol=1e-3))
 

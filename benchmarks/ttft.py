@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import torch
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args(argv)
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
           f"input {args.input_len}, outputs {args.output_len} tokens | {args.requests} timed requests | "
           f"gamma {setting.gamma}")
     print(format_table(out["rows"], TTFT_COLUMNS))
+    print("one-token forward as a CUDA graph replay:", out["cuda_graph"])
     last = [r for r in out["rows"] if r["agent"] == args.agents]
     for r in last:
         print(f"agent {args.agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms   dense/policy {r['speedup']:.2f}x")

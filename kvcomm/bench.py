@@ -150,6 +150,7 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
     questions = [make_text(tokenizer, setting.input_len, rng) for _ in range(total)]
     answers = [[make_text(tokenizer, setting.output_len, rng) for _ in names] for _ in range(total)]
     results: dict[str, list[Any]] = {}
+    graphs: dict[str, bool | None] = {}  # was the one-token forward a CUDA graph replay?
     bar = tqdm(total=len(setting.policies) * total, desc="ttft", disable=not progress)
     for policy in setting.policies:
         store = store_factory() if store_factory else None
@@ -170,6 +171,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
                     bar.write(f"{policy} {name}: {res.mode} {res.record.slots}")
             bar.update(1)
         results[policy] = timed
+        static = getattr(eng, "_static", None)
+        graphs[policy] = None if static is None else (static.graph is not None)
     bar.close()
     rows = []
     dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
@@ -190,7 +193,7 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
                 "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
             })
-    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows}
+    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows, "cuda_graph": graphs}
 
 
 TTFT_COLUMNS = [
