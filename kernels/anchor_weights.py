@@ -8,10 +8,14 @@ Two granularities (DESIGN §3.4), both a softmax over the A anchors of negative 
 token_weights serves a slot's own tokens (the anchor's *first* T tokens); channel_weights the
 text segment that follows a slot (the anchor's *last* T tokens). Anchors may be longer than the
 content (T_a >= T, the pool's length rule): the kernels read the window through strides, no copy.
+Ragged anchors may come as one right-padded stack: channel_weights(anchor_lengths=) then reads
+each anchor's own last T tokens.
 Distances are accumulated in float32 whatever the input dtype; the weights are float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -66,49 +70,58 @@ def _token_dist_kernel(
 
 
 # Stage 1, channel distances. Shapes / strides:
-#   base [L, H, T, D] as rows r = l*H + h, anchors [A, L, H, T_a, D] read at tokens T_a-T..T_a-1
-#   (the caller offsets the pointer), partial [S, A, R*D] float32: sum over split s's tokens of
-#   (b - a)^2 per (row, channel).
-# Grid: (R, S). A program owns one row (layer, head) and a 1/S share of the tokens, streams
-# BLOCK_T x D tiles of base once and of each anchor once.
+#   base [L, H, T, D] as rows r = l*H + h; anchors [A, L, H, T_a, D], anchor a read at tokens
+#   start_a..start_a+T-1 (HAS_LEN: start_a = len[a] - T, its last T valid tokens; else 0, the
+#   caller offsets the pointer to the last T); partial [S, A, R*D] float32: sum over split s's
+#   tokens of (b - a)^2 per (row, channel).
+# Grid: (cdiv(A, A_CH), R, S). A program owns A_CH anchors of one row (layer, head) and a 1/S
+# share of the tokens: per step it loads a [BLOCK_T, D] tile of base and the [A_CH, BLOCK_T, D]
+# tile of its anchors and adds into an [A_CH, BLOCK_D] sum (no per-anchor select over a wide
+# accumulator). Base is read once per anchor chunk; the chunk axis varies fastest, so the
+# chunks of one row run side by side and all but the first base read come from L2.
 
 
 @jit
 def _channel_dist_kernel(
-    base_ptr, anc_ptr, part_ptr,
+    base_ptr, anc_ptr, len_ptr, part_ptr,
     A, T, R, TOKENS,
     b_stride_r, b_stride_t, b_stride_d,
     a_stride_a, a_stride_r, a_stride_t, a_stride_d,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, A_P2: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, A_CH: tl.constexpr,
+    HAS_LEN: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_a = chunk * A_CH + tl.arange(0, A_CH)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_a = tl.arange(0, A_P2)
+    mask_a = offs_a < A
     mask_d = offs_d < D
-    b_off = offs_t[:, None] * b_stride_t + offs_d[None, :] * b_stride_d
-    a_off = offs_t[:, None] * a_stride_t + offs_d[None, :] * a_stride_d
+    if HAS_LEN:
+        start_a = tl.load(len_ptr + offs_a, mask=mask_a, other=0).to(tl.int64) - T  # [A_CH]
+    else:
+        start_a = tl.zeros([A_CH], dtype=tl.int64)
+    b_off = offs_t[:, None] * b_stride_t + offs_d[None, :] * b_stride_d  # [BLOCK_T, BLOCK_D]
+    a_first = offs_a.to(tl.int64) * a_stride_a + start_a * a_stride_t  # [A_CH]
+    a_tile = offs_t[:, None] * a_stride_t + offs_d[None, :] * a_stride_d  # [BLOCK_T, BLOCK_D]
+    a_off = a_first[:, None, None] + a_tile[None, :, :]  # [A_CH, BLOCK_T, BLOCK_D]
 
-    acc = tl.zeros([A_P2, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([A_CH, BLOCK_D], dtype=tl.float32)
     t0 = split * TOKENS
     t1 = tl.minimum(t0 + TOKENS, T)
     b_blk = base_ptr + row * b_stride_r + t0 * b_stride_t
     a_blk = anc_ptr + row * a_stride_r + t0 * a_stride_t
     for start in range(t0, t1, BLOCK_T):
-        mask = ((start + offs_t) < t1)[:, None] & mask_d[None, :]
+        mask = ((start + offs_t) < t1)[:, None] & mask_d[None, :]  # [BLOCK_T, BLOCK_D]
         b = tl.load(b_blk + b_off, mask=mask, other=0.0).to(tl.float32)
-        a_ptr = a_blk
-        for a in range(0, A):
-            x = tl.load(a_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-            diff = b - x
-            s = tl.sum(diff * diff, axis=0)  # [BLOCK_D]
-            acc = tl.where((offs_a == a)[:, None], acc + s[None, :], acc)
-            a_ptr += a_stride_a
+        x = tl.load(a_blk + a_off, mask=mask_a[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
+        diff = b[None, :, :] - x  # [A_CH, BLOCK_T, BLOCK_D]
+        acc += tl.sum(diff * diff, axis=1)
         b_blk += BLOCK_T * b_stride_t
         a_blk += BLOCK_T * a_stride_t
     p_off = (split * A + offs_a).to(tl.int64)[:, None] * (R * D) + row * D + offs_d[None, :]
-    tl.store(part_ptr + p_off, acc, mask=(offs_a < A)[:, None] & mask_d[None, :])
+    tl.store(part_ptr + p_off, acc, mask=mask_a[:, None] & mask_d[None, :])
 
 
 # Stage 2, shared: partial [S, A, M] float32 -> weights [A, M] float32.
@@ -139,6 +152,9 @@ def _anchor_softmax_kernel(
     e = tl.exp(logits - top[None, :])
     w = e / tl.sum(e, axis=0)[None, :]
     tl.store(out_ptr + offs_a[:, None] * M + offs_m[None, :], w, mask=mask)
+
+
+CHANNEL_ANCHOR_CHUNK = 4  # anchors per channel-distance program (A_CH)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -178,23 +194,30 @@ def token_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float)
     return _softmax_stage(part, A, T, 1.0 / (R * D), tau, sqrt=False)
 
 
-def channel_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float) -> torch.Tensor:
+def channel_weights_forward(
+    base: torch.Tensor, anchors: torch.Tensor, tau: float, anchor_lengths: list[int] | None = None
+) -> torch.Tensor:
     """Launch the two channel-weight kernels (arguments already checked)."""
     L, H, T, D = base.shape
     A, R = anchors.shape[0], L * H
     block_d = next_power_of_2(D)
-    a_p2 = next_power_of_2(A)
-    block_t = max(1, min(next_power_of_2(T), 2048 // block_d))
-    splits = max(1, min(cdiv(T, block_t), cdiv(_target_programs(base.device), R)))
+    a_ch = min(CHANNEL_ANCHOR_CHUNK, next_power_of_2(A))
+    block_t = max(1, min(next_power_of_2(T), 4096 // (a_ch * block_d)))  # [A_CH, BLOCK_T, D] tiles
+    chunks = cdiv(A, a_ch)
+    splits = max(1, min(cdiv(T, block_t), cdiv(_target_programs(base.device), R * chunks)))
     tokens = cdiv(cdiv(T, splits), block_t) * block_t  # whole tiles per split
     splits = cdiv(T, tokens)
-    window = anchors[:, :, :, anchors.shape[3] - T :, :]  # the anchor's last T tokens (a view)
+    if anchor_lengths is None:
+        window, lengths = anchors[:, :, :, anchors.shape[3] - T :, :], base  # last T tokens (a view)
+    else:  # ragged anchors: the kernel offsets each one to its own last T tokens
+        window = anchors
+        lengths = torch.tensor(anchor_lengths, dtype=torch.int32, device=base.device)
     part = torch.empty((splits, A, R * D), dtype=torch.float32, device=base.device)
-    _channel_dist_kernel[(R, splits)](
-        base, window, part, A, T, R, tokens,
+    _channel_dist_kernel[(chunks, R, splits)](
+        base, window, lengths, part, A, T, R, tokens,
         base.stride(1), base.stride(2), base.stride(3),
         window.stride(0), window.stride(2), window.stride(3), window.stride(4),
-        D=D, BLOCK_T=block_t, BLOCK_D=block_d, A_P2=a_p2,
+        D=D, BLOCK_T=block_t, BLOCK_D=block_d, A_CH=a_ch, HAS_LEN=anchor_lengths is not None,
     )
     return _softmax_stage(part, A, R * D, 1.0, tau, sqrt=True).view(A, L, H, D)
 
@@ -209,14 +232,19 @@ def token_weights_reference(base: torch.Tensor, anchors: torch.Tensor, tau: floa
     return torch.softmax(-dist / tau, dim=0)
 
 
-def channel_weights_reference(base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def channel_weights_reference(
+    base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0, *, anchor_lengths: Sequence[int] | None = None
+) -> torch.Tensor:
     """Plain-torch channel_weights (same contract)."""
     tau = _check(base, anchors, tau)
+    ends = _check_lengths(anchor_lengths, base, anchors) or [anchors.shape[3]] * anchors.shape[0]
     T = base.shape[2]
     b = base.to(torch.float32)
-    dist = torch.stack(
-        [(b - a[:, :, a.shape[2] - T :].to(torch.float32)).square().sum(dim=2).sqrt() for a in anchors]
-    )
+    # anchor a's last T valid tokens: [n_a - T, n_a)
+    dist = torch.stack([
+        (b - a[:, :, n - T : n].to(torch.float32)).square().sum(dim=2).sqrt()
+        for a, n in zip(anchors, ends, strict=True)
+    ])
     return torch.softmax(-dist / tau, dim=0)
 
 
@@ -245,7 +273,12 @@ def token_weights(
 
 
 def channel_weights(
-    base: torch.Tensor, anchors: torch.Tensor, tau: float = 1.0, *, backend: str | None = None
+    base: torch.Tensor,
+    anchors: torch.Tensor,
+    tau: float = 1.0,
+    *,
+    backend: str | None = None,
+    anchor_lengths: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-(layer, head, channel) anchor weights for the text segment that follows a slot.
 
@@ -254,6 +287,9 @@ def channel_weights(
         anchors: ``[A, L, H, T_a, D]``, ``T_a >= T``: the last T tokens are compared.
         tau: softmax temperature (> 0).
         backend: see :func:`kvcomm.kernels.get_backend`.
+        anchor_lengths: optional ``A`` ints, ``T <= n_a <= T_a``: anchor ``a`` holds ``n_a``
+            tokens at ``[0, n_a)`` (a right-padded stack of ragged anchors) and its tokens
+            ``[n_a - T, n_a)`` are compared. Default: every anchor is ``T_a`` long.
 
     Returns:
         ``[A, L, H, D]`` float32, ``softmax_A(-||base - anchor||_2 over T / tau)``.
@@ -262,9 +298,23 @@ def channel_weights(
         KernelError: bad shapes, dtypes, devices or tau.
     """
     tau = _check(base, anchors, tau)
+    lengths = _check_lengths(anchor_lengths, base, anchors)
     if use_triton(backend, base, anchors):
-        return channel_weights_forward(base, anchors, tau)
-    return channel_weights_reference(base, anchors, tau)
+        return channel_weights_forward(base, anchors, tau, lengths)
+    return channel_weights_reference(base, anchors, tau, anchor_lengths=lengths)
+
+
+def _check_lengths(lengths: object, base: torch.Tensor, anchors: torch.Tensor) -> list[int] | None:
+    if lengths is None:
+        return None
+    A, T, T_a = anchors.shape[0], base.shape[2], anchors.shape[3]
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.tolist()  # a host sync: pass a list on the hot path
+    if not isinstance(lengths, (list, tuple)) or len(lengths) != A:
+        raise KernelError(f"anchor_lengths must be a sequence of {A} ints (one per anchor), got {lengths!r}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or not T <= n <= T_a for n in lengths):
+        raise KernelError(f"anchor_lengths must be ints in [T={T}, T_a={T_a}], got {list(lengths)}")
+    return list(lengths)
 
 
 def _check(base: object, anchors: object, tau: object) -> float:

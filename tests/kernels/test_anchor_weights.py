@@ -64,6 +64,35 @@ def test_long_content_splits_tokens() -> None:
     anc = torch.randn(4, LAYERS, 3, 300, 64)
     assert_close(token_weights(base, anc, backend="triton"), token_weights_reference(base, anc), ATOL, RTOL)
     assert_close(channel_weights(base, anc, backend="triton"), channel_weights_reference(base, anc), ATOL, RTOL)
+    # one row, one anchor chunk: the channel kernel splits T (the interpreter targets 4 programs)
+    base, anc = torch.randn(1, 1, 300, 64), torch.randn(3, 1, 1, 310, 64)
+    assert_close(channel_weights(base, anc, backend="triton"), channel_weights_reference(base, anc), ATOL, RTOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("anchors", [4, 6, 9])  # one chunk of A_CH=4, a partial second, three chunks
+def test_channel_kernel_anchor_chunks(anchors: int) -> None:
+    base = torch.randn(LAYERS, 3, 21, 64).to(torch.bfloat16)
+    anc = torch.randn(anchors, LAYERS, 3, 25, 64).to(torch.bfloat16)
+    assert_close(channel_weights(base, anc, 0.5, backend="triton"), channel_weights_reference(base, anc, 0.5),
+                 ATOL, RTOL)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_channel_weights_ragged_anchor_lengths(impl: str) -> None:
+    # a right-padded stack of ragged anchors reads each anchor's own last T tokens
+    T, lengths = 7, [7, 12, 9, 10, 7]
+    base = torch.randn(LAYERS, 3, T, 64)
+    parts = [torch.randn(LAYERS, 3, n, 64) for n in lengths]
+    stack = torch.full((len(lengths), LAYERS, 3, max(lengths), 64), 1e3)  # padding must never be read
+    for a, x in enumerate(parts):
+        stack[a, :, :, : lengths[a]] = x
+    want = channel_weights_reference(base, torch.stack([x[:, :, -T:] for x in parts]))
+    assert_close(channel_weights(base, stack, backend=impl, anchor_lengths=lengths), want, ATOL, RTOL)
+    with pytest.raises(KernelError, match="anchor_lengths"):
+        channel_weights(base, stack, backend=impl, anchor_lengths=[7, 13, 9, 10, 7])  # > T_a
+    with pytest.raises(KernelError, match="anchor_lengths"):
+        channel_weights(base, stack, backend=impl, anchor_lengths=[7, 12])  # not one per anchor
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
