@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -166,3 +167,105 @@ def report(run_dir: str | None, records_path: str | None, stores: tuple[str, ...
 
 if __name__ == "__main__":
     main()
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' load-time progress bars and notices in CLI runs."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@main.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="model name or path")
+@click.option("--requests", "n_requests", default=6, show_default=True, type=click.IntRange(1, 6))
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 512))
+@click.option("--store", "stores", multiple=True, metavar="URL", help="store URL(s) for kvcomm (default: in-process memory)")
+@click.option("--json", "as_json", is_flag=True, help="print per-call rows as JSON")
+def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ...], as_json: bool) -> None:
+    """Run a four-agent pipeline with full prefill and with kvcomm, and compare TTFT per agent."""
+    from kvcomm.demo import render, run_demo
+    from kvcomm.models import load_model
+
+    _quiet_transformers()
+    click.echo(f"loading {model} ...", err=True)
+    loaded = load_model(model)
+    store_obj = None
+    if stores:
+        from kvcomm.store import from_url
+
+        store_obj = from_url(*stores)
+    result = run_demo(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, n_requests=n_requests,
+                      max_new_tokens=max_new_tokens, store=store_obj,
+                      echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(result["rows"], indent=1))
+    else:
+        click.echo("")
+        click.echo(render(result))
+
+
+@main.command("eval")
+@click.option("--model", default="smollm2-135m", show_default=True, help="model name or path")
+@click.option("--n", "n_requests", default=40, show_default=True, type=click.IntRange(1, 164), help="requests")
+@click.option("--agents", "n_agents", default=4, show_default=True, type=click.IntRange(2, 6))
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 512))
+@click.option("--policies", default="dense,prefix,naive,cacheblend,kvcomm", show_default=True)
+@click.option("--gamma", "gammas", multiple=True, type=float, help="extra kvcomm rows with these gammas")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="also a kvcomm row whose entries go through this store (e.g. redis://...?codec=int8)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results as JSON here")
+def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, policies: str,
+             gammas: tuple[float, ...], store_url: str | None, json_path: str | None) -> None:
+    """Fidelity of every policy against full prefill on real tasks (HumanEval prompts)."""
+    from kvcomm.config import POLICIES, KVCommConfig
+    from kvcomm.evaluation import EVAL_COLUMNS, run_eval
+    from kvcomm.metrics import format_table
+    from kvcomm.models import load_model
+
+    chosen = [p.strip() for p in policies.split(",") if p.strip()]
+    bad = [p for p in chosen if p not in POLICIES]
+    if bad:
+        raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})")
+    _quiet_transformers()
+    loaded = load_model(model)
+    extra = {f"kvcomm g={g:g}": KVCommConfig(gamma=g) for g in gammas}
+    factories = {}
+    if store_url:
+        import uuid
+
+        from kvcomm.store import from_url
+
+        label = "kvcomm @store"
+        extra[label] = KVCommConfig()
+        sep = "&" if "?" in store_url else "?"
+        factories[label] = lambda: from_url(f"{store_url}{sep}namespace=eval-{uuid.uuid4().hex[:8]}")
+    out = run_eval(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, policies=chosen,
+                   n_requests=n_requests, n_agents=n_agents, max_new_tokens=max_new_tokens, configs=extra,
+                   store_factories=factories)
+    cols = [(k if k != "exact_32_pct" else f"exact_{out['exact_tokens']}_pct",
+             h if k != "exact_32_pct" else f"exact@{out['exact_tokens']} %", f) for k, h, f in EVAL_COLUMNS]
+    click.echo(f"\n{out['requests']} requests x {len(out['agents'])} agents ({' -> '.join(out['agents'])}), "
+               f"{max_new_tokens} new tokens, teacher-forced on the dense answers")
+    click.echo(format_table(out["rows"], cols))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+        click.echo(f"wrote {json_path}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """TTFT per agent position, dense vs prefix vs naive vs kvcomm (see --help of the script).
+
+    Arguments are those of benchmarks/ttft.py, e.g. ``kvcomm bench --model-shape llama-3.1-8b``.
+    """
+    from kvcomm.bench import main as bench_main
+
+    _quiet_transformers()
+    sys.exit(bench_main(list(ctx.args)))

@@ -104,13 +104,14 @@ def run_eval(
     exact_tokens: int = 32,
     configs: dict[str, KVCommConfig] | None = None,
     questions: list[str] | None = None,
-    store_factory: Callable[[], Any] | None = None,
+    store_factories: dict[str, Callable[[], Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the workload through dense and every policy; returns rows of fidelity and speed.
 
     ``configs`` maps a row label to a config (e.g. ``{"kvcomm g=1.0": KVCommConfig(gamma=1.0)}``)
-    for variants beyond the plain policies.
+    for variants beyond the plain policies; ``store_factories`` maps a row label to the factory of
+    its store (default: a fresh in-process memory store per row).
     """
     from tqdm.auto import tqdm
 
@@ -124,14 +125,14 @@ def run_eval(
         rows_cfg[label] = cfg.replace(max_new_tokens=max_new_tokens)
     rows_cfg.setdefault("dense", KVCommConfig(policy="dense", max_new_tokens=max_new_tokens))
 
-    def new_store() -> Any:
-        if store_factory is not None:
-            return store_factory()
+    def new_store(label: str) -> Any:
+        if store_factories and label in store_factories:
+            return store_factories[label]()
         from kvcomm.store import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(device=model.device)
 
-    engines = {label: KVCommEngine(model, tokenizer, store=new_store(), config=cfg, fingerprint=fp)
+    engines = {label: KVCommEngine(model, tokenizer, store=new_store(label), config=cfg, fingerprint=fp)
                for label, cfg in rows_cfg.items()}
     agents = dag_templates(n_agents)
     for eng in engines.values():
