@@ -43,9 +43,7 @@ class KVCommConfig:
     sink_text: str = _field("\n", "neutral prefix prefilled before a user input and dropped from its base KV")
     max_new_tokens: int = _field(64, "default number of generated tokens per call")
     device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
-    dtype: str = _field("float32", "model dtype: float32, bfloat16 or float16")
     kernels: str = _field("auto", "kernel backend: auto (triton on CUDA), triton or torch")
-    namespace: str = _field("default", "store key namespace (isolates teams sharing one store)")
     fast_path: bool = _field(True, "static KV buffer (+ CUDA graph on CUDA) for the first-token forward")
 
     def __post_init__(self) -> None:
@@ -67,12 +65,8 @@ class KVCommConfig:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernels={self.kernels!r} must be auto, triton or torch")
-        if not self.namespace or ":" in self.namespace:
-            raise ConfigError(f"namespace={self.namespace!r} must be non-empty and contain no ':'")
 
     def replace(self, **changes: Any) -> KVCommConfig:
         """A copy with some fields changed (validated again)."""

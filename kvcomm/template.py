@@ -44,6 +44,10 @@ class Template:
         if not pairs:
             raise TemplateError("a template needs at least one message")
         object.__setattr__(self, "messages", tuple(pairs))
+        for _, content in pairs:
+            for chunk in _split_literal_braces(content):
+                if isinstance(chunk, str):
+                    _reject_malformed(chunk)
         names = self.slots
         if not names:
             raise TemplateError(
