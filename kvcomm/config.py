@@ -45,6 +45,9 @@ class KVCommConfig:
     device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
     kernels: str = _field("auto", "kernel backend: auto (triton on CUDA), triton or torch")
     fast_path: bool = _field(True, "static KV buffer (+ CUDA graph on CUDA) for the first-token forward")
+    anchor_cache_bytes: int = _field(
+        2 << 30, "bytes of anchor KV kept stacked for the kernels across calls, LRU (0: stack every call)"
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -65,6 +68,8 @@ class KVCommConfig:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.anchor_cache_bytes < 0:
+            raise ConfigError(f"anchor_cache_bytes={self.anchor_cache_bytes} must be >= 0")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernels={self.kernels!r} must be auto, triton or torch")
 

@@ -23,6 +23,7 @@ from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.reuse import Piece, SlotAnchors, assemble, key_delta
 from kvcomm.rope import model_inv_freq, shift_keys
+from kvcomm.stacks import StackCache
 from kvcomm.template import RenderedTemplate, Template, slot_kind
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class KVCommEngine:
         self.last_prompt_ids: list[int] = []
         self._static: StaticPromptCache | None = None
         self._pools: dict[str, AnchorPool] = {}
+        self.anchor_stacks = StackCache(self.config.anchor_cache_bytes)  # anchors stacked for the kernels
         self._sink = self._encode(self.config.sink_text)
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
@@ -331,7 +333,7 @@ class KVCommEngine:
             pool = self._pool(c.slot)
             anchors = pool.anchors()
             if any(x.content_hash == c.hash for x in anchors):
-                got = self._slot_anchors(a.name, [c.hash], c.length, exact=True)
+                got = self._slot_anchors(a.name, [c.hash], exact=True)
                 plan.slot_state[c.slot] = "exact" if got else "new-anchor"
                 if not got:
                     plan.mode = "dense"
@@ -339,15 +341,15 @@ class KVCommEngine:
                 plan.anchors.append(got)
                 continue
             usable = [x.content_hash for x in anchors if x.length >= c.length]
-            got = self._slot_anchors(a.name, usable, c.length, exact=False)
+            got = self._slot_anchors(a.name, usable, exact=False)
             plan.slot_state[c.slot] = f"shared({len(got) if got else 0})"
             if got is None:
                 plan.mode = "dense"
             plan.anchors.append(got)
         return plan
 
-    def _slot_anchors(self, agent: str, hashes: list[str], T: int, *, exact: bool) -> SlotAnchors | None:
-        sa = SlotAnchors([], [], [], [], exact=exact)
+    def _slot_anchors(self, agent: str, hashes: list[str], *, exact: bool) -> SlotAnchors | None:
+        sa = SlotAnchors([], [], [], exact=exact)
         for h in hashes:
             delta = self.store.get(f"{self.prefix}delta:{h}:{agent}", fingerprint=self.fingerprint)
             if delta is None:
@@ -357,8 +359,7 @@ class KVCommEngine:
                 continue
             dev = self.model.device
             t = {k: v.to(dev) for k, v in delta.tensors.items()}
-            sa.base_first.append(base.slice(0, T))
-            sa.base_last.append(base.slice(base.length - T, base.length))
+            sa.base.append(base)
             sa.ph.append(KVBlock(t["ph.k"], t["ph.v"]))
             sa.pf.append(KVBlock(t["pf.k"], t["pf.v"]))
             sa.ph_shift.append(int(delta.meta["ph_shift"]))
@@ -384,6 +385,9 @@ class KVCommEngine:
         pieces = self._pieces(a, contents, seg_starts, slot_starts, plan.anchors)
         fast = self.config.fast_path and self.config.policy != "cacheblend"
         buf = self._static_cache(P + n_new) if fast else None
+        for sa in plan.anchors:  # stacked once per set of stored tensors, then served from the cache
+            if sa is not None:
+                sa.stacks(self.anchor_stacks.stack)
         block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=self.config.policy == "kvcomm",
                          out=buf.prompt_views(P - 1) if buf is not None else None)
         rec.anchors_matched = sum(len(x) for x in plan.anchors if x is not None)

@@ -18,6 +18,7 @@ adds deltas in the anchor's frame: R(shift)(base) + sum w*R(shift_a)(delta).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,22 +26,33 @@ import torch
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVBlock
 from kvcomm.rope import shift_keys
+from kvcomm.stacks import AnchorStack, stack_blocks
 
 
 @dataclass
 class SlotAnchors:
     """What the correction of one slot needs: its anchors' bases and this agent's deltas."""
 
-    base_first: list[KVBlock]  # each anchor's first T tokens
-    base_last: list[KVBlock]  # each anchor's last T tokens
-    ph: list[KVBlock]  # placeholder deltas (first T tokens)
+    base: list[KVBlock]  # each anchor's base KV, T_a >= T tokens (the pool's length rule)
+    ph: list[KVBlock]  # placeholder deltas (T_a tokens: the slot's first T are used)
     pf: list[KVBlock]  # deltas of the following segment
     ph_shift: list[int] = field(default_factory=list)  # each anchor's own shifts when recorded
     pf_shift: list[int] = field(default_factory=list)
     exact: bool = False  # the content itself is the (only) anchor
+    stacked: AnchorStack | None = None  # the same tensors stacked for the kernels (see stacks())
 
     def __len__(self) -> int:
         return len(self.ph)
+
+    def stacks(self, stack: Callable[[list[KVBlock]], KVBlock] = stack_blocks) -> AnchorStack:
+        """The anchors stacked as the kernels take them, built once (``stack``: e.g. a StackCache's)."""
+        if self.stacked is None:
+            lengths = [b.length for b in self.base]
+            self.stacked = AnchorStack(
+                ph=stack(self.ph), pf=stack(self.pf), base=None if self.exact else stack(self.base),
+                lengths=lengths if len(set(lengths)) > 1 else None,
+            )
+        return self.stacked
 
 
 @dataclass
@@ -88,30 +100,27 @@ def assemble(
             kd.copy_(shift_keys(src.k, p.shift, inv_freq))
             vd.copy_(src.v)
             continue
+        st = a.stacks()  # [A, L, H, T, D] stacks, right-padded: windows below are views, no copy
         if p.kind == "slot":
-            deltas_k = torch.stack([d.k[:, :, :n] for d in a.ph])
-            deltas_v = torch.stack([d.v[:, :, :n] for d in a.ph])
+            # the slot's n tokens: each anchor's first n placeholder deltas [A, L, H, n, D]
+            deltas_k, deltas_v = st.ph.k[:, :, :, :n], st.ph.v[:, :, :, :n]
             shifts = a.ph_shift
             if a.exact:
                 wk = wv = torch.ones(1, n, device=src.k.device, dtype=torch.float32)
-            else:
-                anc_k = torch.stack([b.k[:, :, :n] for b in a.base_first])
-                anc_v = torch.stack([b.v[:, :, :n] for b in a.base_first])
-                wk = token_weights(src.k, anc_k, tau=config.tau)
-                wv = token_weights(src.v, anc_v, tau=config.tau)
+            else:  # base [A, L, H, max T_a, D]: token_weights compares the first n tokens
+                assert st.base is not None
+                wk = token_weights(src.k, st.base.k, tau=config.tau)
+                wv = token_weights(src.v, st.base.v, tau=config.tau)
         else:
-            deltas_k = torch.stack([d.k[:, :, :n] for d in a.pf])
-            deltas_v = torch.stack([d.v[:, :, :n] for d in a.pf])
+            deltas_k, deltas_v = st.pf.k[:, :, :, :n], st.pf.v[:, :, :, :n]  # [A, L, H, n, D]
             shifts = a.pf_shift
             if a.exact:
                 wk = wv = torch.ones(1, L, H, D, device=src.k.device, dtype=torch.float32)
-            else:
+            else:  # the content [L, H, T, D] against each anchor's last T tokens
                 content = p.content
-                assert content is not None
-                anc_k = torch.stack([b.k for b in a.base_last])
-                anc_v = torch.stack([b.v for b in a.base_last])
-                wk = channel_weights(content.k, anc_k, tau=config.tau)
-                wv = channel_weights(content.v, anc_v, tau=config.tau)
+                assert content is not None and st.base is not None
+                wk = channel_weights(content.k, st.base.k, tau=config.tau, anchor_lengths=st.lengths)
+                wv = channel_weights(content.v, st.base.v, tau=config.tau, anchor_lengths=st.lengths)
         rotate = config.rerotate_key_deltas
         if not rotate:
             # reference variant: each anchor's key deltas back in the frame it was measured in

@@ -1,0 +1,124 @@
+"""A slot's anchors stacked as the kernels take them, and a cache that keeps the stacks across calls.
+
+The kernels read a slot's A anchors as one ``[A, L, H, T, D]`` tensor. The store holds each
+anchor's base and each delta as its own tensor, so stacking them on every call copies
+``A x [L, H, T, D]`` per tensor (bases, placeholder and segment deltas, keys and values) before
+the correction starts: more bytes than the correction kernel itself moves. A slot's anchors
+change rarely, so :class:`StackCache` builds each stack once and serves it while the store
+still returns the very tensors it was built from.
+
+Stacks are right-padded on the token axis: anchor a's ``T_a`` tokens sit at ``[0, T_a)`` of
+``[A, L, H, max T_a, D]``. A first-T window is the view ``[:, :, :, :T]``; the last T tokens of
+ragged anchors are read by ``channel_weights(anchor_lengths=...)``. Padding is zeros, never read.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from kvcomm.kv import KVBlock
+
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+@dataclass
+class AnchorStack:
+    """A slot's anchors stacked on a leading anchor axis (right-padded on tokens)."""
+
+    ph: KVBlock  # [A, L, H, max T_a, D] placeholder deltas (each anchor's own length T_a)
+    pf: KVBlock  # [A, L, H, M, D] deltas of the following segment (M: the segment's length)
+    base: KVBlock | None = None  # [A, L, H, max T_a, D] anchor bases; None for an exact slot
+    lengths: list[int] | None = None  # each base's T_a when they differ, else None
+
+
+def pad_stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``[L, H, T_a, D]`` each -> ``[A, L, H, max T_a, D]``, zero right-padded (a view when A == 1)."""
+    if len(xs) == 1:
+        return xs[0].unsqueeze(0)
+    T = max(x.shape[2] for x in xs)
+    if all(x.shape[2] == T for x in xs):
+        return torch.stack(xs)
+    L, H, _, D = xs[0].shape
+    out = xs[0].new_zeros((len(xs), L, H, T, D))
+    for a, x in enumerate(xs):
+        out[a, :, :, : x.shape[2]] = x
+    return out
+
+
+def stack_blocks(parts: list[KVBlock]) -> KVBlock:
+    """Blocks stacked by :func:`pad_stack`, keys and values (no cache)."""
+    return KVBlock(pad_stack([p.k for p in parts]), pad_stack([p.v for p in parts]))
+
+
+class StackCache:
+    """Stacks of KV blocks kept across calls, least-recently-used out beyond ``max_bytes``.
+
+    An entry is keyed by the identity of the tensors it was stacked from and remembers them
+    weakly, with their version counters: it is served only while the caller passes those same,
+    unmodified tensor objects (a MemoryStore returns its stored tensors without a copy). A delta
+    re-recorded or a base re-published under the same key is a new tensor, so a stale stack is
+    never served, and an entry whose sources were freed (evicted from the store, or a store that
+    deserializes on every get) is dropped at the next miss. The stacks' bytes count against
+    ``max_bytes`` (the engine's ``KVCommConfig.anchor_cache_bytes``); the sources belong to the
+    store. ``max_bytes=0`` disables the cache.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        # key -> (weak refs to the sources, their versions, the stack)
+        self._items: OrderedDict[tuple[int, ...], tuple[list[weakref.ref], list[int], KVBlock]] = OrderedDict()
+
+    def stack(self, parts: list[KVBlock]) -> KVBlock:
+        """``stack_blocks(parts)``, from the cache while ``parts`` hold the same tensors."""
+        if len(parts) == 1 or self.max_bytes <= 0:
+            return stack_blocks(parts)  # one anchor: a view, nothing to cache
+        srcs = [t for p in parts for t in (p.k, p.v)]
+        key = tuple(id(t) for t in srcs)
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and _same(item, srcs):
+                self._items.move_to_end(key)
+                self.hits += 1
+                return item[2]
+        block = stack_blocks(parts)
+        with self._lock:
+            self.misses += 1
+            for k in [k for k, it in self._items.items() if k == key or any(r() is None for r in it[0])]:
+                self._drop(k)
+            if block.nbytes <= self.max_bytes:
+                while self._items and self._bytes + block.nbytes > self.max_bytes:
+                    self._drop(next(iter(self._items)))
+                self._items[key] = ([weakref.ref(t) for t in srcs], [t._version for t in srcs], block)
+                self._bytes += block.nbytes
+        return block
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= item[2].nbytes
+
+
+def _same(item: tuple[list[weakref.ref], list[int], KVBlock], srcs: list[torch.Tensor]) -> bool:
+    refs, versions, _ = item
+    return all(r() is t and v == t._version for r, v, t in zip(refs, versions, srcs, strict=True))
