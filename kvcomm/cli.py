@@ -37,12 +37,17 @@ def ask(model: str, question: str, max_new_tokens: int) -> None:
     """Answer one question with the model (no reuse): checks the model loads."""
     from kvcomm.models import load_model
 
-    loaded = load_model(model)
+    _quiet_transformers()
+    click.echo(_plain_answer(load_model(model), question, max_new_tokens))
+
+
+def _plain_answer(loaded: Any, question: str, max_new_tokens: int) -> str:
+    """The model's greedy answer to one user message, no reuse involved."""
     tok = loaded.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt").input_ids
+    ids = tok(text, return_tensors="pt").input_ids.to(loaded.model.device)
     out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    click.echo(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 # -- kvcomm store ---------------------------------------------------------------------------------
@@ -194,6 +199,8 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
     _quiet_transformers()
     click.echo(f"loading {model} ...", err=True)
     loaded = load_model(model)
+    answer = _plain_answer(loaded, "What is the capital of France?", 16)
+    click.echo(f"model check — What is the capital of France? -> {answer}")
     store_obj = None
     if stores:
         from kvcomm.store import from_url

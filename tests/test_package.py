@@ -78,3 +78,17 @@ def test_cli_user_error_is_one_line_exit_1():
     assert res.exit_code == 1
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ModelLoadError:") and "Traceback" not in res.output
+
+
+def test_readme_decorator_example_is_the_tested_file(repo_root):
+    """The README's LangGraph example is examples/readme_decorator.py (run by the agents tests)."""
+    readme = (repo_root / "README.md").read_text()
+    example = (repo_root / "examples" / "readme_decorator.py").read_text()
+    body = example.split('"""', 2)[2].strip()  # without the module docstring
+    assert body in readme
+
+
+def test_ci_runs_the_readme_test_command(repo_root):
+    assert "make test" in (repo_root / ".ci" / "run").read_text()
+    readme = (repo_root / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
