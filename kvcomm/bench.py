@@ -130,6 +130,7 @@ class BenchSetting:
     requests: int = 3
     policies: tuple[str, ...] = ("dense", "prefix", "naive", "kvcomm")
     gamma: float = 0.3
+    anchor_cache_bytes: int = 16 << 30  # keep every slot's anchor stacks across requests
 
 
 def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory: Any = None,
@@ -154,11 +155,13 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
     answers = [[make_text(tokenizer, setting.output_len, rng) for _ in names] for _ in range(total)]
     results: dict[str, list[Any]] = {}
     graphs: dict[str, bool | None] = {}  # was the one-token forward a CUDA graph replay?
+    stacks: dict[str, tuple[int, int]] = {}  # anchor-stack cache (hits, misses)
     bar = tqdm(total=len(setting.policies) * total, desc="ttft", disable=not progress)
     for policy in setting.policies:
         store = store_factory() if store_factory else None
         eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp,
-                           config=KVCommConfig(policy=policy, max_new_tokens=1, gamma=setting.gamma))
+                           config=KVCommConfig(policy=policy, max_new_tokens=1, gamma=setting.gamma,
+                                               anchor_cache_bytes=setting.anchor_cache_bytes))
         for name, tmpl in templates:
             eng.register_agent(name, tmpl)
         timed = []
@@ -176,6 +179,7 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
         results[policy] = timed
         static = getattr(eng, "_static", None)
         graphs[policy] = None if static is None else (static.graph is not None)
+        stacks[policy] = (eng.anchor_stacks.hits, eng.anchor_stacks.misses)
     bar.close()
     rows = []
     dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
@@ -196,7 +200,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
                 "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
             })
-    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows, "cuda_graph": graphs}
+    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows, "cuda_graph": graphs,
+            "anchor_stack_hits_misses": stacks}
 
 
 TTFT_COLUMNS = [
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
           f"gamma {setting.gamma}")
     print(format_table(out["rows"], TTFT_COLUMNS))
     print("one-token forward as a CUDA graph replay:", out["cuda_graph"])
+    print("anchor stack cache (hits, misses):", out["anchor_stack_hits_misses"])
     last = [r for r in out["rows"] if r["agent"] == args.agents]
     for r in last:
         print(f"agent {args.agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms   dense/policy {r['speedup']:.2f}x")

@@ -170,10 +170,6 @@ def report(run_dir: str | None, records_path: str | None, stores: tuple[str, ...
         click.echo(f"\nplot: {built['plot']}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _quiet_transformers() -> None:
     """Silence transformers' load-time progress bars and notices in CLI runs."""
     import os
@@ -190,10 +186,18 @@ def _quiet_transformers() -> None:
 @click.option("--requests", "n_requests", default=6, show_default=True, type=click.IntRange(1, 6))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 512))
 @click.option("--store", "stores", multiple=True, metavar="URL", help="store URL(s) for kvcomm (default: in-process memory)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="where the call records go (default runs/demo-<time>); read them with kvcomm report")
 @click.option("--json", "as_json", is_flag=True, help="print per-call rows as JSON")
-def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ...], as_json: bool) -> None:
+def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ...], run_dir: str | None,
+         as_json: bool) -> None:
     """Run a four-agent pipeline with full prefill and with kvcomm, and compare TTFT per agent."""
+    import time
+    from pathlib import Path
+
+    from kvcomm import report as rep
     from kvcomm.demo import render, run_demo
+    from kvcomm.metrics import write_jsonl
     from kvcomm.models import load_model
 
     _quiet_transformers()
@@ -209,11 +213,15 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
     result = run_demo(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, n_requests=n_requests,
                       max_new_tokens=max_new_tokens, store=store_obj,
                       echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    out_dir = Path(run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    write_jsonl(result["records"]["dense"] + result["records"]["kvcomm"], out_dir / "records.jsonl")
     if as_json:
         click.echo(json.dumps(result["rows"], indent=1))
-    else:
-        click.echo("")
-        click.echo(render(result))
+        return
+    click.echo("")
+    click.echo(render(result))
+    click.echo(f"\nkvcomm report --run-dir {out_dir}")
+    click.echo(rep.render(rep.build(rep.load(run_dir=str(out_dir)))))
 
 
 @main.command("eval")
@@ -276,3 +284,7 @@ def bench(ctx: click.Context) -> None:
 
     _quiet_transformers()
     sys.exit(bench_main(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    main()

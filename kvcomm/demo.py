@@ -12,7 +12,7 @@ from typing import Any
 
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
-from kvcomm.metrics import format_table, summarize
+from kvcomm.metrics import format_table
 from kvcomm.template import Template
 
 ROLES = [
@@ -77,19 +77,12 @@ CALL_COLUMNS = [
     ("reused", "reused tok", "d"), ("dense_ms", "dense TTFT ms", ".1f"), ("kvcomm_ms", "kvcomm TTFT ms", ".1f"),
     ("speedup", "speedup", ".2f"), ("same_first", "same 1st tok", ""), ("same_answer", "same answer", ""),
 ]
-SUMMARY_COLUMNS = [
-    ("name", "agent", ""), ("calls", "calls", "d"), ("reuse_calls_pct", "reuse calls %", ".0f"),
-    ("reused_tokens_pct", "reused tok %", ".0f"), ("ttft_mean_ms", "TTFT mean ms", ".1f"),
-    ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
-]
 
 
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     reuse_rows = [x for x in rows if x["mode"] == "reuse"]
-    lines = [format_table(rows, CALL_COLUMNS), ""]
-    lines.append("kvcomm per agent:")
-    lines.append(format_table(summarize(result["records"]["kvcomm"]), SUMMARY_COLUMNS))
+    lines = [format_table(rows, CALL_COLUMNS)]
     if reuse_rows:
         lines.append("")
         lines.append(
