@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched run on a lent GPU (device tool): GPU kernel tests, the kernel benchmark and the TTFT
 # benchmark in the paper's setting. Wheels the GPU image lacks (transformers 5.24, redis) are
-# carried in .whl/dev (see benchmarks/README.md). Results land in $OUT.
+# carried in .whl/dev. Results land in $OUT. `python3 -P`: the checkout's kvcomm/ must not shadow
+# the installed package (kvcomm.store/kernels/agents exist only installed).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvcomm-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
@@ -18,7 +19,7 @@ if [[ $STAGE == all || $STAGE == ttft ]]; then
     --warmup 3 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
 fi
 if [[ $STAGE == all || $STAGE == tests ]]; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels > "$OUT/gpu_tests.txt" 2>&1
+  timeout 90 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.txt" | head -20
 fi
 if [[ $STAGE == all || $STAGE == kernels ]]; then

@@ -161,7 +161,9 @@ def quantize_kv_reference(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
     _check_quantize(x, kind)
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-2 if kind == "k" else -1, keepdim=True)
-    scale = (amax / 127).clamp_min(_FLT_TINY)
+    # divide by a tensor, not a Python scalar: CUDA torch turns `t / 127` into `t * (1/127)`,
+    # which differs from IEEE division by an ulp and flips a few roundings against the kernel
+    scale = (amax / amax.new_tensor(127.0)).clamp_min(_FLT_TINY)
     q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
