@@ -9,7 +9,6 @@ large model is bound by kernel launches (tens of ms), a replay is not. On CPU it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -97,20 +96,9 @@ class StaticPromptCache:
         return logits[0, -1].float()
 
     def _forward(self) -> torch.Tensor:
-        with self._attention_backend():
-            out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                             cache=self.cache, use_cache=True)
+        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
+                         cache=self.cache, use_cache=True)
         return out.logits
-
-    def _attention_backend(self) -> Any:
-        """On CUDA, keep one query off cuDNN's flash kernel: profiled on an H200 (8B shape, 4096
-        cached slots) it spent 2.6 ms per token there, a prefill kernel; the memory-efficient
-        kernel handles a single query with a mask in a fraction of that."""
-        if self.k.device.type != "cuda":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _capture(self) -> None:
         """Capture the one-token forward; on any failure fall back to eager, with a warning."""
