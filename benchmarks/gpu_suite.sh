@@ -10,7 +10,7 @@ if ls .whl/dev/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/dev/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/kv . || exit 1
+rm -rf /tmp/kv; python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/kv . || exit 1
 export PYTHONPATH=/tmp/kv:${PYTHONPATH:-}
 cd /tmp && python3 -c "import torch, transformers, triton, kvcomm.store, kvcomm.kernels; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; cd - >/dev/null
 STAGE=${1:-all}
