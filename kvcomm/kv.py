@@ -56,15 +56,6 @@ def prefill(model: Any, ids: list[int], *, start: int = 0, cache: Any = None) ->
 
 
 @torch.inference_mode()
-def prefill_all_logits(model: Any, ids: list[int]) -> tuple[torch.Tensor, Any]:
-    """Full prefill returning every position's logits [T, V] (for teacher-forced evaluation)."""
-    dev = model.device
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=torch.tensor([ids], device=dev), cache=cache, use_cache=True)
-    return out.logits[0].float(), out.cache
-
-
-@torch.inference_mode()
 def greedy_decode(
     model: Any,
     cache: Any,
