@@ -313,7 +313,7 @@ class KVCommEngine:
                                              step=step)
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
-            self._publish_answer(agent, answer, out_ids, cache, P)
+            self._publish_answer(agent, answer, cache, P)
         _sync(self.model.device)
         rec.decode_ms = (time.perf_counter() - t2) * 1e3
         rec.new_tokens = len(out_ids)
@@ -428,7 +428,7 @@ class KVCommEngine:
                                 {"ph_shift": q, "pf_shift": p - r, "agent": a.name, "slot": c.slot})
             self.store.put(f"{self.prefix}delta:{c.hash}:{a.name}", entry)
 
-    def _publish_answer(self, agent: str, answer: list[int], out_ids: list[int], cache: Any, P: int) -> None:
+    def _publish_answer(self, agent: str, answer: list[int], cache: Any, P: int) -> None:
         n = len(answer)
         if cache.get_seq_length() < P + n:  # the last token was sampled but never fed
             if isinstance(cache, StaticPromptCache):
