@@ -62,7 +62,7 @@ def run_demo(model: Any, tokenizer: Any, *, fingerprint: str, n_requests: int = 
             d = engines["dense"].generate(name, {"question": question}, request_id=str(r))
             k = engines["kvcomm"].generate(name, {"question": question}, request_id=str(r))
             rows.append({
-                "request": r + 1, "agent": name, "prompt": d.record.prompt_tokens, "mode": k.mode,
+                "request": r + 1, "agent": name, "prompt": k.record.prompt_tokens, "mode": k.mode,
                 "reused": k.record.reused_tokens, "dense_ms": d.ttft_ms, "kvcomm_ms": k.ttft_ms,
                 "speedup": d.ttft_ms / k.ttft_ms if k.ttft_ms else 0.0,
                 "same_first": "yes" if d.token_ids[:1] == k.token_ids[:1] else "no",
@@ -73,7 +73,7 @@ def run_demo(model: Any, tokenizer: Any, *, fingerprint: str, n_requests: int = 
 
 
 CALL_COLUMNS = [
-    ("request", "req", "d"), ("agent", "agent", ""), ("prompt", "prompt tok", "d"), ("mode", "kvcomm mode", ""),
+    ("request", "req", "d"), ("agent", "agent", ""), ("prompt", "kvcomm prompt tok", "d"), ("mode", "kvcomm mode", ""),
     ("reused", "reused tok", "d"), ("dense_ms", "dense TTFT ms", ".1f"), ("kvcomm_ms", "kvcomm TTFT ms", ".1f"),
     ("speedup", "speedup", ".2f"), ("same_first", "same 1st tok", ""), ("same_answer", "same answer", ""),
 ]
@@ -82,7 +82,9 @@ CALL_COLUMNS = [
 def render(result: dict[str, Any]) -> str:
     rows = result["rows"]
     reuse_rows = [x for x in rows if x["mode"] == "reuse"]
-    lines = [format_table(rows, CALL_COLUMNS)]
+    lines = [format_table(rows, CALL_COLUMNS),
+             "(each policy runs its own pipeline: once an upstream answer differs, later prompts differ too; "
+             "`kvcomm eval` compares policies on the same upstream answers)"]
     if reuse_rows:
         lines.append("")
         lines.append(
