@@ -261,6 +261,7 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
         factories[label] = lambda: from_url(f"{store_url}{sep}namespace=eval-{uuid.uuid4().hex[:8]}")
     out = run_eval(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, policies=chosen,
                    n_requests=n_requests, n_agents=n_agents, max_new_tokens=max_new_tokens, configs=extra,
+                   exact_tokens=min(32, max_new_tokens),
                    store_factories=factories)
     cols = [(k if k != "exact_32_pct" else f"exact_{out['exact_tokens']}_pct",
              h if k != "exact_32_pct" else f"exact@{out['exact_tokens']} %", f) for k, h, f in EVAL_COLUMNS]

@@ -80,10 +80,18 @@ class _Acc:
     tf_agree: list[float]
     kl_first: list[float]
     kl_mean: list[float]
+    reuse: list[bool]  # the call ran in reuse mode (dense-mode calls agree trivially)
 
     @classmethod
     def new(cls) -> _Acc:
-        return cls([], [], [], [], [])
+        return cls([], [], [], [], [], [])
+
+    def on_reuse(self, values: list[float]) -> list[float]:
+        return [v for v, r in zip(values, self.reuse, strict=True) if r]
+
+
+def _pct_mean(values: list[float]) -> float | None:
+    return 100.0 * statistics.fmean(values) if values else None
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -166,6 +174,7 @@ def run_eval(
                 kls = [_kl(logits[t], got[t]) for t in range(steps)]
                 a.kl_first.append(kls[0])
                 a.kl_mean.append(statistics.fmean(kls))
+                a.reuse.append(res.mode == "reuse")
             bar.update(1)
     bar.close()
     dense_ttft = statistics.fmean(r.ttft_ms for r in engines["dense"].records)
@@ -186,6 +195,8 @@ def run_eval(
             "tf_token_agree_pct": 100.0 * statistics.fmean(a.tf_agree) if a.tf_agree else 100.0,
             "kl_first": statistics.fmean(a.kl_first) if a.kl_first else 0.0,
             "kl_mean": statistics.fmean(a.kl_mean) if a.kl_mean else 0.0,
+            "first_token_agree_reuse_pct": _pct_mean(a.on_reuse(a.first_agree)),
+            "kl_first_reuse": statistics.fmean(a.on_reuse(a.kl_first)) if any(a.reuse) else None,
             "ttft_ms": ttft,
             "ttft_reuse_calls_ms": statistics.fmean(x.ttft_ms for x in reuse_recs) if reuse_recs else None,
             "ttft_ratio_vs_dense": dense_ttft / ttft if ttft else 0.0,
@@ -209,6 +220,8 @@ EVAL_COLUMNS = [
     ("tf_token_agree_pct", "TF agree %", ".1f"),
     ("kl_first", "KL 1st", ".4f"),
     ("kl_mean", "KL mean", ".4f"),
+    ("first_token_agree_reuse_pct", "1st tok (reuse calls) %", ".1f"),
+    ("kl_first_reuse", "KL 1st (reuse calls)", ".4f"),
     ("ttft_ms", "TTFT ms", ".1f"),
     ("ttft_ratio_vs_dense", "dense/policy", ".2f"),
 ]

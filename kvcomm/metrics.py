@@ -102,7 +102,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     """A fixed-width text table. ``columns``: (key, header, format spec)."""
     cells = [[h for _, h, _ in columns]]
     for row in rows:
-        cells.append([format(row.get(k, ""), f) if row.get(k, "") != "" else "" for k, _, f in columns])
+        cells.append([format(row[k], f) if row.get(k) not in (None, "") else "" for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c[i].rjust(widths[i]) if i else c[i].ljust(widths[i]) for i in range(len(c))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
