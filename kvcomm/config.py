@@ -39,6 +39,9 @@ class KVCommConfig:
         True, "rotate anchors' key deltas to the current position (the reference code adds them unrotated)"
     )
     correct_first_layer: bool = _field(False, "also correct layer 0 (the reference leaves it uncorrected)")
+    correct_answer_slots: bool = _field(
+        True, "correct agent-answer slots from other anchors' placeholder deltas (an exact anchor is always used)"
+    )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     sink_text: str = _field("\n", "neutral prefix prefilled before a user input and dropped from its base KV")
     max_new_tokens: int = _field(64, "default number of generated tokens per call")

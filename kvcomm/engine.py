@@ -372,7 +372,10 @@ class KVCommEngine:
         pieces = [Piece(0, a.block.slice(0, len(segs[0])), 0)]
         for j, c in enumerate(contents):
             sa = anchors[j] if j < len(anchors) else None
-            pieces.append(Piece(slot_starts[j], c.kv, slot_starts[j], sa, "slot"))
+            # an answer's base KV was computed in its producer's context already: averaging other
+            # answers' per-position deltas can add more error than it removes (config switch)
+            fix = self.config.correct_answer_slots or slot_kind(c.slot) != "agent" or (sa is not None and sa.exact)
+            pieces.append(Piece(slot_starts[j], c.kv, slot_starts[j], sa, "slot", correct=fix))
             r = a.reg_starts[j + 1]
             seg_block = a.block.slice(r, r + len(segs[j + 1]))
             pieces.append(Piece(seg_starts[j + 1], seg_block, seg_starts[j + 1] - r, sa, "seg", c.kv))

@@ -65,6 +65,7 @@ class Piece:
     anchors: SlotAnchors | None = None
     kind: str = "seg"  # "seg" (weights per channel) or "slot" (weights per token)
     content: KVBlock | None = None  # the slot content whose distances weight a "seg" piece
+    correct: bool = True  # False: move only (config.correct_answer_slots off for this answer slot)
 
 
 def assemble(
@@ -96,7 +97,7 @@ def assemble(
         src = p.src.slice(0, n)
         kd, vd = k_out[:, :, p.start : p.start + n], v_out[:, :, p.start : p.start + n]
         a = p.anchors
-        if not correct or a is None or len(a) == 0:
+        if not correct or not p.correct or a is None or len(a) == 0:
             kd.copy_(shift_keys(src.k, p.shift, inv_freq))
             vd.copy_(src.v)
             continue

@@ -78,3 +78,9 @@ def test_template_message_shape_errors():
         Template([{"content": "x {question}"}])
     with pytest.raises(TemplateError, match="at least one message"):
         Template([])
+
+
+def test_readme_documents_every_config_field(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    for name, _default, env, _doc in config_table():
+        assert f"| `{name}` |" in readme and env in readme, name
