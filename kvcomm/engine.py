@@ -143,14 +143,12 @@ class KVCommEngine:
             ids += self._encode(f"[{slot}]")  # dummy text standing for the slot at registration
             starts.append(len(ids))
             ids += seg
-        key = f"{self.prefix}tmpl:{name}:{_hash_ids(ids)}"
-        entry = self.store.get(key, fingerprint=self.fingerprint)
-        if entry is not None and entry.tensors["k"].shape[2] == len(ids):
-            block = KVBlock(entry.tensors["k"].to(self.model.device), entry.tensors["v"].to(self.model.device))
-        else:
+        key = f"tmpl:{name}:{_hash_ids(ids)}"
+        block = self._fetch(key, length=len(ids))
+        if block is None:
             _, cache = prefill(self.model, ids)
             block = block_from_cache(cache)
-            self.store.put(key, self._entry({"k": block.k, "v": block.v}, {"agent": name}))
+            self.store.put(f"{self.prefix}{key}", self._entry({"k": block.k, "v": block.v}, {"agent": name}))
         self.agents[name] = _Agent(name, tmpl, rendered, block, starts)
 
     def _agent(self, name: str) -> _Agent:
@@ -184,10 +182,9 @@ class KVCommEngine:
                     f"this engine runs {self.fingerprint[:16]}"
                 )
             kv = KVBlock(kv.tensors["k"], kv.tensors["v"])
-        entry = self.store.get(key, fingerprint=self.fingerprint)
-        if entry is not None and entry.tensors["k"].shape[2] == len(ids):
-            dev = self.model.device
-            return Content(slot, tuple(ids), h, KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev)))
+        stored = self._fetch(f"content:{h}", length=len(ids))
+        if stored is not None:
+            return Content(slot, tuple(ids), h, stored)
         if kv is None:
             _, cache = prefill(self.model, self._sink + list(ids))
             s = len(self._sink)
@@ -221,9 +218,10 @@ class KVCommEngine:
                     self.store.delete(key)
         return decision
 
-    def _fetch(self, key: str) -> KVBlock | None:
+    def _fetch(self, key: str, *, length: int | None = None) -> KVBlock | None:
+        """A stored KV block on the model's device; None when missing or not ``length`` tokens long."""
         entry = self.store.get(f"{self.prefix}{key}", fingerprint=self.fingerprint)
-        if entry is None:
+        if entry is None or (length is not None and entry.tensors["k"].shape[2] != length):
             return None
         dev = self.model.device
         return KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev))
