@@ -21,8 +21,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check kvcomm store kernels agents examples benchmarks tests
 	bash scripts/check_imports.sh
 
+# the RAG pipeline (retrieve → expert → critic → final) with full prefill and with kvcomm in the
+# embedded store, then the per-agent / per-slot report of its call records
+DEMO_RUN := runs/demo
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/kvcomm demo
+	rm -rf $(DEMO_RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/rag_pipeline.py --n 12 --run-dir $(DEMO_RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/kvcomm report --run-dir $(DEMO_RUN)
 
 test: $(STAMP) redis-server lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -9,6 +9,8 @@ every engine call record to ``<run-dir>/records.jsonl`` for ``kvcomm report``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import time
@@ -74,7 +76,11 @@ def make_engine(loaded: Any, policy: str, store_url: str, example: str, max_new_
 def load(args: argparse.Namespace) -> Any:
     from kvcomm.models import load_model
 
-    return load_model(args.model, device=args.device)
+    print(f"loading {args.model} ...", flush=True)
+    # transformers' GGUF conversion draws a progress bar nothing turns off; it would bury the
+    # pipeline's own (load errors still raise ModelLoadError, which names the path)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return load_model(args.model, device=args.device)
 
 
 def save(engine: KVCommEngine, out: Path, policy: str) -> None:
@@ -90,16 +96,28 @@ def print_summary(engines: dict[str, KVCommEngine], scores: dict[str, Sequence[b
                   out: Path, answers: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Print score, agreement with dense and reuse per policy; write ``summary.json``; return it.
 
-    "same as dense %" counts the items whose every agent answer equals the dense run's.
+    "same as dense %" counts the items whose every agent answer equals the dense run's. Where a
+    dense run is there too, each reuse-mode call is set beside the dense run's call of the same
+    item and agent (both runs make their calls in one order): the TTFT of those calls in both,
+    and the ratio, is the speed-up reuse brings where it happens.
     """
     rows = []
     dense = (answers or {}).get("dense")
+    dense_records = engines["dense"].records if "dense" in engines else None
     for policy, eng in engines.items():
         total = summarize(eng.records, by="policy")[0]
         ok = scores[policy]
         row = {"name": policy, "problems": len(ok), metric: sum(ok) / max(1, len(ok)),
                "reuse_calls_pct": total["reuse_calls_pct"], "reused_tokens_pct": total["reused_tokens_pct"],
                "ttft_mean_ms": total["ttft_mean_ms"]}
+        if dense_records is not None and policy != "dense":
+            pairs = [(d, r) for d, r in zip(dense_records, eng.records, strict=True) if r.mode == "reuse"]
+            if any(d.agent != r.agent for d, r in pairs):
+                raise RuntimeError("dense and reuse runs made their calls in different orders")
+            if pairs:
+                row["reuse_ttft_ms"] = sum(r.ttft_ms for _, r in pairs) / len(pairs)
+                row["dense_ttft_ms"] = sum(d.ttft_ms for d, _ in pairs) / len(pairs)
+                row["speedup"] = row["dense_ttft_ms"] / row["reuse_ttft_ms"]
         if dense is not None and answers is not None:
             same = [a == d for a, d in zip(answers[policy], dense, strict=True)]
             row["same_as_dense_pct"] = 100.0 * sum(same) / max(1, len(same))
@@ -108,7 +126,9 @@ def print_summary(engines: dict[str, KVCommEngine], scores: dict[str, Sequence[b
                               ("same_as_dense_pct", "same as dense %", ".1f"),
                               ("reuse_calls_pct", "reuse calls %", ".1f"),
                               ("reused_tokens_pct", "tokens reused %", ".1f"),
-                              ("ttft_mean_ms", "TTFT mean ms", ".1f")]))
+                              ("ttft_mean_ms", "TTFT mean ms", ".1f"),
+                              ("dense_ttft_ms", "reuse calls: dense TTFT ms", ".1f"),
+                              ("reuse_ttft_ms", "reuse TTFT ms", ".1f"), ("speedup", "speed-up", ".2f")]))
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(f"\nrecords: {out / 'records.jsonl'}   report: kvcomm report --run-dir {out}")
     return {"rows": rows}

@@ -1,11 +1,17 @@
 """Retrieval-augmented answers about the Python standard library: expert → critic → final.
 
 The corpus is the docstrings of standard-library functions and classes (read with
-:mod:`inspect`, so it ships with every Python); BM25 picks two passages per question, which fill
-the slots ``doc:1`` and ``doc:2``. A question counts as answered when the final answer names
-the function the question is about::
+:mod:`inspect`, so it ships with every Python), cut into passages of exactly ``--chunk-tokens``
+tokens of the model's tokenizer, as RAG systems chunk their documents. BM25 picks two passages
+per question, which fill the slots ``doc:1`` and ``doc:2``. A question counts as answered when
+the final answer names the function the question is about::
 
     python examples/rag_pipeline.py --n 10 --policy dense,kvcomm
+
+Why fixed-size chunks: kvcomm can stand a new passage in for anchors at least as long as it
+(the deviation of position t is only known where the anchor has a token t). Passages of one
+length make every earlier passage a candidate anchor; passages of random lengths would keep
+turning the longest one seen so far into a new anchor, and that call into a full prefill.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from _common import parser, run
+from _common import load, parser, run
 from langgraph.graph import END, START, StateGraph
 
 from kvcomm import Result, Template
@@ -62,8 +68,8 @@ FINAL = Template.from_system_user(
 )
 
 
-def corpus(max_words: int = 60) -> list[str]:
-    """One passage per documented public function or class of MODULES."""
+def documents() -> list[str]:
+    """One text per documented public function or class of MODULES: its summary paragraph."""
     out = []
     for name in MODULES:
         mod = importlib.import_module(name)
@@ -73,9 +79,38 @@ def corpus(max_words: int = 60) -> list[str]:
             doc = inspect.getdoc(obj)
             if not doc:
                 continue
-            words = doc.split("\n\n")[0].split()[:max_words]
-            out.append(f"{name}.{attr}: {' '.join(words)}")
+            out.append(f"{name}.{attr}: {' '.join(doc.split(chr(10) * 2)[0].split())}")
     return out
+
+
+def chunk(text: str, tokenizer: Any, size: int) -> list[str]:
+    """``text`` cut into consecutive passages that each encode to exactly ``size`` tokens.
+
+    A window of ``size`` token ids does not always survive decode → encode unchanged (BPE may
+    merge or split differently at the cut), so where it does not, the window's end moves by one
+    or two tokens until the decoded text re-encodes to ``size`` tokens; the rare window that
+    never does is skipped. The tail shorter than ``size`` is dropped.
+    """
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    out, start = [], 0
+    while start + size <= len(ids):
+        end = start + size
+        for cut in (end, end - 1, end + 1, end - 2, end + 2):
+            piece = tokenizer.decode(ids[start:cut]).strip()
+            if cut <= len(ids) and len(tokenizer(piece, add_special_tokens=False).input_ids) == size:
+                out.append(piece)
+                end = cut
+                break
+        start = end
+    return out
+
+
+def corpus(tokenizer: Any, size: int) -> list[str]:
+    """Each module's documents, one after another, cut into passages of ``size`` tokens."""
+    by_module: dict[str, list[str]] = {}
+    for doc in documents():
+        by_module.setdefault(doc.split(".", 1)[0], []).append(doc)
+    return [p for docs in by_module.values() for p in chunk("\n".join(docs), tokenizer, size)]
 
 
 def _tokens(text: str) -> list[str]:
@@ -146,9 +181,14 @@ def build_graph(index: BM25) -> Any:
 
 
 def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
-    args = parser("rag_pipeline", "RAG over standard-library docstrings: expert → critic → final",
-                  n=len(QUESTIONS), max_new_tokens=48).parse_args(argv)
-    graph = build_graph(BM25(corpus()))
+    p = parser("rag_pipeline", "RAG over standard-library docstrings: expert → critic → final",
+               n=len(QUESTIONS), max_new_tokens=48)
+    p.add_argument("--chunk-tokens", type=int, default=48, help="tokens per passage (default %(default)s)")
+    args = p.parse_args(argv)
+    if args.chunk_tokens < 8:
+        raise SystemExit(f"error: --chunk-tokens {args.chunk_tokens}: passages need at least 8 tokens")
+    loaded = loaded or load(args)
+    graph = build_graph(BM25(corpus(loaded.tokenizer, args.chunk_tokens)))
     items = QUESTIONS[: args.n]
     return run(args, "rag_pipeline", graph, items, lambda q: {"question": q[0]},
                lambda q, s: q[1].lower() in s["final_answer"].lower(), "hit", loaded)

@@ -11,7 +11,7 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,17 @@ class CallRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CallRecord:
+        """A record from its dict; unknown keys are ignored (newer writers), missing ones raise."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a call record is a JSON object, got {type(data).__name__}")
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise ValueError(f"not a call record: missing {', '.join(missing)}")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+_REQUIRED = [f.name for f in fields(CallRecord) if f.default is MISSING and f.default_factory is MISSING]
 
 
 def write_jsonl(records: Iterable[CallRecord], path: str | Path) -> None:
@@ -56,10 +65,14 @@ def write_jsonl(records: Iterable[CallRecord], path: str | Path) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[CallRecord]:
+    """The call records of a JSONL file; ValueError names the first line that is not one."""
     out = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if line.strip():
-            out.append(CallRecord.from_dict(json.loads(line)))
+            try:
+                out.append(CallRecord.from_dict(json.loads(line)))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                raise ValueError(f"line {n}: {e}") from None
     return out
 
 

@@ -51,12 +51,15 @@ def load(*, run_dir: str | None = None, records: str | None = None, stores: tupl
     out = Sources()
     for path in (p for p in (run_dir, records) if p):
         p = Path(path)
-        files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
-        if not p.exists() or not files:
-            raise ReportError(f"no call records at {path} (expected a .jsonl file or a run directory holding one)")
-        for f in files:
+        f = p / "records.jsonl" if p.is_dir() else p  # a run directory also holds outputs.jsonl
+        if not f.is_file():
+            raise ReportError(f"no call records at {path} (expected a .jsonl file or a run directory holding "
+                              "records.jsonl)")
+        try:
             out.records += read_jsonl(f)
-            out.origins.append(str(f))
+        except (ValueError, TypeError) as e:
+            raise ReportError(f"{f} is not a file of call records: {e}") from None
+        out.origins.append(str(f))
         stats = (p if p.is_dir() else p.parent) / "store_stats.json"
         if stats.exists():
             out.store_stats.update(json.loads(stats.read_text()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -92,3 +93,11 @@ def test_ci_runs_the_readme_test_command(repo_root):
     assert "make test" in (repo_root / ".ci" / "run").read_text()
     readme = (repo_root / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_make_demo_runs_the_rag_pipeline_then_the_report(repo_root):
+    out = subprocess.run(["make", "-n", "demo"], cwd=repo_root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "MAKEFLAGS": ""}).stdout
+    lines = [line for line in out.splitlines() if ".venv/bin/" in line]
+    assert "examples/rag_pipeline.py" in lines[0] and "--run-dir runs/demo" in lines[0]
+    assert "kvcomm report --run-dir runs/demo" in lines[1]

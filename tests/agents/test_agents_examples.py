@@ -40,3 +40,16 @@ def test_example_pipeline_runs(name, examples, smollm2, tmp_path, capsys):
     assert len(outputs) == 4 and all(o[f"{a}_answer"] for o in outputs for a in agents)
     assert summary["rows"][0]["same_as_dense_pct"] == 100.0  # dense against itself
     assert "kvcomm report --run-dir" in capsys.readouterr().out
+
+
+def test_rag_corpus_is_fixed_size_token_chunks(examples, smollm2):
+    # one passage length: every earlier passage is a candidate anchor for a new one (DESIGN §3.2)
+    rag = importlib.import_module("rag_pipeline")
+    for size in (32, 48):
+        passages = rag.corpus(smollm2.tokenizer, size)
+        assert len(passages) > 50
+        assert {len(smollm2.tokenizer(p, add_special_tokens=False).input_ids) for p in passages} == {size}
+    index = rag.BM25(rag.corpus(smollm2.tokenizer, 48))
+    assert any("math.gcd" in p for p in index.top("greatest common divisor of two integers", 2))
+    with pytest.raises(SystemExit, match="--chunk-tokens 4"):
+        rag.main(["--chunk-tokens", "4"], loaded=smollm2)

@@ -101,3 +101,28 @@ def test_report_errors(tmp_path):
     assert res.exit_code == 1 and "ReportError: no call records" in res.output
     res = CliRunner().invoke(main, ["report"])
     assert res.exit_code == 2 and "--run-dir" in res.output
+
+
+def test_report_reads_records_jsonl_of_a_run_dir_only(run_dir, tmp_path):
+    # the examples also write outputs.jsonl (answers) into the run directory: it is not records
+    (run_dir / "outputs.jsonl").write_text(json.dumps({"policy": "dense", "item": 0, "ok": True}) + "\n")
+    res = CliRunner().invoke(main, ["report", "--run-dir", str(run_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["records"] == 12
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"policy": "dense", "item": 0}\n', "line 1: not a call record: missing agent, mode"),
+    ("{not json\n", "line 1:"),
+    ("[1, 2]\n", "line 1: a call record is a JSON object, got list"),
+])
+def test_report_names_a_file_that_is_not_records(tmp_path, text, says):
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text(text)
+    res = CliRunner().invoke(main, ["report", "--records", str(bad)])
+    assert res.exit_code == 1
+    assert f"ReportError: {bad} is not a file of call records: {says}" in res.output
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["report", "--run-dir", str(empty)])
+    assert res.exit_code == 1 and "holding records.jsonl" in res.output
