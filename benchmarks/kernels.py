@@ -11,6 +11,12 @@ excluded. GB/s counts the minimal bytes: every input the op needs read once, the
 once (deltas of layers below ``skip_layers`` are not needed, so not counted). "% peak" is against
 the bandwidth of a large device-to-device copy measured in the same run, and against the
 datasheet HBM peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+
+decode_attention: one layer's one-token attention at Llama-3.1-8B shape (32 query heads, 8 KV
+heads, head dim 128) over a 1K/4K-slot static buffer, half or fully filled (the mask hides the
+rest). Rows: the Triton kernel, "sdpa" (transformers' sdpa path for q_len 1: the 4 query heads of
+each KV head packed as [1, 8, 4, 128] with the mask) and "torch" (the float32 reference). GB/s
+counts the K/V bytes of the visible slots only: what an ideal kernel must read.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 
 DATASHEET_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100": 2.0}
 LLAMA_8B = dict(layers=32, heads=8, head_dim=128)
+LLAMA_8B_QUERY_HEADS = 32
 
 
 def import_kernels() -> types.ModuleType:
@@ -125,11 +132,45 @@ def cases(quick: bool, on_cuda: bool) -> list[tuple[str, dict[str, int]]]:
         for kind in ("k", "v"):
             for t in tokens:
                 out.append((f"{op}[{kind}]", dict(shape, tokens=t)))
+    for slots in [1024, 4096] if not quick else [1024]:  # one layer: cheap even on CPU
+        for filled in (slots // 2, slots):
+            out.append(("decode_attention", dict(q_heads=LLAMA_8B_QUERY_HEADS, heads=LLAMA_8B["heads"],
+                                                 head_dim=LLAMA_8B["head_dim"], slots=slots, filled=filled)))
     return out
+
+
+def sdpa_packed_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for one query token with GQA and a mask (v5.24).
+
+    The G query heads of each KV head become G query rows ([B, Hkv, G, D]) so SDPA runs without
+    repeat_kv; written out here so the benchmark needs no transformers.
+    """
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2).contiguous()
+
+
+def build_decode(p: dict[str, int], dtype: torch.dtype, device: torch.device) -> tuple[Callable[[str], Any], int]:
+    """(run(backend), visible K/V bytes) for one decode_attention case; backend "sdpa" too."""
+    Hq, H, D, S, filled = p["q_heads"], p["heads"], p["head_dim"], p["slots"], p["filled"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, D, generator=gen, device=device).to(dtype) for h, n in ((Hq, 1), (H, S), (H, S)))
+    mask = torch.zeros(1, 1, 1, S, dtype=dtype, device=device)
+    mask[..., filled:] = torch.finfo(dtype).min  # a partly filled static buffer
+
+    def run(backend: str) -> torch.Tensor:
+        if backend == "sdpa":
+            return sdpa_packed_gqa(q, k, v, mask)
+        return K.decode_attention(q, k, v, mask, backend=backend)
+
+    return run, 2 * H * filled * D * k.element_size()
 
 
 def build(op: str, p: dict[str, int], dtype: torch.dtype, device: torch.device) -> tuple[Callable[[str], Any], int]:
     """(run(backend), minimal bytes) for one case."""
+    if op == "decode_attention":
+        return build_decode(p, dtype, device)
     L, H, T, D = p["layers"], p["heads"], p["tokens"], p["head_dim"]
     A = p.get("anchors", 0)
     e = torch.tensor([], dtype=dtype).element_size()
@@ -190,6 +231,8 @@ def outputs_match(got: Any, want: Any, dtype: torch.dtype) -> bool:
 
 
 def fmt_shape(p: dict[str, int]) -> str:
+    if "q_heads" in p:
+        return f"Hq{p['q_heads']}/{p['heads']} S{p['slots']} D{p['head_dim']} visible{p['filled']}"
     s = f"L{p['layers']} H{p['heads']} T{p['tokens']} D{p['head_dim']}"
     return s + (f" A{p['anchors']}" if "anchors" in p else "")
 
@@ -226,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and not any(op.startswith(w) for w in wanted):
             continue
         run, nbytes = build(op, p, dtype, device)
+        op_backends = backends + (["sdpa"] if op == "decode_attention" else [])
         check = "-"
-        if len(backends) > 1:  # the kernel's output against the reference's, once per case
-            got = _detach(run("triton"))  # copied: apply_correction writes both into one `out`
-            check = "ok" if outputs_match(got, run("torch"), dtype) else "MISMATCH"
-        times = {b: time_ms(functools.partial(run, b), device, rep_ms) for b in backends}
-        for b in backends:
+        others = [b for b in op_backends if b != "torch"]
+        if others:  # every other output against the reference's, once per case
+            got = {b: _detach(run(b)) for b in others}  # copied: apply_correction writes into one `out`
+            want = run("torch")
+            check = "ok" if all(outputs_match(got[b], want, dtype) for b in others) else "MISMATCH"
+        times = {b: time_ms(functools.partial(run, b), device, rep_ms) for b in op_backends}
+        for b in op_backends:
             gbps = nbytes / times[b] / 1e6
             row = dict(
                 op=op, shape=fmt_shape(p), backend=b, time_ms=times[b], gb_per_s=gbps, bytes=nbytes,

@@ -15,6 +15,7 @@ from kvcomm.kernels.anchor_weights import (
     token_weights_reference,
 )
 from kvcomm.kernels.correction import apply_correction, apply_correction_reference
+from kvcomm.kernels.decode_attention import decode_attention, decode_attention_reference
 from kvcomm.kernels.dispatch import get_backend, set_backend
 from kvcomm.kernels.quant import dequantize_kv, dequantize_kv_reference, quantize_kv, quantize_kv_reference
 from kvcomm.kernels.rope_shift import rope_shift, rope_shift_reference
@@ -24,6 +25,8 @@ __all__ = [
     "apply_correction_reference",
     "channel_weights",
     "channel_weights_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "dequantize_kv",
     "dequantize_kv_reference",
     "get_backend",

@@ -5,6 +5,12 @@ The reuse path writes the moved and corrected KV straight into ``StaticPromptCac
 then each decode step) runs over that buffer with a fixed-shape 4D mask. Shapes never change,
 so on CUDA the forward is captured once as a CUDA graph and replayed: an eager HF forward of a
 large model is bound by kernel launches (tens of ms), a replay is not. On CPU it runs eagerly.
+
+With ``decode_kernel`` on, those forwards run their attention through
+:func:`kvcomm.kernels.decode_attention` (a split-K decode kernel that skips the buffer's empty
+tail) instead of SDPA: the model's ``config._attn_implementation`` names a transformers attention
+function registered here for the duration of each call. The captured graph records whichever
+kernels ran during capture, so replays use it too.
 """
 
 from __future__ import annotations
@@ -15,9 +21,79 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
+from kvcomm.errors import KernelError
+from kvcomm.kernels.decode_attention import decode_attention
+from kvcomm.kernels.dispatch import use_triton
 from kvcomm.kv import KVBlock
 
 logger = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "kvcomm_decode"
+# attention-function arguments the kernel does not implement: calls carrying them go to SDPA
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
+
+
+def kvcomm_decode_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: the decode kernel for one query token, else SDPA.
+
+    Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``
+    (query ``[B, Hq, q_len, D]``, key/value ``[B, Hkv, S, D]``, output ``[B, q_len, Hq, D]``).
+    The kernel takes masks shared by all heads (``[B or 1, 1, 1, S]``, additive); anything else
+    (prefill, bool or per-head masks, dropout, softcap, sinks, no Triton) is SDPA's.
+    """
+    if _kernel_applies(query, key, attention_mask, dropout, kwargs):
+        return decode_attention(query, key, value, attention_mask, scaling), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _kernel_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+                    kwargs: dict[str, Any]) -> bool:
+    if query.shape[2] != 1 or dropout or any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
+        return False
+    if query.dtype != key.dtype or query.shape[1] % key.shape[1]:
+        return False
+    if mask is not None and not (
+        mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
+        and mask.shape[1:] == (1, 1, key.shape[2])
+    ):
+        return False
+    return use_triton(None, query)
+
+
+def register_attention() -> None:
+    """Register ``"kvcomm_decode"`` with transformers (idempotent).
+
+    The mask function is SDPA's, so a 2D padding mask given to a model running under this name
+    becomes the mask SDPA would get (an unregistered name would make transformers drop it). The
+    fast path passes a 4D mask, which transformers forwards as-is.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvcomm_decode_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _configs(cfg: Any) -> list[Any]:
+    """``cfg`` and its sub-configs (text_config, ...), parents first."""
+    out = [cfg]
+    for name in getattr(cfg, "sub_configs", None) or {}:
+        sub = getattr(cfg, name, None)
+        if sub is not None:
+            out.extend(_configs(sub))
+    return out
 
 
 class StaticPromptCache:
@@ -27,9 +103,15 @@ class StaticPromptCache:
         model: the HF causal LM.
         capacity: S, the most tokens (prompt + generated) it holds.
         use_graph: capture the one-token forward as a CUDA graph (CUDA only).
+        decode_kernel: run the one-token forwards' attention through the Triton decode kernel
+            (default: when the buffers are on CUDA and Triton imports, as the kernels' "auto"
+            backend decides; ``kvcomm.kernels.set_backend("torch")`` turns it off). Where the
+            kernel does not apply at call time the attention is SDPA's.
     """
 
-    def __init__(self, model: Any, capacity: int, *, use_graph: bool | None = None) -> None:
+    def __init__(
+        self, model: Any, capacity: int, *, use_graph: bool | None = None, decode_kernel: bool | None = None
+    ) -> None:
         cfg = model.config
         L = cfg.num_hidden_layers
         H = cfg.num_key_value_heads
@@ -55,6 +137,14 @@ class StaticPromptCache:
         self.graph: Any = None
         self.graph_failed = False
         self._logits: torch.Tensor | None = None
+        if decode_kernel is None:
+            try:
+                decode_kernel = use_triton(None, self.k)
+            except KernelError:  # "triton" forced where it cannot run: the attention stays SDPA's
+                decode_kernel = False
+        self.decode_kernel = bool(decode_kernel)
+        if self.decode_kernel:
+            register_attention()
 
     @property
     def layers(self) -> list[Any]:  # duck-types the HF cache for kvcomm.kv.block_from_cache
@@ -91,11 +181,41 @@ class StaticPromptCache:
                 self._length += 1
                 assert self._logits is not None
                 return self._logits[0, -1].float()
-        logits = self._forward()
+        try:
+            logits = self._forward()
+        except Exception as exc:
+            if not self.decode_kernel:
+                raise
+            # the kernel is an optimisation: one that fails (e.g. does not compile on this GPU)
+            # must not fail the call. Retry with SDPA; if that fails too the error is not the
+            # kernel's (a bad token id...) and is raised as is. The retry rewrites the failed
+            # forward's KV at `position` with the same values.
+            self.decode_kernel = False
+            try:
+                logits = self._forward()
+            except Exception:
+                self.decode_kernel = True
+                raise
+            logger.warning("decode-attention kernel failed, using SDPA for one-token forwards: %s", exc)
+            self.graph, self.graph_failed = None, False  # captured again, without the kernel
         self._length += 1
         return logits[0, -1].float()
 
     def _forward(self) -> torch.Tensor:
+        if not self.decode_kernel:
+            return self._model_call()
+        # Llama/Qwen2 attention layers look their function up in config._attn_implementation on
+        # every forward, so the swap holds for this call only. The setter recurses into
+        # sub-configs; restoring parents first puts back each one's own value.
+        saved = [(cfg, cfg._attn_implementation) for cfg in _configs(self.model.config)]
+        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        try:
+            return self._model_call()
+        finally:
+            for cfg, name in saved:
+                cfg._attn_implementation = name
+
+    def _model_call(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
                          cache=self.cache, use_cache=True)
         return out.logits

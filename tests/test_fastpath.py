@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from kvcomm import KVCommConfig, KVCommEngine, Template
 from kvcomm.fastpath import StaticPromptCache
+from kvcomm.kernels import set_backend
+from kvcomm.kernels._triton import HAS_TRITON, INTERPRET
 from kvcomm.models import tiny_random_model
 from kvcomm.store import MemoryStore
 
@@ -55,3 +59,80 @@ def test_static_cache_steps_match_dynamic_forward():
         assert torch.allclose(got, ref[i], atol=1e-5), i
     with pytest.raises(ValueError, match="position"):
         buf.step(1, 3)
+
+
+# Triton's interpreter is chosen when kvcomm.kernels is imported: `make test` exports it
+decode_module = importlib.import_module("kvcomm.kernels.decode_attention")  # the package attribute is the function
+needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton with TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_kernel_steps_match_sdpa_steps(arch, monkeypatch):
+    model = tiny_random_model(arch)
+    ids = torch.randint(0, 256, (1, 10))
+    launches = []
+    real = decode_module.decode_attention_forward
+    monkeypatch.setattr(decode_module, "decode_attention_forward",
+                        lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    logits = {}
+    set_backend("triton")  # the kernel on CPU tensors, through the interpreter
+    try:
+        for kernel in (False, True):
+            buf = StaticPromptCache(model, 24, decode_kernel=kernel)
+            buf.begin(0)  # a partly filled buffer: the mask hides the slots after each position
+            logits[kernel] = torch.stack([buf.step(int(t), i) for i, t in enumerate(ids[0])])
+            assert model.config._attn_implementation == "sdpa"  # restored after every call
+        with pytest.raises(IndexError):  # a token outside the vocabulary fails inside the model
+            buf.step(10_000, 10)
+        assert model.config._attn_implementation == "sdpa"  # restored on failure too
+    finally:
+        set_backend(None)
+    assert len(launches) == 10 * model.config.num_hidden_layers  # every layer of every step
+    # float32 throughout: the kernel's attention differs from SDPA's by summation order only
+    # (~1e-7 relative); through three tiny layers and the LM head that stays ~2e-7 on logits of
+    # magnitude < 1 (measured), so 1e-5 leaves a wide margin and still catches any real error
+    assert torch.allclose(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_defaults_off_on_cpu():
+    model = tiny_random_model("llama")
+    assert StaticPromptCache(model, 8).decode_kernel is False
+    set_backend("torch")
+    try:
+        assert StaticPromptCache(model, 8, decode_kernel=None).decode_kernel is False
+    finally:
+        set_backend(None)
+
+
+@needs_interpreter
+def test_a_failing_decode_kernel_falls_back_to_sdpa(monkeypatch, caplog):
+    model = tiny_random_model("llama")
+    ids = [5, 17, 42, 8]
+    ref = StaticPromptCache(model, 16, decode_kernel=False)
+    ref.begin(0)
+    want = torch.stack([ref.step(t, i) for i, t in enumerate(ids)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(decode_module, "decode_attention_forward", broken)
+    set_backend("triton")
+    try:
+        buf = StaticPromptCache(model, 16, decode_kernel=True)
+        buf.begin(0)
+        with caplog.at_level("WARNING", logger="kvcomm.fastpath"):
+            got = torch.stack([buf.step(t, i) for i, t in enumerate(ids)])
+        assert buf.decode_kernel is False
+        assert "no kernel image for this device" in caplog.text
+        assert torch.allclose(got, want, atol=1e-6)
+        # an error that is not the kernel's is raised, and does not turn a working kernel off
+        monkeypatch.undo()
+        set_backend("triton")
+        ok = StaticPromptCache(model, 16, decode_kernel=True)
+        ok.begin(0)
+        with pytest.raises(IndexError):
+            ok.step(10_000, 0)
+        assert ok.decode_kernel is True
+    finally:
+        set_backend(None)

@@ -41,7 +41,8 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_exports_are_sorted_and_complete() -> None:
     names = kvcomm.kernels.__all__
     assert names == sorted(names)
-    ops = ["apply_correction", "channel_weights", "dequantize_kv", "quantize_kv", "rope_shift", "token_weights"]
+    ops = ["apply_correction", "channel_weights", "decode_attention", "dequantize_kv", "quantize_kv", "rope_shift",
+           "token_weights"]
     assert set(names) == {*ops, *(f"{op}_reference" for op in ops), "get_backend", "set_backend"}
     for name in names:
         assert callable(getattr(kvcomm.kernels, name))
