@@ -231,14 +231,17 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 512))
 @click.option("--policies", default="dense,prefix,naive,cacheblend,kvcomm", show_default=True)
 @click.option("--gamma", "gammas", multiple=True, type=float, help="extra kvcomm rows with these gammas")
+@click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
+              help="an extra row: kvcomm with these config fields changed, e.g. answer_base=prefill")
 @click.option("--store", "store_url", default=None, metavar="URL",
               help="also a kvcomm row whose entries go through this store (e.g. redis://...?codec=int8)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results as JSON here")
 def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, policies: str,
-             gammas: tuple[float, ...], store_url: str | None, json_path: str | None) -> None:
+             gammas: tuple[float, ...], variants: tuple[str, ...], store_url: str | None,
+             json_path: str | None) -> None:
     """Fidelity of every policy against full prefill on real tasks (HumanEval prompts)."""
     from kvcomm.config import POLICIES, KVCommConfig
-    from kvcomm.evaluation import EVAL_COLUMNS, run_eval
+    from kvcomm.evaluation import AGENT_COLUMNS, EVAL_COLUMNS, run_eval
     from kvcomm.metrics import format_table
     from kvcomm.models import load_model
 
@@ -246,9 +249,15 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
     bad = [p for p in chosen if p not in POLICIES]
     if bad:
         raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})")
+    extra = {f"kvcomm g={g:g}": KVCommConfig(gamma=g) for g in gammas}
+    for text in variants:  # checked before the model loads: a typo fails in a second, not a minute
+        pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+        if not pairs or any(not eq or not k.strip() for k, eq, _ in pairs):
+            raise click.BadParameter(f"{text!r}: expected FIELD=VALUE[,FIELD=VALUE]", param_hint="--variant")
+        fields = {"policy": "kvcomm", **{k.strip(): v.strip() for k, _, v in pairs}}
+        extra[text] = KVCommConfig.from_dict(fields)  # ConfigError names an unknown field or bad value
     _quiet_transformers()
     loaded = load_model(model)
-    extra = {f"kvcomm g={g:g}": KVCommConfig(gamma=g) for g in gammas}
     factories = {}
     if store_url:
         import uuid
@@ -268,6 +277,8 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
     click.echo(f"\n{out['requests']} requests x {len(out['agents'])} agents ({' -> '.join(out['agents'])}), "
                f"{max_new_tokens} new tokens, teacher-forced on the dense answers")
     click.echo(format_table(out["rows"], cols))
+    click.echo("\nper agent, reuse-mode calls only")
+    click.echo(format_table(out["by_agent"], AGENT_COLUMNS))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)

@@ -18,6 +18,7 @@ from kvcomm.errors import ConfigError
 
 POLICIES = ("dense", "prefix", "naive", "cacheblend", "kvcomm")
 KV_CODECS = ("raw", "int8")
+ANSWER_BASES = ("producer", "prefill")
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -41,6 +42,10 @@ class KVCommConfig:
     correct_first_layer: bool = _field(False, "also correct layer 0 (the reference leaves it uncorrected)")
     correct_answer_slots: bool = _field(
         True, "correct agent-answer slots from other anchors' placeholder deltas (an exact anchor is always used)"
+    )
+    answer_base: str = _field(
+        "producer", "an agent answer's base KV: 'producer' (its KV in the producer's context, free) or "
+        "'prefill' (prefilled alone like user input, one extra prefill of the answer)"
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     sink_text: str = _field("\n", "neutral prefix prefilled before a user input and dropped from its base KV")
@@ -73,6 +78,8 @@ class KVCommConfig:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.anchor_cache_bytes < 0:
             raise ConfigError(f"anchor_cache_bytes={self.anchor_cache_bytes} must be >= 0")
+        if self.answer_base not in ANSWER_BASES:
+            raise ConfigError(f"answer_base={self.answer_base!r} must be one of {', '.join(ANSWER_BASES)}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernels={self.kernels!r} must be auto, triton or torch")
 

@@ -430,6 +430,10 @@ class KVCommEngine:
             self.store.put(f"{self.prefix}delta:{c.hash}:{a.name}", entry)
 
     def _publish_answer(self, agent: str, answer: list[int], cache: Any, P: int) -> None:
+        slot = f"agent:{agent}"
+        if self.config.answer_base == "prefill":
+            self.latest[slot] = self.publish(slot, ids=answer)
+            return
         n = len(answer)
         if cache.get_seq_length() < P + n:  # the last token was sampled but never fed
             if isinstance(cache, StaticPromptCache):
@@ -438,7 +442,6 @@ class KVCommEngine:
                 prefill(self.model, answer[-1:], start=P + n - 1, cache=cache)
         raw = block_from_cache(cache, P, P + n)
         kv = KVBlock(shift_keys(raw.k, -P, self.inv_freq), raw.v)
-        slot = f"agent:{agent}"
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
 
     # -- helpers ----------------------------------------------------------------------------

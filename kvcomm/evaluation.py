@@ -81,10 +81,11 @@ class _Acc:
     kl_first: list[float]
     kl_mean: list[float]
     reuse: list[bool]  # the call ran in reuse mode (dense-mode calls agree trivially)
+    agents: list[str]  # which agent made the call
 
     @classmethod
     def new(cls) -> _Acc:
-        return cls([], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [])
 
     def on_reuse(self, values: list[float]) -> list[float]:
         return [v for v, r in zip(values, self.reuse, strict=True) if r]
@@ -97,7 +98,7 @@ def _pct_mean(values: list[float]) -> float | None:
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """KL(p || q) of two next-token distributions given as logits."""
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum())
+    return max(0.0, float((lp.exp() * (lp - lq)).sum()))  # >= 0; rounding gives -1e-7 for p == q
 
 
 def run_eval(
@@ -175,10 +176,12 @@ def run_eval(
                 a.kl_first.append(kls[0])
                 a.kl_mean.append(statistics.fmean(kls))
                 a.reuse.append(res.mode == "reuse")
+                a.agents.append(name)
             bar.update(1)
     bar.close()
     dense_ttft = statistics.fmean(r.ttft_ms for r in engines["dense"].records)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    by_agent: list[dict[str, Any]] = []
     for label, eng in engines.items():
         recs = eng.records
         prompt = sum(x.prompt_tokens for x in recs)
@@ -202,14 +205,36 @@ def run_eval(
             "ttft_ratio_vs_dense": dense_ttft / ttft if ttft else 0.0,
         }
         rows.append(row)
+        if label != "dense":
+            by_agent.extend(_agent_rows(label, acc[label]))
     return {
         "requests": len(qs),
         "agents": [n for n, _ in agents],
         "max_new_tokens": max_new_tokens,
         "exact_tokens": exact_tokens,
         "rows": rows,
+        "by_agent": by_agent,
     }
 
+
+def _agent_rows(label: str, a: _Acc) -> list[dict[str, Any]]:
+    """Per agent: reuse-mode calls and, over them, first-token agreement with dense."""
+    out = []
+    for name in dict.fromkeys(a.agents):
+        mine = [i for i, n in enumerate(a.agents) if n == name]
+        reused = [i for i in mine if a.reuse[i]]
+        out.append({
+            "policy": label, "agent": name, "calls": len(mine), "reuse_calls": len(reused),
+            "first_token_agree_reuse_pct": _pct_mean([a.first_agree[i] for i in reused]),
+            "kl_first_reuse": statistics.fmean(a.kl_first[i] for i in reused) if reused else None,
+        })
+    return out
+
+
+AGENT_COLUMNS = [
+    ("policy", "policy", ""), ("agent", "agent", ""), ("calls", "calls", "d"), ("reuse_calls", "reuse calls", "d"),
+    ("first_token_agree_reuse_pct", "1st tok (reuse calls) %", ".1f"), ("kl_first_reuse", "KL 1st (reuse calls)", ".4f"),
+]
 
 EVAL_COLUMNS = [
     ("policy", "policy", ""),
