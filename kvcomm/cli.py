@@ -285,7 +285,8 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
         click.echo(f"wrote {json_path}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})  # --help goes to the script's own parser
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """TTFT per agent position, dense vs prefix vs naive vs kvcomm (see --help of the script).
