@@ -76,9 +76,10 @@ def _token_dist_kernel(
 #   tokens of (b - a)^2 per (row, channel).
 # Grid: (cdiv(A, A_CH), R, S). A program owns A_CH anchors of one row (layer, head) and a 1/S
 # share of the tokens: per step it loads a [BLOCK_T, D] tile of base and the [A_CH, BLOCK_T, D]
-# tile of its anchors and adds into an [A_CH, BLOCK_D] sum (no per-anchor select over a wide
-# accumulator). Base is read once per anchor chunk; the chunk axis varies fastest, so the
-# chunks of one row run side by side and all but the first base read come from L2.
+# tile of its anchors and adds their squared differences into an accumulator of that tile's
+# shape, reduced over tokens once at the end (no per-anchor select over a wide accumulator, no
+# per-step cross-thread reduction). Base is read once per anchor chunk; the chunk axis varies
+# fastest, so the chunks of one row run side by side and all but the first base read come from L2.
 
 
 @jit
@@ -107,7 +108,10 @@ def _channel_dist_kernel(
     a_tile = offs_t[:, None] * a_stride_t + offs_d[None, :] * a_stride_d  # [BLOCK_T, BLOCK_D]
     a_off = a_first[:, None, None] + a_tile[None, :, :]  # [A_CH, BLOCK_T, BLOCK_D]
 
-    acc = tl.zeros([A_CH, BLOCK_D], dtype=tl.float32)
+    # summed over tokens only once, after the loop: a per-step reduction over the token axis (the
+    # middle one) would shuffle values between threads every step; an elementwise accumulator
+    # of the tile's shape keeps the loop to loads and FMAs
+    acc = tl.zeros([A_CH, BLOCK_T, BLOCK_D], dtype=tl.float32)
     t0 = split * TOKENS
     t1 = tl.minimum(t0 + TOKENS, T)
     b_blk = base_ptr + row * b_stride_r + t0 * b_stride_t
@@ -117,11 +121,11 @@ def _channel_dist_kernel(
         b = tl.load(b_blk + b_off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(a_blk + a_off, mask=mask_a[:, None, None] & mask[None, :, :], other=0.0).to(tl.float32)
         diff = b[None, :, :] - x  # [A_CH, BLOCK_T, BLOCK_D]
-        acc += tl.sum(diff * diff, axis=1)
+        acc += diff * diff
         b_blk += BLOCK_T * b_stride_t
         a_blk += BLOCK_T * a_stride_t
     p_off = (split * A + offs_a).to(tl.int64)[:, None] * (R * D) + row * D + offs_d[None, :]
-    tl.store(part_ptr + p_off, acc, mask=mask_a[:, None] & mask_d[None, :])
+    tl.store(part_ptr + p_off, tl.sum(acc, axis=1), mask=mask_a[:, None] & mask_d[None, :])
 
 
 # Stage 2, shared: partial [S, A, M] float32 -> weights [A, M] float32.
