@@ -9,8 +9,6 @@ every engine call record to ``<run-dir>/records.jsonl`` for ``kvcomm report``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 import time
@@ -77,10 +75,7 @@ def load(args: argparse.Namespace) -> Any:
     from kvcomm.models import load_model
 
     print(f"loading {args.model} ...", flush=True)
-    # transformers' GGUF conversion draws a progress bar nothing turns off; it would bury the
-    # pipeline's own (load errors still raise ModelLoadError, which names the path)
-    with contextlib.redirect_stderr(io.StringIO()):
-        return load_model(args.model, device=args.device)
+    return load_model(args.model, device=args.device, progress=False)  # the pipeline draws its own bars
 
 
 def save(engine: KVCommEngine, out: Path, policy: str) -> None:

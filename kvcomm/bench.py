@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = SyntheticTokenizer(model.config.vocab_size)
         label = f"{args.model_shape} (random weights)"
     else:
-        loaded = load_model(args.model or "smollm2-135m", dtype=dtype, device=device)
+        loaded = load_model(args.model or "smollm2-135m", dtype=dtype, device=device, progress=False)
         model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.name
     setting = BenchSetting(agents=args.agents, prefix_len=args.prefix_len, input_len=args.input_len,
                            output_len=args.output_len, warmup=args.warmup, requests=args.requests,

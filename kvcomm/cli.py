@@ -38,7 +38,7 @@ def ask(model: str, question: str, max_new_tokens: int) -> None:
     from kvcomm.models import load_model
 
     _quiet_transformers()
-    click.echo(_plain_answer(load_model(model), question, max_new_tokens))
+    click.echo(_plain_answer(load_model(model, progress=False), question, max_new_tokens))
 
 
 def _plain_answer(loaded: Any, question: str, max_new_tokens: int) -> str:
@@ -202,7 +202,7 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
 
     _quiet_transformers()
     click.echo(f"loading {model} ...", err=True)
-    loaded = load_model(model)
+    loaded = load_model(model, progress=False)
     answer = _plain_answer(loaded, "What is the capital of France?", 16)
     click.echo(f"model check — What is the capital of France? -> {answer}")
     store_obj = None
@@ -255,9 +255,9 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
         if not pairs or any(not eq or not k.strip() for k, eq, _ in pairs):
             raise click.BadParameter(f"{text!r}: expected FIELD=VALUE[,FIELD=VALUE]", param_hint="--variant")
         fields = {"policy": "kvcomm", **{k.strip(): v.strip() for k, _, v in pairs}}
-        extra[text] = KVCommConfig.from_dict(fields)  # ConfigError names an unknown field or bad value
+        extra[text.replace("\n", "\\n")] = KVCommConfig.from_dict(fields)  # ConfigError names an unknown field or bad value
     _quiet_transformers()
-    loaded = load_model(model)
+    loaded = load_model(model, progress=False)
     factories = {}
     if store_url:
         import uuid

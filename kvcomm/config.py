@@ -48,7 +48,10 @@ class KVCommConfig:
         "'prefill' (prefilled alone like user input, one extra prefill of the answer)"
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
-    sink_text: str = _field("\n", "neutral prefix prefilled before a user input and dropped from its base KV")
+    sink_text: str = _field(
+        "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "
+        "template's text before a user message (after a generic system prompt)"
+    )
     max_new_tokens: int = _field(64, "default number of generated tokens per call")
     device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
     kernels: str = _field("auto", "kernel backend: auto (triton on CUDA), triton or torch")

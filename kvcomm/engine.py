@@ -24,7 +24,7 @@ from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.reuse import Piece, SlotAnchors, assemble, key_delta
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.stacks import StackCache
-from kvcomm.template import RenderedTemplate, Template, slot_kind
+from kvcomm.template import RenderedTemplate, Template, chat_prefix, slot_kind
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,11 @@ class KVCommEngine:
         self._static: StaticPromptCache | None = None
         self._pools: dict[str, AnchorPool] = {}
         self.anchor_stacks = StackCache(self.config.anchor_cache_bytes)  # anchors stacked for the kernels
-        self._sink = self._encode(self.config.sink_text)
+        sink = chat_prefix(tokenizer) if self.config.sink_text == "chat" else self.config.sink_text
+        self._sink = self._encode(sink)
+        # a content's base KV depends on the sink: contents published under another sink are
+        # other entries (same store, same namespace, no mixing of incomparable bases)
+        self._content_salt = "" if sink == "\n" else f"|sink:{_hash_ids(self._sink)[:8]}"
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
         if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
@@ -173,7 +177,7 @@ class KVCommEngine:
             ids = self._encode(text)
         if not ids:
             raise SlotError(f"content for slot {slot!r} is empty")
-        h = _hash_ids(ids, slot)
+        h = _hash_ids(ids, slot + self._content_salt)
         key = f"{self.prefix}content:{h}"
         if kv is not None and not isinstance(kv, KVBlock):
             if kv.fingerprint != self.fingerprint:

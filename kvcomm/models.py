@@ -8,8 +8,10 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -79,6 +81,7 @@ def load_model(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a causal LM, its tokenizer and its fingerprint.
 
@@ -86,6 +89,8 @@ def load_model(
         name_or_path: ``smollm2-135m``, a local HF directory, or a local ``.gguf`` file.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (or a torch dtype).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        progress: False silences stderr while loading: transformers' GGUF conversion draws a
+            progress bar there that its own switch does not turn off (errors still raise).
 
     Raises:
         ModelLoadError: the name/path is none of the accepted forms, or loading failed.
@@ -111,8 +116,9 @@ def load_model(
     else:
         raise ModelLoadError(f"directory {str(path)!r} has no config.json: expected {_ACCEPTED}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
+        with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
     except Exception as exc:  # transformers raises many types; name the path in one error
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
     model.to(dev).eval()

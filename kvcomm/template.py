@@ -151,3 +151,23 @@ def _reject_malformed(chunk: str) -> None:
 def slot_kind(slot: str) -> str:
     """'agent' for ``agent:<name>`` slots (filled by an agent's answer), else 'input'."""
     return "agent" if slot.startswith("agent:") else "input"
+
+
+GENERIC_SYSTEM = "You are a helpful assistant."
+
+
+def chat_prefix(tokenizer: Any, system: str = GENERIC_SYSTEM) -> str:
+    """The chat template's text up to a user message's content, after a generic system message.
+
+    Slot contents usually sit in an agent's user message behind its system prompt; a content
+    prefilled behind this prefix (``sink_text="chat"``) gets a base KV closer to the one it has
+    in a real prompt than behind a bare newline. "\\n" where the tokenizer has no chat template.
+    """
+    mark = "\x00kvcomm-slot\x00"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": mark}], tokenize=False
+        )
+    except Exception:  # no template (a plain tokenizer): any short neutral text will do
+        return "\n"
+    return text.split(mark)[0] if isinstance(text, str) and mark in text else "\n"

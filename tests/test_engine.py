@@ -193,3 +193,36 @@ def test_tiny_models_run_every_policy(smollm2, arch, policy):
         assert set(modes) == expected[policy]
     else:
         assert modes[:2] == ["dense", "dense"]
+
+
+def test_chat_sink_base_kv_and_its_own_entries(smollm2):
+    """sink_text="chat" (the default): a content's base KV is prefilled behind the chat template's user-message
+    prefix, stored under its own key (bases of two sinks never mix in one store), and exact
+    anchors still reproduce the dense cache."""
+    from kvcomm.template import chat_prefix
+
+    prefix = chat_prefix(smollm2.tokenizer)
+    assert prefix.startswith("<|im_start|>system\n") and prefix.endswith("<|im_start|>user\n")
+    store = MemoryStore()
+    plain = KVCommEngine(smollm2.model, smollm2.tokenizer, store=store, fingerprint=smollm2.fingerprint,
+                         config=KVCommConfig(max_new_tokens=8, sink_text="\n"))
+    chat = KVCommEngine(smollm2.model, smollm2.tokenizer, store=store, fingerprint=smollm2.fingerprint,
+                        config=KVCommConfig(max_new_tokens=8))
+    assert chat.config.sink_text == "chat"
+    a, b = plain.publish("question", Q1), chat.publish("question", Q1)
+    assert a.ids == b.ids and a.hash != b.hash
+    assert (a.kv.v - b.kv.v).abs().max().item() > 1e-2  # another context, another base
+    sink = smollm2.tokenizer(prefix, add_special_tokens=False).input_ids
+    _, cache = prefill(smollm2.model, sink + list(b.ids))
+    want = block_from_cache(cache, len(sink))
+    assert torch.allclose(b.kv.v, want.v, atol=1e-5)
+    assert torch.allclose(b.kv.k, shift_keys(want.k, -len(sink), model_inv_freq(smollm2.model)), atol=1e-4)
+
+    chat.register_agent("planner", PLANNER)
+    assert chat.generate("planner", {"question": Q1}).mode == "dense"
+    again = chat.generate("planner", {"question": Q1}, return_cache=True)
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q1}, return_cache=True)
+    assert again.mode == "reuse" and again.token_ids == ref.token_ids
+    assert (again.cache.v - ref.cache.v).abs().max().item() < 2e-4

@@ -210,7 +210,8 @@ def test_tampered_entries_are_misses_through_the_engine(smollm2, redis_url, refe
     assert all(tampered.values()), tampered
     bad = {k: client.get(k) for v in tampered.values() for k in v}
 
-    with RedisStore(redis_url, namespace=ns, secret=SECRET) as store:
+    with RedisStore(redis_url, namespace=ns, secret=SECRET) as store, \
+            pytest.warns(StoreFaultWarning) as warned:  # every rejected entry says why, as a warning
         eng = make_engine(smollm2, store, max_new_tokens=N_NEW)
         reg = store.stats()
         assert reg["hits"] == 0 and reg["misses"] == 2  # both template entries were tampered: prefilled
@@ -222,6 +223,8 @@ def test_tampered_entries_are_misses_through_the_engine(smollm2, redis_url, refe
                 assert store.get(key[len(f"kvcomm:{ns}:"):].decode()) is None, key
     faults = stats["faults"]
     assert faults["corrupt"] > 0 and faults["bad_mac"] > 0 and faults["unsigned"] > 0, faults
+    said = " ".join(str(w.message) for w in warned)
+    assert all(f"{kind}: entry" in said for kind in ("corrupt", "bad_mac", "unsigned")), said
     # the anchors' base KV and deltas are gone, so NEW becomes an anchor: dense, as on an empty store
     assert [c["mode"] for c in calls] == ["dense", "dense"]
     print(f"\ntampered {sum(map(len, tampered.values()))} entries "
