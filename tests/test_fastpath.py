@@ -43,7 +43,11 @@ def test_fast_path_equals_eager_path(smollm2, policy):
         assert e.mode == f.mode
         assert e.token_ids == f.token_ids
         assert torch.allclose(e.logits[0], f.logits[0], atol=1e-4, rtol=1e-4)
-        assert torch.allclose(e.cache.k, f.cache.k, atol=1e-5) and torch.allclose(e.cache.v, f.cache.v, atol=1e-5)
+        # the prompt's own pieces are bit-identical; an upstream answer's KV was computed by decode
+        # steps over the static buffer in one run and over a dynamic cache in the other: the same
+        # fp32 math summed in another order, ~1e-5 apart on keys of magnitude up to ~20 (measured
+        # 1.3e-5 at most), so 1e-4 is the bound
+        assert torch.allclose(e.cache.k, f.cache.k, atol=1e-4) and torch.allclose(e.cache.v, f.cache.v, atol=1e-4)
         reused += f.mode == "reuse"
     assert reused > 0  # the fast path was exercised
 
