@@ -6,9 +6,12 @@ so comparisons run through one harness. See DESIGN §3 and :mod:`kvcomm.reuse`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +84,26 @@ class _Plan:
     slot_state: dict[str, str] = field(default_factory=dict)
 
 
+def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` under the engine's lock.
+
+    One engine owns one static KV buffer, the latest answers and the anchor pools; LangGraph runs
+    the nodes of a fan-out in parallel threads. Calls are serialised (the model computes one at a
+    time on its device anyway) so that parallel nodes never write into each other's KV.
+    """
+
+    @functools.wraps(method)
+    def locked(self: KVCommEngine, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class KVCommEngine:
     """Cross-agent KV reuse over a Hugging Face causal LM (batch 1, greedy).
+
+    Thread-safe: calls from several threads (parallel LangGraph branches) run one at a time.
 
     Args:
         model, tokenizer: a loaded HF causal LM with RoPE and its tokenizer.
@@ -100,6 +121,7 @@ class KVCommEngine:
         config: KVCommConfig | None = None,
         fingerprint: str | None = None,
     ) -> None:
+        self._lock = threading.RLock()  # re-entrant: generate() publishes through publish()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or KVCommConfig()
@@ -133,6 +155,7 @@ class KVCommEngine:
         self.eos_ids = {e for e in eos if e is not None}
 
     # -- agents ---------------------------------------------------------------------------
+    @_serialized
     def register_agent(self, name: str, template: Template | str | list[dict[str, str]]) -> None:
         """Register an agent's prompt template and prefill its fixed text once (cached in the store)."""
         tmpl = template if isinstance(template, Template) else Template(template)
@@ -163,6 +186,7 @@ class KVCommEngine:
             raise AgentError(f"unknown agent {name!r} (registered: {known})") from None
 
     # -- contents -------------------------------------------------------------------------
+    @_serialized
     def publish(
         self, slot: str, text: str | None = None, *, ids: list[int] | None = None, kv: Any = None
     ) -> Content:
@@ -231,6 +255,7 @@ class KVCommEngine:
         return KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev))
 
     # -- one call ---------------------------------------------------------------------------
+    @_serialized
     def generate(
         self,
         agent: str,
@@ -465,6 +490,7 @@ class KVCommEngine:
         return KVEntry(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta,
                        fingerprint=self.fingerprint)
 
+    @_serialized
     def reset_answers(self) -> None:
         """Forget the latest answers (start a new request); anchors and templates stay."""
         self.latest.clear()

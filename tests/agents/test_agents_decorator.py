@@ -271,3 +271,65 @@ def test_parallel_branches_share_one_engine(make_engine):
     out = asyncio.run(g.compile().ainvoke({"question": Q2}, context=engine))
     assert out["solver_answer"] and out["critic_answer"]
     assert sorted(r.agent for r in engine.records) == ["critic", "planner", "solver"]
+
+
+REVIEWER = Template.from_system_user("You are a reviewer.", "Question:\n{question}\nPlan:\n{agent:planner}\nRate it.")
+
+
+def fan_out_graph(engine, spy):
+    """planner → (solver ‖ reviewer): LangGraph runs the two sync nodes in parallel threads."""
+
+    def node(agent, template):
+        @share_context(engine, agent=agent, template=template)
+        def run(state: State, result: Result) -> None:
+            spy.append(agent)
+            return None
+
+        run.__name__ = agent
+        return run
+
+    class FanState(State, total=False):
+        reviewer_answer: str
+
+    g = StateGraph(FanState)
+    for agent, template in (("planner", PLANNER), ("solver", SOLVER), ("reviewer", REVIEWER)):
+        g.add_node(agent, node(agent, template))
+    g.add_edge(START, "planner")
+    g.add_edge("planner", "solver")
+    g.add_edge("planner", "reviewer")
+    g.add_edge("solver", END)
+    g.add_edge("reviewer", END)
+    return g.compile()
+
+
+def test_parallel_branches_share_one_engine_safely(make_engine, monkeypatch):
+    """Both branches write the engine's one static KV buffer: their calls are serialised, so the
+    answers equal those of the same calls made one after another."""
+    import threading
+    import time
+
+    engine, spy = make_engine(), []
+    inside, seen = {"now": 0, "most": 0}, set()
+    plan = engine._plan
+
+    def slow_plan(*args, **kwargs):  # inside generate: a parallel call would overlap here
+        seen.add(threading.get_ident())
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
+        time.sleep(0.02)
+        inside["now"] -= 1
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_plan", slow_plan)
+    graph = fan_out_graph(engine, spy)
+    states = [graph.invoke({"question": q}, context=engine) for q in (Q1, Q2, Q1)]
+    assert len(seen) >= 2  # LangGraph really ran the branches on different threads
+    assert inside["most"] == 1  # and they never were inside the engine at the same time
+    ref = make_engine()
+    for name, tmpl in (("planner", PLANNER), ("solver", SOLVER), ("reviewer", REVIEWER)):
+        ref.register_agent(name, tmpl)
+    for q, state in zip((Q1, Q2, Q1), states, strict=True):
+        ref.reset_answers()
+        for agent in ("planner", "solver", "reviewer"):
+            assert state[f"{agent}_answer"] == ref.generate(agent, {"question": q}).text, (q, agent)
+    assert spy.count("planner") == 3 and spy.count("reviewer") == 3
