@@ -67,16 +67,15 @@ class AnchorPool:
         """The shareability test of a content with value cache ``values`` [L, H, T, D].
 
         ``anchor_values`` maps the content hash of each length-compatible anchor to its value
-        cache (at least T tokens).
+        cache (at least T tokens, or ``min_anchor_coverage`` * T).
         """
         if content_hash in anchor_values:
             return ShareDecision(False, "already an anchor")
         n = len(anchor_values)
         if n < self.config.min_anchors:
             return ShareDecision(True, "too few anchors")
-        T = values.shape[2]
         names = list(anchor_values)
-        d = torch.stack([torch.linalg.vector_norm((values - anchor_values[h][:, :, :T]).float()) for h in names])
+        d = torch.stack([_distance(values, anchor_values[h]) for h in names])
         w = torch.softmax(-d, dim=0)
         entropy = float(-(w * torch.log2(w.clamp_min(1e-30))).sum())
         if entropy > self.config.gamma * math.log2(n):
@@ -110,3 +109,16 @@ class AnchorPool:
             evicted.append(victim.content_hash)
             anchors = [a for a in anchors if a.content_hash != victim.content_hash]
         return evicted
+
+
+def _distance(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of the value difference over the content's T tokens.
+
+    An anchor shorter than the content (``min_anchor_coverage`` < 1) is compared over its m < T
+    tokens and the norm scaled by sqrt(T / m), so that it stands beside full-length anchors as if
+    its per-token difference held for all T tokens.
+    """
+    T = values.shape[2]
+    m = min(T, anchor.shape[2])
+    d = torch.linalg.vector_norm((values[:, :, :m] - anchor[:, :, :m]).float())
+    return d if m == T else d * math.sqrt(T / m)

@@ -43,6 +43,10 @@ class KVCommConfig:
     correct_answer_slots: bool = _field(
         True, "correct agent-answer slots from other anchors' placeholder deltas (an exact anchor is always used)"
     )
+    min_anchor_coverage: float = _field(
+        1.0, "anchors at least this fraction of a content's length are its candidates (the reference: 1.0); "
+        "below 1, tokens past a shorter anchor's end get no correction from it"
+    )
     answer_base: str = _field(
         "producer", "an agent answer's base KV: 'producer' (its KV in the producer's context, free) or "
         "'prefill' (prefilled alone like user input, one extra prefill of the answer)"
@@ -81,6 +85,8 @@ class KVCommConfig:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.anchor_cache_bytes < 0:
             raise ConfigError(f"anchor_cache_bytes={self.anchor_cache_bytes} must be >= 0")
+        if not 0 < self.min_anchor_coverage <= 1:
+            raise ConfigError(f"min_anchor_coverage={self.min_anchor_coverage} must be in (0, 1]")
         if self.answer_base not in ANSWER_BASES:
             raise ConfigError(f"answer_base={self.answer_base!r} must be one of {', '.join(ANSWER_BASES)}")
         if self.kernels not in ("auto", "triton", "torch"):

@@ -235,7 +235,7 @@ class KVCommEngine:
         for a in pool.anchors():
             if a.content_hash == content.hash:
                 return ShareDecision(False, "already an anchor")
-            if a.length >= content.length:
+            if self._covers(a.length, content.length):
                 base = self._fetch(f"content:{a.content_hash}")
                 if base is not None:
                     anchor_v[a.content_hash] = base.v
@@ -245,6 +245,10 @@ class KVCommEngine:
                 for key in self.store.scan(f"{self.prefix}delta:{gone}:"):
                     self.store.delete(key)
         return decision
+
+    def _covers(self, anchor_length: int, length: int) -> bool:
+        """Whether an anchor this long may stand in for a content of ``length`` tokens."""
+        return anchor_length >= length * self.config.min_anchor_coverage
 
     def _fetch(self, key: str, *, length: int | None = None) -> KVBlock | None:
         """A stored KV block on the model's device; None when missing or not ``length`` tokens long."""
@@ -367,7 +371,7 @@ class KVCommEngine:
                     plan.record_slots.append(i)
                 plan.anchors.append(got)
                 continue
-            usable = [x.content_hash for x in anchors if x.length >= c.length]
+            usable = [x.content_hash for x in anchors if self._covers(x.length, c.length)]
             got = self._slot_anchors(a.name, usable, exact=False)
             plan.slot_state[c.slot] = f"shared({len(got) if got else 0})"
             if got is None:

@@ -102,6 +102,13 @@ def assemble(
             vd.copy_(src.v)
             continue
         st = a.stacks()  # [A, L, H, T, D] stacks, right-padded: windows below are views, no copy
+        if p.kind == "slot" and not a.exact and n > st.ph.k.shape[3]:
+            # anchors shorter than the content (min_anchor_coverage < 1): the tokens past the
+            # longest one have no measured deviation, they are moved only
+            m = st.ph.k.shape[3]
+            k_out[:, :, p.start + m : p.start + n].copy_(shift_keys(src.k[:, :, m:], p.shift, inv_freq))
+            v_out[:, :, p.start + m : p.start + n].copy_(src.v[:, :, m:])
+            n, src, kd, vd = m, src.slice(0, m), kd[:, :, :m], vd[:, :, :m]
         if p.kind == "slot":
             # the slot's n tokens: each anchor's first n placeholder deltas [A, L, H, n, D]
             deltas_k, deltas_v = st.ph.k[:, :, :, :n], st.ph.v[:, :, :, :n]
@@ -120,8 +127,11 @@ def assemble(
             else:  # the content [L, H, T, D] against each anchor's last T tokens
                 content = p.content
                 assert content is not None and st.base is not None
-                wk = channel_weights(content.k, st.base.k, tau=config.tau, anchor_lengths=st.lengths)
-                wv = channel_weights(content.v, st.base.v, tau=config.tau, anchor_lengths=st.lengths)
+                # (the last min(T, shortest anchor) tokens where anchors may be shorter)
+                tail = min(content.length, *(st.lengths or [st.base.k.shape[3]]))
+                ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
+                wk = channel_weights(ck, st.base.k, tau=config.tau, anchor_lengths=st.lengths)
+                wv = channel_weights(cv, st.base.v, tau=config.tau, anchor_lengths=st.lengths)
         rotate = config.rerotate_key_deltas
         if not rotate:
             # reference variant: each anchor's key deltas back in the frame it was measured in

@@ -7,6 +7,7 @@ import torch
 
 from kvcomm import (
     AgentError,
+    ConfigError,
     ContextLengthError,
     FingerprintMismatchError,
     KVCommConfig,
@@ -262,3 +263,47 @@ def test_calls_from_threads_run_one_at_a_time(smollm2, monkeypatch):
     again = [res for (_, q), res in zip(jobs, got, strict=True) if q == Q1]
     # Q1 is its own anchor whatever the thread order: reused exactly, the dense answer
     assert [r.mode for r in again] == ["reuse", "reuse"] and all(r.token_ids == want for r in again)
+
+
+def test_min_anchor_coverage_lets_shorter_anchors_stand_in(smollm2):
+    """The reference's length rule makes a content longer than every anchor of its slot a new
+    anchor (a dense call); with min_anchor_coverage=0.5 anchors half its length are candidates,
+    its covered tokens are corrected and the rest only moved."""
+    short = [Q1, "Name three prime numbers larger than ten, please."]  # 14 and 10 tokens
+    longer = "What is the capital of Italy, and which river flows through that old city today?"  # 17
+    modes = {}
+    for cover in (1.0, 0.5):
+        eng = make_engine(smollm2, gamma=1.0, min_anchor_coverage=cover)
+        eng.register_agent("planner", PLANNER)
+        for q in short:
+            assert eng.generate("planner", {"question": q}).mode == "dense"  # anchors, deltas recorded
+        n_short = max(len(eng._encode(q)) for q in short)
+        assert n_short < len(eng._encode(longer)) <= 2 * min(len(eng._encode(q)) for q in short)
+        res = eng.generate("planner", {"question": longer}, return_cache=True)
+        content = eng.latest.get("question") or eng.publish("question", longer)
+        modes[cover] = res.mode
+        if cover == 0.5:
+            assert res.record.reused_tokens == res.record.prompt_tokens - 1
+            # past the longest anchor the slot's tokens are the base moved to the slot: naive
+            naive = make_engine(smollm2, policy="naive")
+            naive.register_agent("planner", PLANNER)
+            ref = naive.generate("planner", {"question": longer}, return_cache=True)
+            start = len(eng.agents["planner"].rendered.segment_ids[0])
+            tail = slice(start + n_short, start + content.length)
+            assert torch.allclose(res.cache.v[:, :, tail], ref.cache.v[:, :, tail], atol=1e-6)
+            assert torch.allclose(res.cache.k[:, :, tail], ref.cache.k[:, :, tail], atol=1e-5)
+            head = slice(start + 1, start + n_short)  # corrected: not the naive values
+            assert (res.cache.v[1:, :, head] - ref.cache.v[1:, :, head]).abs().max() > 1e-3
+    assert modes == {1.0: "dense", 0.5: "reuse"}
+    with pytest.raises(ConfigError, match="min_anchor_coverage"):
+        KVCommConfig(min_anchor_coverage=0)
+
+
+def test_shorter_anchor_distance_is_scaled_to_the_content_length():
+    from kvcomm.anchors import _distance
+
+    values = torch.ones(2, 1, 8, 4)
+    full = torch.zeros(2, 1, 8, 4)
+    half = torch.zeros(2, 1, 4, 4)  # the same per-token difference over half the tokens
+    assert torch.isclose(_distance(values, half), _distance(values, full))
+    assert torch.isclose(_distance(values, full), torch.tensor(8.0))  # sqrt(2*8*4)
