@@ -67,7 +67,7 @@ def make_engine(loaded: Any, policy: str, store_url: str, example: str, max_new_
     from kvcomm.store import from_url
 
     store = from_url(with_namespace(store_url, f"{example}-{policy}"))
-    config = KVCommConfig(policy=policy, max_new_tokens=max_new_tokens)
+    config = KVCommConfig.from_env(policy=policy, max_new_tokens=max_new_tokens)  # other knobs: KVCOMM_*
     return KVCommEngine(loaded.model, loaded.tokenizer, store=store, config=config, fingerprint=loaded.fingerprint)
 
 
