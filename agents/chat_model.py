@@ -27,7 +27,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict
 
-from kvcomm.agents.decorator import engine_lock
 from kvcomm.errors import SlotError
 from kvcomm.template import Template
 
@@ -77,7 +76,7 @@ class KVCommChat(BaseChatModel):
             fills[self.input_slot] = _last_human(messages)
         else:
             template = kwargs.get("template") or self.template
-        with engine_lock(eng):
+        with eng.lock:  # register, read the registration and generate as one step
             if template is not None:
                 eng.register_agent(agent, template)
             registered = eng.agents.get(agent)  # unknown: generate() raises AgentError

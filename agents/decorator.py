@@ -44,9 +44,7 @@ import functools
 import inspect
 import operator
 import sys
-import threading
 import typing
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypedDict
 
@@ -94,20 +92,6 @@ def call_summary(node: str, result: Any) -> dict[str, Any]:
         "ttft_ms": rec.ttft_ms,
         "anchors_matched": rec.anchors_matched,
     }
-
-
-# One lock per engine: LangGraph runs parallel branches concurrently (sync nodes in threads,
-# async nodes as tasks) and an engine call mutates anchors, the store and the model's caches.
-_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def engine_lock(engine: Any) -> threading.Lock:
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(engine)
-        if lock is None:
-            lock = _LOCKS[engine] = threading.Lock()
-        return lock
 
 
 def share_context(
@@ -174,7 +158,7 @@ def share_context(
             return {**base, **returned}
 
         def call_engine(eng: Any, values: dict[str, str]) -> Any:
-            with engine_lock(eng):  # registering and reading the latest answers race too
+            with eng.lock:  # the engine's own lock: register, read the latest answers, generate as one step
                 eng.register_agent(agent, tmpl)
                 return eng.generate(agent, _fills(eng, values), max_new_tokens=max_new_tokens)
 

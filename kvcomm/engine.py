@@ -94,7 +94,7 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def locked(self: KVCommEngine, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        with self.lock:
             return method(self, *args, **kwargs)
 
     return locked
@@ -104,6 +104,8 @@ class KVCommEngine:
     """Cross-agent KV reuse over a Hugging Face causal LM (batch 1, greedy).
 
     Thread-safe: calls from several threads (parallel LangGraph branches) run one at a time.
+    ``engine.lock`` (re-entrant) is the lock they take: hold it to make several calls one step,
+    e.g. register an agent, generate, read ``engine.latest``.
 
     Args:
         model, tokenizer: a loaded HF causal LM with RoPE and its tokenizer.
@@ -121,7 +123,7 @@ class KVCommEngine:
         config: KVCommConfig | None = None,
         fingerprint: str | None = None,
     ) -> None:
-        self._lock = threading.RLock()  # re-entrant: generate() publishes through publish()
+        self.lock = threading.RLock()  # re-entrant: generate() publishes through publish()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or KVCommConfig()
@@ -147,7 +149,7 @@ class KVCommEngine:
         self._sink = self._encode(sink)
         # a content's base KV depends on the sink: contents published under another sink are
         # other entries (same store, same namespace, no mixing of incomparable bases)
-        self._content_salt = "" if sink == "\n" else f"|sink:{_hash_ids(self._sink)[:8]}"
+        self._content_salt = f"|sink:{_hash_ids(self._sink)[:8]}"
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
         if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):

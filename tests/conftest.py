@@ -7,9 +7,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +104,27 @@ def _seed() -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def watch_engine_calls(monkeypatch):
+    """``watch(engine)`` -> stats of the engine's calls from threads: its ``_plan`` (inside
+    ``generate``) lingers 20 ms and counts the calls inside at once (``most``) and the threads
+    they came from (``threads``): calls that were not serialised would meet there."""
+
+    def watch(engine: Any) -> SimpleNamespace:
+        stats = SimpleNamespace(now=0, most=0, threads=set())
+        plan = engine._plan
+
+        def slow_plan(*args: Any, **kwargs: Any) -> Any:
+            stats.threads.add(threading.get_ident())
+            stats.now += 1
+            stats.most = max(stats.most, stats.now)
+            time.sleep(0.02)
+            stats.now -= 1
+            return plan(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_plan", slow_plan)
+        return stats
+
+    return watch

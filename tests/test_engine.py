@@ -229,34 +229,20 @@ def test_chat_sink_base_kv_and_its_own_entries(smollm2):
     assert (again.cache.v - ref.cache.v).abs().max().item() < 2e-4
 
 
-def test_calls_from_threads_run_one_at_a_time(smollm2, monkeypatch):
+def test_calls_from_threads_run_one_at_a_time(smollm2, watch_engine_calls):
     """One engine, one static KV buffer: calls from several threads are serialised, so each
     answer equals the one the same call gives on its own."""
-    import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     eng = make_engine(smollm2)
     eng.register_agent("planner", PLANNER)
     eng.register_agent("solver", SOLVER)
-    inside = {"now": 0, "most": 0}
-    seen: set[int] = set()
-    plan = eng._plan
-
-    def slow_plan(*args, **kwargs):  # inside generate: unserialised calls would meet here
-        seen.add(threading.get_ident())
-        inside["now"] += 1
-        inside["most"] = max(inside["most"], inside["now"])
-        time.sleep(0.02)
-        inside["now"] -= 1
-        return plan(*args, **kwargs)
-
-    monkeypatch.setattr(eng, "_plan", slow_plan)
+    calls = watch_engine_calls(eng)
     jobs = [("planner", q) for q in (Q1, Q2, Q3, Q1)]
     eng.generate("planner", {"question": Q1})  # dense once: later Q1 calls reuse
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda job: eng.generate(job[0], {"question": job[1]}), jobs))
-    assert len(seen) > 1 and inside["most"] == 1
+    assert len(calls.threads) > 1 and calls.most == 1
     dense = make_engine(smollm2, policy="dense")
     dense.register_agent("planner", PLANNER)
     want = dense.generate("planner", {"question": Q1}).token_ids

@@ -302,29 +302,15 @@ def fan_out_graph(engine, spy):
     return g.compile()
 
 
-def test_parallel_branches_share_one_engine_safely(make_engine, monkeypatch):
+def test_parallel_branches_share_one_engine_safely(make_engine, watch_engine_calls):
     """Both branches write the engine's one static KV buffer: their calls are serialised, so the
     answers equal those of the same calls made one after another."""
-    import threading
-    import time
-
     engine, spy = make_engine(), []
-    inside, seen = {"now": 0, "most": 0}, set()
-    plan = engine._plan
-
-    def slow_plan(*args, **kwargs):  # inside generate: a parallel call would overlap here
-        seen.add(threading.get_ident())
-        inside["now"] += 1
-        inside["most"] = max(inside["most"], inside["now"])
-        time.sleep(0.02)
-        inside["now"] -= 1
-        return plan(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_plan", slow_plan)
+    calls = watch_engine_calls(engine)
     graph = fan_out_graph(engine, spy)
     states = [graph.invoke({"question": q}, context=engine) for q in (Q1, Q2, Q1)]
-    assert len(seen) >= 2  # LangGraph really ran the branches on different threads
-    assert inside["most"] == 1  # and they never were inside the engine at the same time
+    assert len(calls.threads) >= 2  # LangGraph really ran the branches on different threads
+    assert calls.most == 1  # and they never were inside the engine at the same time
     ref = make_engine()
     for name, tmpl in (("planner", PLANNER), ("solver", SOLVER), ("reviewer", REVIEWER)):
         ref.register_agent(name, tmpl)
