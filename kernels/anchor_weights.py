@@ -85,7 +85,7 @@ def _token_dist_kernel(
 @jit
 def _channel_dist_kernel(
     base_ptr, anc_ptr, len_ptr, part_ptr,
-    A, T, R, TOKENS,
+    A, T, T_A, R, TOKENS,
     b_stride_r, b_stride_t, b_stride_d,
     a_stride_a, a_stride_r, a_stride_t, a_stride_d,
     D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, A_CH: tl.constexpr,
@@ -100,7 +100,10 @@ def _channel_dist_kernel(
     mask_a = offs_a < A
     mask_d = offs_d < D
     if HAS_LEN:
-        start_a = tl.load(len_ptr + offs_a, mask=mask_a, other=0).to(tl.int64) - T  # [A_CH]
+        n_a = tl.load(len_ptr + offs_a, mask=mask_a, other=0).to(tl.int64)  # [A_CH]
+        # clamped: lengths given as a device tensor are not checked on the host (no sync), and
+        # a bad value must not read outside the stack
+        start_a = tl.minimum(tl.maximum(n_a, T), T_A) - T
     else:
         start_a = tl.zeros([A_CH], dtype=tl.int64)
     b_off = offs_t[:, None] * b_stride_t + offs_d[None, :] * b_stride_d  # [BLOCK_T, BLOCK_D]
@@ -199,7 +202,7 @@ def token_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float)
 
 
 def channel_weights_forward(
-    base: torch.Tensor, anchors: torch.Tensor, tau: float, anchor_lengths: list[int] | None = None
+    base: torch.Tensor, anchors: torch.Tensor, tau: float, anchor_lengths: list[int] | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Launch the two channel-weight kernels (arguments already checked)."""
     L, H, T, D = base.shape
@@ -215,10 +218,11 @@ def channel_weights_forward(
         window, lengths = anchors[:, :, :, anchors.shape[3] - T :, :], base  # last T tokens (a view)
     else:  # ragged anchors: the kernel offsets each one to its own last T tokens
         window = anchors
-        lengths = torch.tensor(anchor_lengths, dtype=torch.int32, device=base.device)
+        lengths = (anchor_lengths if isinstance(anchor_lengths, torch.Tensor)
+                   else torch.tensor(anchor_lengths, dtype=torch.int32, device=base.device))
     part = torch.empty((splits, A, R * D), dtype=torch.float32, device=base.device)
     _channel_dist_kernel[(chunks, R, splits)](
-        base, window, lengths, part, A, T, R, tokens,
+        base, window, lengths, part, A, T, anchors.shape[3], R, tokens,
         base.stride(1), base.stride(2), base.stride(3),
         window.stride(0), window.stride(2), window.stride(3), window.stride(4),
         D=D, BLOCK_T=block_t, BLOCK_D=block_d, A_CH=a_ch, HAS_LEN=anchor_lengths is not None,
@@ -282,7 +286,7 @@ def channel_weights(
     tau: float = 1.0,
     *,
     backend: str | None = None,
-    anchor_lengths: Sequence[int] | None = None,
+    anchor_lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-(layer, head, channel) anchor weights for the text segment that follows a slot.
 
@@ -293,7 +297,10 @@ def channel_weights(
         backend: see :func:`kvcomm.kernels.get_backend`.
         anchor_lengths: optional ``A`` ints, ``T <= n_a <= T_a``: anchor ``a`` holds ``n_a``
             tokens at ``[0, n_a)`` (a right-padded stack of ragged anchors) and its tokens
-            ``[n_a - T, n_a)`` are compared. Default: every anchor is ``T_a`` long.
+            ``[n_a - T, n_a)`` are compared. Default: every anchor is ``T_a`` long. May be an
+            int32/int64 tensor on the anchors' device: the kernel then reads it without a host
+            sync (so the call can be captured in a CUDA graph) and clamps each value to
+            ``[T, T_a]`` instead of checking it; the reference checks the values.
 
     Returns:
         ``[A, L, H, D]`` float32, ``softmax_A(-||base - anchor||_2 over T / tau)``.
@@ -305,15 +312,23 @@ def channel_weights(
     lengths = _check_lengths(anchor_lengths, base, anchors)
     if use_triton(backend, base, anchors):
         return channel_weights_forward(base, anchors, tau, lengths)
+    if isinstance(lengths, torch.Tensor):
+        lengths = _check_lengths(lengths.tolist(), base, anchors)  # the reference checks the values
     return channel_weights_reference(base, anchors, tau, anchor_lengths=lengths)
 
 
-def _check_lengths(lengths: object, base: torch.Tensor, anchors: torch.Tensor) -> list[int] | None:
+def _check_lengths(lengths: object, base: torch.Tensor, anchors: torch.Tensor) -> list[int] | torch.Tensor | None:
     if lengths is None:
         return None
     A, T, T_a = anchors.shape[0], base.shape[2], anchors.shape[3]
     if isinstance(lengths, torch.Tensor):
-        lengths = lengths.tolist()  # a host sync: pass a list on the hot path
+        # kept on the device: reading its values would be a host sync (and break graph capture)
+        if lengths.shape != (A,) or lengths.dtype not in (torch.int32, torch.int64):
+            raise KernelError(
+                f"anchor_lengths as a tensor must be int32/int64 of shape [{A}], got {lengths.dtype} {tuple(lengths.shape)}"
+            )
+        check_same_device(anchors=anchors, anchor_lengths=lengths)
+        return lengths
     if not isinstance(lengths, (list, tuple)) or len(lengths) != A:
         raise KernelError(f"anchor_lengths must be a sequence of {A} ints (one per anchor), got {lengths!r}")
     if any(isinstance(n, bool) or not isinstance(n, int) or not T <= n <= T_a for n in lengths):

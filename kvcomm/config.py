@@ -60,6 +60,11 @@ class KVCommConfig:
     device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
     kernels: str = _field("auto", "kernel backend: auto (triton on CUDA), triton or torch")
     fast_path: bool = _field(True, "static KV buffer (+ CUDA graph on CUDA) for the first-token forward")
+    correction_graphs: int = _field(
+        8, "prompt layouts (agent x content lengths x anchors) whose shift+correction is kept as a CUDA "
+        "graph (fast path on CUDA, captured when a layout repeats; each holds a copy of its contents' KV), "
+        "LRU; 0: always eager"
+    )
     anchor_cache_bytes: int = _field(
         2 << 30, "bytes of anchor KV kept stacked for the kernels across calls, LRU (0: stack every call)"
     )
@@ -83,6 +88,8 @@ class KVCommConfig:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.correction_graphs < 0:
+            raise ConfigError(f"correction_graphs={self.correction_graphs} must be >= 0")
         if self.anchor_cache_bytes < 0:
             raise ConfigError(f"anchor_cache_bytes={self.anchor_cache_bytes} must be >= 0")
         if not 0 < self.min_anchor_coverage <= 1:

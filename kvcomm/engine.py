@@ -424,8 +424,13 @@ class KVCommEngine:
         for sa in plan.anchors:  # stacked once per set of stored tensors, then served from the cache
             if sa is not None:
                 sa.stacks(self.anchor_stacks.stack)
-        block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=self.config.policy == "kvcomm",
-                         out=buf.prompt_views(P - 1) if buf is not None else None)
+        correct = self.config.policy == "kvcomm"
+        if buf is not None and buf.correction is not None:  # CUDA: replayed where the layout repeats
+            block = buf.correction.run(pieces, P - 1, self.inv_freq, self.config, correct=correct,
+                                       out=buf.prompt_views(P - 1))
+        else:
+            block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=correct,
+                             out=buf.prompt_views(P - 1) if buf is not None else None)
         rec.anchors_matched = sum(len(x) for x in plan.anchors if x is not None)
         rec.bytes_moved = block.nbytes
         _sync(self.model.device)
@@ -484,7 +489,7 @@ class KVCommEngine:
         """The engine's one static buffer, grown (and its CUDA graph recaptured) when too small."""
         if self._static is None or self._static.capacity < need:
             capacity = -(-need // 512) * 512
-            self._static = StaticPromptCache(self.model, capacity)
+            self._static = StaticPromptCache(self.model, capacity, correction_graphs=self.config.correction_graphs)
         return self._static
 
     def _encode(self, text: str) -> list[int]:

@@ -22,6 +22,7 @@ import torch
 from transformers import StaticCache
 
 from kvcomm.errors import KernelError
+from kvcomm.graphs import AssembleGraphs
 from kvcomm.kernels.decode_attention import decode_attention
 from kvcomm.kernels.dispatch import use_triton
 from kvcomm.kv import KVBlock
@@ -103,6 +104,10 @@ class StaticPromptCache:
         model: the HF causal LM.
         capacity: S, the most tokens (prompt + generated) it holds.
         use_graph: capture the one-token forward as a CUDA graph (CUDA only).
+        correction_graphs: with ``use_graph``, how many prompt layouts the reuse path's
+            shift+correction keeps captured (:class:`kvcomm.graphs.AssembleGraphs`, used through
+            ``self.correction``); 0: none. ``correction_backend="eager"`` keeps that bookkeeping
+            without CUDA graphs, on any device (how the tests check it on CPU).
         decode_kernel: run the one-token forwards' attention through the Triton decode kernel
             (default: when the buffers are on CUDA and Triton imports, as the kernels' "auto"
             backend decides; ``kvcomm.kernels.set_backend("torch")`` turns it off). Where the
@@ -110,7 +115,8 @@ class StaticPromptCache:
     """
 
     def __init__(
-        self, model: Any, capacity: int, *, use_graph: bool | None = None, decode_kernel: bool | None = None
+        self, model: Any, capacity: int, *, use_graph: bool | None = None, decode_kernel: bool | None = None,
+        correction_graphs: int = 8, correction_backend: str | None = None,
     ) -> None:
         cfg = model.config
         L = cfg.num_hidden_layers
@@ -135,6 +141,9 @@ class StaticPromptCache:
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.use_graph = (dev.type == "cuda") if use_graph is None else use_graph
         self.graph: Any = None
+        # the correction writes into self.k/self.v: its graphs live and die with these buffers
+        backend = correction_backend or ("cuda" if self.use_graph else None)
+        self.correction = AssembleGraphs(correction_graphs, backend=backend) if backend and correction_graphs else None
         self.graph_failed = False
         self._logits: torch.Tensor | None = None
         if decode_kernel is None:

@@ -48,9 +48,14 @@ class SlotAnchors:
         """The anchors stacked as the kernels take them, built once (``stack``: e.g. a StackCache's)."""
         if self.stacked is None:
             lengths = [b.length for b in self.base]
+            ragged = len(set(lengths)) > 1
+            ph = stack(self.ph)
             self.stacked = AnchorStack(
-                ph=stack(self.ph), pf=stack(self.pf), base=None if self.exact else stack(self.base),
-                lengths=lengths if len(set(lengths)) > 1 else None,
+                ph=ph, pf=stack(self.pf), base=None if self.exact else stack(self.base),
+                lengths=lengths if ragged else None,
+                # built here, before the correction: channel_weights reads it without a host
+                # copy, so the correction stays capturable as a CUDA graph
+                lengths_on_device=torch.tensor(lengths, dtype=torch.int32, device=ph.k.device) if ragged else None,
             )
         return self.stacked
 
@@ -130,8 +135,9 @@ def assemble(
                 # (the last min(T, shortest anchor) tokens where anchors may be shorter)
                 tail = min(content.length, *(st.lengths or [st.base.k.shape[3]]))
                 ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
-                wk = channel_weights(ck, st.base.k, tau=config.tau, anchor_lengths=st.lengths)
-                wv = channel_weights(cv, st.base.v, tau=config.tau, anchor_lengths=st.lengths)
+                lengths = st.lengths_on_device if st.lengths_on_device is not None else st.lengths
+                wk = channel_weights(ck, st.base.k, tau=config.tau, anchor_lengths=lengths)
+                wv = channel_weights(cv, st.base.v, tau=config.tau, anchor_lengths=lengths)
         rotate = config.rerotate_key_deltas
         if not rotate:
             # reference variant: each anchor's key deltas back in the frame it was measured in

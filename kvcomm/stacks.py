@@ -34,6 +34,7 @@ class AnchorStack:
     pf: KVBlock  # [A, L, H, M, D] deltas of the following segment (M: the segment's length)
     base: KVBlock | None = None  # [A, L, H, max T_a, D] anchor bases; None for an exact slot
     lengths: list[int] | None = None  # each base's T_a when they differ, else None
+    lengths_on_device: torch.Tensor | None = None  # the same on the stacks' device (read without a sync)
 
 
 def pad_stack(xs: list[torch.Tensor]) -> torch.Tensor:

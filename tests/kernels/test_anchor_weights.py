@@ -93,6 +93,21 @@ def test_channel_weights_ragged_anchor_lengths(impl: str) -> None:
         channel_weights(base, stack, backend=impl, anchor_lengths=[7, 13, 9, 10, 7])  # > T_a
     with pytest.raises(KernelError, match="anchor_lengths"):
         channel_weights(base, stack, backend=impl, anchor_lengths=[7, 12])  # not one per anchor
+    # as a tensor on the device: the same weights (the kernel reads it without a host sync)
+    for dtype in (torch.int32, torch.int64):
+        got = channel_weights(base, stack, backend=impl, anchor_lengths=torch.tensor(lengths, dtype=dtype))
+        assert_close(got, want, ATOL, RTOL)
+    with pytest.raises(KernelError, match="anchor_lengths as a tensor"):
+        channel_weights(base, stack, backend=impl, anchor_lengths=torch.tensor(lengths[:2]))
+    with pytest.raises(KernelError, match="anchor_lengths as a tensor"):
+        channel_weights(base, stack, backend=impl, anchor_lengths=torch.tensor(lengths, dtype=torch.float32))
+    bad = torch.tensor([7, 13, 9, 10, 3])  # out of [T, T_a]
+    if impl == "torch":  # the reference reads the values and checks them
+        with pytest.raises(KernelError, match="anchor_lengths"):
+            channel_weights(base, stack, backend=impl, anchor_lengths=bad)
+    else:  # the kernel clamps them to [T, T_a]: never a read outside the stack
+        clamped = channel_weights(base, stack, backend=impl, anchor_lengths=bad.clamp(T, max(lengths)).tolist())
+        assert_close(channel_weights(base, stack, backend=impl, anchor_lengths=bad), clamped, ATOL, RTOL)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
