@@ -12,22 +12,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kvcomm.anchors import AnchorPool, ShareDecision
+from kvcomm.anchors import ShareDecision
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import StaticPromptCache
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill
 from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
-from kvcomm.reuse import Piece, SlotAnchors, assemble, key_delta
+from kvcomm.planner import AgentPrompt, Planner
+from kvcomm.reuse import assemble
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.stacks import StackCache
-from kvcomm.template import RenderedTemplate, Template, chat_prefix, slot_kind
+from kvcomm.template import Template, chat_prefix, slot_kind
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +49,6 @@ class Content:
 
 
 @dataclass
-class _Agent:
-    name: str
-    template: Template
-    rendered: RenderedTemplate
-    block: KVBlock  # the template prefilled with dummy slot text
-    reg_starts: list[int]  # where each segment starts in that prefill
-
-
-@dataclass
 class Result:
     """One agent call's answer and what it cost."""
 
@@ -74,14 +66,6 @@ class Result:
     @property
     def reused_tokens(self) -> int:
         return self.record.reused_tokens
-
-
-@dataclass
-class _Plan:
-    mode: str
-    anchors: list[SlotAnchors | None] = field(default_factory=list)
-    record_slots: list[int] = field(default_factory=list)  # anchors lacking this agent's deltas
-    slot_state: dict[str, str] = field(default_factory=dict)
 
 
 def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,13 +121,13 @@ class KVCommEngine:
         self.store = store
         self.prefix = f"{self.fingerprint[:16]}:"
         self.inv_freq = model_inv_freq(model).to(model.device)
+        self.planner = Planner(store, self.prefix, self.fingerprint, self.config, model.device, self.inv_freq)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self.agents: dict[str, _Agent] = {}
+        self.agents: dict[str, AgentPrompt] = {}
         self.latest: dict[str, Content] = {}
         self.records: list[CallRecord] = []
         self.last_prompt_ids: list[int] = []
         self._static: StaticPromptCache | None = None
-        self._pools: dict[str, AnchorPool] = {}
         self.anchor_stacks = StackCache(self.config.anchor_cache_bytes)  # anchors stacked for the kernels
         sink = chat_prefix(tokenizer) if self.config.sink_text == "chat" else self.config.sink_text
         self._sink = self._encode(sink)
@@ -173,14 +157,14 @@ class KVCommEngine:
             starts.append(len(ids))
             ids += seg
         key = f"tmpl:{name}:{_hash_ids(ids)}"
-        block = self._fetch(key, length=len(ids))
+        block = self.planner.fetch(key, length=len(ids))
         if block is None:
             _, cache = prefill(self.model, ids)
             block = block_from_cache(cache)
-            self.store.put(f"{self.prefix}{key}", self._entry({"k": block.k, "v": block.v}, {"agent": name}))
-        self.agents[name] = _Agent(name, tmpl, rendered, block, starts)
+            self.store.put(f"{self.prefix}{key}", self.planner.entry({"k": block.k, "v": block.v}, {"agent": name}))
+        self.agents[name] = AgentPrompt(name, tmpl, rendered, block, starts)
 
-    def _agent(self, name: str) -> _Agent:
+    def _agent(self, name: str) -> AgentPrompt:
         try:
             return self.agents[name]
         except KeyError:
@@ -212,7 +196,7 @@ class KVCommEngine:
                     f"this engine runs {self.fingerprint[:16]}"
                 )
             kv = KVBlock(kv.tensors["k"], kv.tensors["v"])
-        stored = self._fetch(f"content:{h}", length=len(ids))
+        stored = self.planner.fetch(f"content:{h}", length=len(ids))
         if stored is not None:
             return Content(slot, tuple(ids), h, stored)
         if kv is None:
@@ -222,43 +206,9 @@ class KVCommEngine:
             kv = KVBlock(shift_keys(raw.k, -s, self.inv_freq), raw.v)
         content = Content(slot, tuple(ids), h, kv)
         if self.config.policy == "kvcomm":
-            content.decision = self._admit(content)
-        self.store.put(key, self._entry({"k": kv.k, "v": kv.v}, {"slot": slot, "length": len(ids)}))
+            content.decision = self.planner.admit(content)
+        self.store.put(key, self.planner.entry({"k": kv.k, "v": kv.v}, {"slot": slot, "length": len(ids)}))
         return content
-
-    def _pool(self, slot: str) -> AnchorPool:
-        if slot not in self._pools:
-            self._pools[slot] = AnchorPool(self.store, self.prefix, slot, self.config)
-        return self._pools[slot]
-
-    def _admit(self, content: Content) -> ShareDecision:
-        pool = self._pool(content.slot)
-        anchor_v = {}
-        for a in pool.anchors():
-            if a.content_hash == content.hash:
-                return ShareDecision(False, "already an anchor")
-            if self._covers(a.length, content.length):
-                base = self._fetch(f"content:{a.content_hash}")
-                if base is not None:
-                    anchor_v[a.content_hash] = base.v
-        decision = pool.decide(content.hash, content.kv.v, anchor_v)
-        if decision.new_anchor:
-            for gone in pool.add(content.hash, content.length):
-                for key in self.store.scan(f"{self.prefix}delta:{gone}:"):
-                    self.store.delete(key)
-        return decision
-
-    def _covers(self, anchor_length: int, length: int) -> bool:
-        """Whether an anchor this long may stand in for a content of ``length`` tokens."""
-        return anchor_length >= length * self.config.min_anchor_coverage
-
-    def _fetch(self, key: str, *, length: int | None = None) -> KVBlock | None:
-        """A stored KV block on the model's device; None when missing or not ``length`` tokens long."""
-        entry = self.store.get(f"{self.prefix}{key}", fingerprint=self.fingerprint)
-        if entry is None or (length is not None and entry.tensors["k"].shape[2] != length):
-            return None
-        dev = self.model.device
-        return KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev))
 
     # -- one call ---------------------------------------------------------------------------
     @_serialized
@@ -314,7 +264,7 @@ class KVCommEngine:
             )
         _sync(self.model.device)
         t0 = time.perf_counter()  # TTFT counts planning, i.e. fetching anchors and deltas
-        plan = self._plan(a, contents)
+        plan = self.planner.plan(a, contents)
         rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=P,
                          reused_tokens=0, recomputed_tokens=P, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
@@ -337,7 +287,7 @@ class KVCommEngine:
             prompt_kv = block_from_cache(cache, 0, P - 1)
         t1 = time.perf_counter()
         if plan.record_slots:
-            self._record_deltas(a, contents, cache, seg_starts, slot_starts, plan.record_slots)
+            self.planner.record_deltas(a, contents, cache, seg_starts, slot_starts, plan.record_slots)
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()
@@ -355,70 +305,11 @@ class KVCommEngine:
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return Result(text, out_ids, plan.mode, rec, step_logits if return_logits else None, prompt_kv)
 
-    def _plan(self, a: _Agent, contents: list[Content]) -> _Plan:
-        policy = self.config.policy
-        if policy in ("dense", "prefix"):
-            return _Plan(policy)
-        if policy in ("naive", "cacheblend"):
-            return _Plan("reuse", [None] * len(contents))
-        plan = _Plan("reuse")
-        for i, c in enumerate(contents):
-            pool = self._pool(c.slot)
-            anchors = pool.anchors()
-            if any(x.content_hash == c.hash for x in anchors):
-                got = self._slot_anchors(a.name, [c.hash], exact=True)
-                plan.slot_state[c.slot] = "exact" if got else "new-anchor"
-                if not got:
-                    plan.mode = "dense"
-                    plan.record_slots.append(i)
-                plan.anchors.append(got)
-                continue
-            usable = [x.content_hash for x in anchors if self._covers(x.length, c.length)]
-            got = self._slot_anchors(a.name, usable, exact=False)
-            plan.slot_state[c.slot] = f"shared({len(got) if got else 0})"
-            if got is None:
-                plan.mode = "dense"
-            plan.anchors.append(got)
-        return plan
-
-    def _slot_anchors(self, agent: str, hashes: list[str], *, exact: bool) -> SlotAnchors | None:
-        sa = SlotAnchors([], [], [], exact=exact)
-        for h in hashes:
-            delta = self.store.get(f"{self.prefix}delta:{h}:{agent}", fingerprint=self.fingerprint)
-            if delta is None:
-                continue
-            base = self._fetch(f"content:{h}")
-            if base is None:
-                continue
-            dev = self.model.device
-            t = {k: v.to(dev) for k, v in delta.tensors.items()}
-            sa.base.append(base)
-            sa.ph.append(KVBlock(t["ph.k"], t["ph.v"]))
-            sa.pf.append(KVBlock(t["pf.k"], t["pf.v"]))
-            sa.ph_shift.append(int(delta.meta["ph_shift"]))
-            sa.pf_shift.append(int(delta.meta["pf_shift"]))
-        return sa if len(sa) else None
-
-    def _pieces(self, a: _Agent, contents: list[Content], seg_starts: list[int], slot_starts: list[int],
-                anchors: list[SlotAnchors | None]) -> list[Piece]:
-        segs = a.rendered.segment_ids
-        pieces = [Piece(0, a.block.slice(0, len(segs[0])), 0)]
-        for j, c in enumerate(contents):
-            sa = anchors[j] if j < len(anchors) else None
-            # an answer's base KV was computed in its producer's context already: averaging other
-            # answers' per-position deltas can add more error than it removes (config switch)
-            fix = self.config.correct_answer_slots or slot_kind(c.slot) != "agent" or (sa is not None and sa.exact)
-            pieces.append(Piece(slot_starts[j], c.kv, slot_starts[j], sa, "slot", correct=fix))
-            r = a.reg_starts[j + 1]
-            seg_block = a.block.slice(r, r + len(segs[j + 1]))
-            pieces.append(Piece(seg_starts[j + 1], seg_block, seg_starts[j + 1] - r, sa, "seg", c.kv))
-        return pieces
-
     def _reuse(self, a, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new):
         P = len(ids)
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
-        pieces = self._pieces(a, contents, seg_starts, slot_starts, plan.anchors)
+        pieces = self.planner.pieces(a, contents, seg_starts, slot_starts, plan.anchors)
         fast = self.config.fast_path and self.config.policy != "cacheblend"
         buf = self._static_cache(P + n_new) if fast else None
         for sa in plan.anchors:  # stacked once per set of stored tensors, then served from the cache
@@ -453,22 +344,6 @@ class KVCommEngine:
         rec.reused_tokens, rec.recomputed_tokens = P - n_re, n_re
         return logits, cache, rec
 
-    def _record_deltas(self, a, contents, cache, seg_starts, slot_starts, which) -> None:
-        real = block_from_cache(cache, 0, seg_starts[-1] + len(a.rendered.segment_ids[-1]))
-        for j in which:
-            c = contents[j]
-            q, T = slot_starts[j], c.length
-            ph_k = key_delta(real.k[:, :, q : q + T], c.kv.k, q, self.inv_freq)
-            ph_v = real.v[:, :, q : q + T] - c.kv.v
-            r, p = a.reg_starts[j + 1], seg_starts[j + 1]
-            m = len(a.rendered.segment_ids[j + 1])
-            seg = a.block.slice(r, r + m)
-            pf_k = key_delta(real.k[:, :, p : p + m], seg.k, p - r, self.inv_freq)
-            pf_v = real.v[:, :, p : p + m] - seg.v
-            entry = self._entry({"ph.k": ph_k, "ph.v": ph_v, "pf.k": pf_k, "pf.v": pf_v},
-                                {"ph_shift": q, "pf_shift": p - r, "agent": a.name, "slot": c.slot})
-            self.store.put(f"{self.prefix}delta:{c.hash}:{a.name}", entry)
-
     def _publish_answer(self, agent: str, answer: list[int], cache: Any, P: int) -> None:
         slot = f"agent:{agent}"
         if self.config.answer_base == "prefill":
@@ -494,12 +369,6 @@ class KVCommEngine:
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
-
-    def _entry(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
-        from kvcomm.store import KVEntry
-
-        return KVEntry(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta,
-                       fingerprint=self.fingerprint)
 
     @_serialized
     def reset_answers(self) -> None:

@@ -61,7 +61,7 @@ def test_first_two_contents_become_anchors_then_shareable(smollm2):
     eng = make_engine(smollm2)
     for q in (Q1, Q2):
         assert eng.publish("question", q).decision.new_anchor
-    assert len(eng._pool("question").anchors()) == 2
+    assert len(eng.planner.pool("question").anchors()) == 2
     third = eng.publish("question", Q1[:-1] + " exactly?")
     assert third.decision is not None and third.decision.reason in ("shareable", "entropy", "too few anchors")
 
@@ -144,7 +144,7 @@ def test_answer_published_for_downstream_slot(smollm2):
 
 def test_eviction_obeys_capacity_and_window(smollm2):
     eng = make_engine(smollm2, max_anchors=3, eviction_window=2, min_anchors=99)
-    pool = eng._pool("question")
+    pool = eng.planner.pool("question")
     for h in ("a", "b", "c"):
         assert pool.add(h, 5) == []
     eng.store.hincrby(f"{eng.prefix}uses:question", "a", 3)  # 'a' is oldest but used
