@@ -53,18 +53,27 @@ def check_position_delta(name: str, delta: object, tokens: int) -> int | torch.T
     return delta
 
 
-def rope_angles(delta: int | torch.Tensor, inv_freq: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of ``delta * inv_freq`` in float32, duplicated over both halves: each [T, D] or [1, D]."""
-    f = inv_freq.to(torch.float32)
+def rotate(x: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Float32 ``x [..., T, D]`` rotated by ``delta`` positions, as a new tensor.
+
+    The model's convention ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``
+    and the angles ``delta * inv_freq`` duplicated over both halves, computed by halves
+    (``[x1 c - x2 s, x2 c + x1 s]``): no duplicated angles, no concatenated copy of x.
+    """
+    T, D = x.shape[-2], x.shape[-1]
+    half = D // 2
+    f = inv_freq.to(device=x.device, dtype=torch.float32)
     if isinstance(delta, int):
-        d = torch.full((1, 1), delta, dtype=torch.float32, device=f.device)
+        d = torch.full((1, 1), delta, dtype=torch.float32, device=x.device)
     else:
-        d = delta.to(device=f.device, dtype=torch.float32).reshape(tokens, 1)
-    ang = d * f[None, :]
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos(), ang.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        d = delta.to(device=x.device, dtype=torch.float32).reshape(T, 1)
+    ang = d * f[None, :]  # [T or 1, D/2]
+    c, s = ang.cos(), ang.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    y = torch.empty_like(x)
+    y1, y2 = y[..., :half], y[..., half:]
+    torch.mul(x1, c, out=y1)
+    y1.sub_(x2 * s)
+    torch.mul(x2, c, out=y2)
+    y2.add_(x1 * s)
+    return y

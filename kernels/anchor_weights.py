@@ -236,7 +236,7 @@ def token_weights_reference(base: torch.Tensor, anchors: torch.Tensor, tau: floa
     T = base.shape[2]
     b = base.to(torch.float32)
     # one anchor at a time: no [A, L, H, T, D] float32 temporary
-    dist = torch.stack([(b - a[:, :, :T].to(torch.float32)).abs().mean(dim=(0, 1, 3)) for a in anchors])
+    dist = torch.stack([(b - a[:, :, :T].to(torch.float32)).abs_().mean(dim=(0, 1, 3)) for a in anchors])
     return torch.softmax(-dist / tau, dim=0)
 
 
@@ -250,7 +250,7 @@ def channel_weights_reference(
     b = base.to(torch.float32)
     # anchor a's last T valid tokens: [n_a - T, n_a)
     dist = torch.stack([
-        (b - a[:, :, n - T : n].to(torch.float32)).square().sum(dim=2).sqrt()
+        (b - a[:, :, n - T : n].to(torch.float32)).square_().sum(dim=2).sqrt()
         for a, n in zip(anchors, ends, strict=True)
     ])
     return torch.softmax(-dist / tau, dim=0)

@@ -22,8 +22,7 @@ from kvcomm.kernels._checks import (
     check_inv_freq,
     check_position_delta,
     check_same_device,
-    rope_angles,
-    rotate_half,
+    rotate,
 )
 from kvcomm.kernels._triton import cast_rne, cdiv, emulate_bf16, jit, next_power_of_2, tl
 from kvcomm.kernels.dispatch import use_triton
@@ -183,16 +182,13 @@ def apply_correction_reference(
     for a in range(deltas.shape[0]):  # a loop, not one einsum: no [A, L, H, T, D] fp32 temporary
         w = weights[a].to(torch.float32)
         w = w[None, None, :, None] if weights.dim() == 2 else w[lo:, :, None, :]
-        corr[lo:] += w * deltas[a, lo:].to(torch.float32)
+        corr[lo:].addcmul_(w, deltas[a, lo:].to(torch.float32))
     if inv_freq is None:
-        y = x + corr
+        y = corr.add_(x)
+    elif rotate_deltas:
+        y = rotate(corr.add_(x), delta_pos, inv_freq)
     else:
-        cos, sin = rope_angles(delta_pos, inv_freq, T)
-        if rotate_deltas:
-            x = x + corr
-        y = x * cos + rotate_half(x) * sin
-        if not rotate_deltas:
-            y = y + corr
+        y = rotate(x, delta_pos, inv_freq).add_(corr)
     if out is None:
         return y.to(base.dtype)
     out.copy_(y)

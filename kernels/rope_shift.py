@@ -16,8 +16,7 @@ from kvcomm.kernels._checks import (
     check_inv_freq,
     check_position_delta,
     check_same_device,
-    rope_angles,
-    rotate_half,
+    rotate,
 )
 from kvcomm.kernels._triton import cast_rne, cdiv, emulate_bf16, jit, next_power_of_2, tl
 from kvcomm.kernels.dispatch import use_triton
@@ -102,9 +101,7 @@ def rope_shift_forward(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: tor
 def rope_shift_reference(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Plain-torch rope_shift (same contract)."""
     k, delta, inv_freq = _check(k, delta, inv_freq)
-    cos, sin = rope_angles(delta, inv_freq, k.shape[-2])
-    kf = k.to(torch.float32)
-    return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+    return rotate(k.to(torch.float32), delta, inv_freq).to(k.dtype)
 
 
 def rope_shift(
