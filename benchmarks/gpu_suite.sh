@@ -16,7 +16,7 @@ cd /tmp && python3 -c "import torch, transformers, triton, kvcomm.store, kvcomm.
 STAGE=${1:-all}
 if [[ $STAGE == all || $STAGE == ttft ]]; then
   timeout 260 python3 benchmarks/ttft.py --model-shape llama-3.1-8b --device cuda --dtype bfloat16 \
-    --warmup 4 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
+    --warmup 5 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
 fi
 if [[ $STAGE == all || $STAGE == tests ]]; then
   timeout 90 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_graphs.py > "$OUT/gpu_tests.txt" 2>&1
