@@ -3,6 +3,8 @@
 # benchmark in the paper's setting. Wheels the GPU image lacks (transformers 5.24, redis) are
 # carried in .whl/dev. Results land in $OUT. `python3 -P`: the checkout's kvcomm/ must not shadow
 # the installed package (kvcomm.store/kernels/agents exist only installed).
+# Stages run alone too: `bash benchmarks/gpu_suite.sh ttft` (or tests, kernels, profile); all four
+# together may exceed one 600 s device call.
 set -uo pipefail
 OUT=${OUT:-/tmp/kvcomm-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
