@@ -52,6 +52,10 @@ class KVCommConfig:
         "'prefill' (prefilled alone like user input, one extra prefill of the answer)"
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
+    recompute_ratio: float = _field(
+        0.0, "kvcomm: also recompute this fraction of the corrected tokens, those whose layer-1 values "
+        "deviate most (CacheBlend's selection, one 2-layer pass over the prompt); 0: only the last token"
+    )
     sink_text: str = _field(
         "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "
         "template's text before a user message (after a generic system prompt)"
@@ -86,6 +90,8 @@ class KVCommConfig:
             raise ConfigError(f"tau={self.tau} must be > 0")
         if not 0 <= self.cacheblend_ratio <= 1:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
+        if not 0 <= self.recompute_ratio <= 1:
+            raise ConfigError(f"recompute_ratio={self.recompute_ratio} must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.correction_graphs < 0:

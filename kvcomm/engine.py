@@ -283,7 +283,7 @@ class KVCommEngine:
             rec.first_token_ms = rec.ttft_ms
 
         prompt_kv = None
-        if return_cache and self.config.policy != "cacheblend":
+        if return_cache and not self._recomputes():  # a selective recompute's cache is not in prompt order
             prompt_kv = block_from_cache(cache, 0, P - 1)
         t1 = time.perf_counter()
         if plan.record_slots:
@@ -310,7 +310,7 @@ class KVCommEngine:
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
         pieces = self.planner.pieces(a, contents, seg_starts, slot_starts, plan.anchors)
-        fast = self.config.fast_path and self.config.policy != "cacheblend"
+        fast = self.config.fast_path and not self._recomputes()
         buf = self._static_cache(P + n_new) if fast else None
         for sa in plan.anchors:  # stacked once per set of stored tensors, then served from the cache
             if sa is not None:
@@ -327,11 +327,11 @@ class KVCommEngine:
         _sync(self.model.device)
         t_corr = time.perf_counter()
         rec.correct_ms = (t_corr - t_fetch) * 1e3
-        if self.config.policy == "cacheblend":
+        if self._recomputes():
             from kvcomm.cacheblend import selective_recompute
 
-            logits, cache, n_re = selective_recompute(self.model, ids, block, len(a.rendered.segment_ids[0]),
-                                                      self.config.cacheblend_ratio)
+            ratio = self.config.cacheblend_ratio if self.config.policy == "cacheblend" else self.config.recompute_ratio
+            logits, cache, n_re = selective_recompute(self.model, ids, block, len(a.rendered.segment_ids[0]), ratio)
         elif buf is not None:
             buf.begin(P - 1)
             logits, cache, n_re = buf.step(ids[-1], P - 1), buf, 1
@@ -360,6 +360,10 @@ class KVCommEngine:
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _recomputes(self) -> bool:
+        """Whether reuse calls recompute selected tokens (cacheblend; kvcomm with recompute_ratio)."""
+        return self.config.policy == "cacheblend" or (self.config.policy == "kvcomm" and self.config.recompute_ratio > 0)
+
     def _static_cache(self, need: int) -> StaticPromptCache:
         """The engine's one static buffer, grown (and its CUDA graph recaptured) when too small."""
         if self._static is None or self._static.capacity < need:

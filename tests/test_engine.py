@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -118,6 +120,30 @@ def test_cacheblend_full_ratio_equals_dense(smollm2):
     ref = dense.generate("planner", {"question": Q2}, max_new_tokens=10)
     assert got.token_ids == ref.token_ids
     assert got.record.recomputed_tokens == got.record.prompt_tokens - len(eng.agents["planner"].rendered.segment_ids[0])
+
+
+def test_kvcomm_recompute_ratio(smollm2):
+    """recompute_ratio=1 recomputes every corrected token: dense's answer; a small ratio some."""
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q3}, max_new_tokens=10, return_logits=True)
+    for ratio in (1.0, 0.2):
+        eng = make_engine(smollm2, recompute_ratio=ratio, gamma=1.0)
+        eng.register_agent("planner", PLANNER)
+        for q in (Q1, Q2):
+            assert eng.generate("planner", {"question": q}).mode == "dense"  # anchors, deltas recorded
+        got = eng.generate("planner", {"question": Q3}, max_new_tokens=10, return_logits=True)
+        assert got.mode == "reuse", got.record.slots
+        fixed = len(eng.agents["planner"].rendered.segment_ids[0])
+        reused = got.record.prompt_tokens - 1 - fixed
+        if ratio == 1.0:
+            assert got.record.recomputed_tokens == reused + 1
+            assert got.token_ids == ref.token_ids
+            assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-3)
+        else:
+            assert got.record.recomputed_tokens == math.ceil(ratio * reused) + 1
+    with pytest.raises(ConfigError, match="recompute_ratio"):
+        KVCommConfig(recompute_ratio=1.5)
 
 
 def test_prefix_policy_reuses_system_prompt_exactly(smollm2):
