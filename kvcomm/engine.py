@@ -78,7 +78,11 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def locked(self: KVCommEngine, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
+        # inference mode off: a caller's `with torch.inference_mode():` would otherwise make every
+        # tensor the engine keeps (stored KV, anchor stacks) an inference tensor, which has no
+        # version counter, so the caches that check for in-place edits could never hit (the
+        # forwards still run under their own inference_mode)
+        with self.lock, torch.inference_mode(False):
             return method(self, *args, **kwargs)
 
     return locked

@@ -36,6 +36,7 @@ import torch
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, assemble
+from kvcomm.stacks import version_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +47,15 @@ class _CopyInput:
 
     static: torch.Tensor
     source: torch.Tensor | None = None  # the tensor copied last (kept alive: its address stays its own)
-    version: int = -1
+    version: int | None = None  # its version counter then (None: an inference tensor, always copied)
 
     def refresh(self, src: torch.Tensor) -> None:
         last = self.source
-        if (last is not None and last.data_ptr() == src.data_ptr() and last.stride() == src.stride()
-                and src._version == self.version):
+        if (last is not None and self.version is not None and last.data_ptr() == src.data_ptr()
+                and last.stride() == src.stride() and version_of(src) == self.version):
             return
         self.static.copy_(src)
-        self.source, self.version = src, src._version
+        self.source, self.version = src, version_of(src)
 
 
 @dataclass

@@ -98,7 +98,7 @@ class StackCache:
             if block.nbytes <= self.max_bytes:
                 while self._items and self._bytes + block.nbytes > self.max_bytes:
                     self._drop(next(iter(self._items)))
-                self._items[key] = ([weakref.ref(t) for t in srcs], [t._version for t in srcs], block)
+                self._items[key] = ([weakref.ref(t) for t in srcs], [version_of(t) for t in srcs], block)
                 self._bytes += block.nbytes
         return block
 
@@ -122,4 +122,14 @@ class StackCache:
 
 def _same(item: tuple[list[weakref.ref], list[int], KVBlock], srcs: list[torch.Tensor]) -> bool:
     refs, versions, _ = item
-    return all(r() is t and v == t._version for r, v, t in zip(refs, versions, srcs, strict=True))
+    return all(r() is t and v is not None and v == version_of(t) for r, v, t in zip(refs, versions, srcs, strict=True))
+
+
+def version_of(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (it moves on every in-place write); None for an inference tensor.
+
+    Tensors made under ``torch.inference_mode()`` have no version counter, so an in-place write
+    to one cannot be detected: callers must treat None as "may have changed" and never reuse what
+    they derived from it.
+    """
+    return None if t.is_inference() else t._version

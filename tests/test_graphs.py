@@ -105,6 +105,21 @@ def test_unchanged_content_is_not_copied_again_but_an_edit_in_place_is(monkeypat
     assert torch.equal(out.v, want.v) and torch.equal(out.k, want.k)
 
 
+def test_inference_tensor_contents_are_copied_every_call():
+    lay, graphs = Layout(), AssembleGraphs(4, backend="eager")
+    out = _out(lay.total)
+    with torch.inference_mode():
+        content = _kv(lay.T)
+    for _ in range(2):
+        graphs.run(lay.pieces(content), lay.total, INV_FREQ, CONFIG, correct=True, out=out)
+    with torch.inference_mode():
+        content.k.mul_(3)  # no version counter to move: the copy must not be skipped
+    graphs.run(lay.pieces(content), lay.total, INV_FREQ, CONFIG, correct=True, out=out)
+    assert graphs.replays == 2  # the capture call replays too
+    want = _expected(lay.pieces(content), lay.total)
+    assert torch.equal(out.k, want.k) and torch.equal(out.v, want.v)
+
+
 def test_other_anchors_or_lengths_are_another_layout():
     lay, graphs = Layout(), AssembleGraphs(4, backend="eager")
     out = _out(lay.total)
@@ -206,9 +221,15 @@ def test_engine_with_correction_graphs_equals_engine_without(smollm2, monkeypatc
     monkeypatch.setattr(engine_module, "StaticPromptCache", _EagerGraphCache)
     eng, graphed = run()
     assert eng._static.correction is not None and eng._static.correction.replays > 0
-    for p, g in zip(plain, graphed, strict=True):
-        assert p.mode == g.mode and p.token_ids == g.token_ids
-        assert torch.equal(p.logits[0], g.logits[0])
+    # a caller inside torch.inference_mode(): same answers, and the caches still hit (the engine
+    # keeps its own tensors out of inference mode, so their version counters work)
+    with torch.inference_mode():
+        eng_inf, graphed_inf = run()
+    assert eng_inf._static.correction.replays == eng._static.correction.replays
+    assert eng_inf.anchor_stacks.hits == eng.anchor_stacks.hits > 0
+    for p, g, gi in zip(plain, graphed, graphed_inf, strict=True):
+        assert p.mode == g.mode == gi.mode and p.token_ids == g.token_ids == gi.token_ids
+        assert torch.equal(p.logits[0], g.logits[0]) and torch.equal(p.logits[0], gi.logits[0])
     assert sum(r.mode == "reuse" for r in graphed) >= 4
 
 

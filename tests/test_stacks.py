@@ -65,3 +65,17 @@ def test_cache_obeys_its_byte_budget_and_forgets_freed_sources() -> None:
     cache.stack([_block(4), _block(4)])
     assert len(cache) == 1  # entries whose sources were freed are dropped at the next miss
     assert StackCache(0).stack([_block(4), _block(4)]) is not None  # disabled: stacks every call
+
+
+def test_inference_tensors_are_never_served_from_the_cache() -> None:
+    # an inference tensor has no version counter: an in-place write to it cannot be seen, so a
+    # stack built from one is rebuilt on every call (correct, never stale)
+    with torch.inference_mode():
+        parts = [_block(5), _block(7)]
+    cache = StackCache(1 << 20)
+    first = cache.stack(parts)
+    with torch.inference_mode():
+        parts[0].k.add_(1.0)
+    second = cache.stack(parts)
+    assert second is not first and cache.hits == 0
+    assert torch.equal(second.k, stack_blocks(parts).k)
