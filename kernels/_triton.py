@@ -40,6 +40,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def target_programs(device: Any, interpreter: int) -> int:
+    """How many programs a grid should reach to fill the GPU: 4 per SM (properties are cached, no
+    sync). Under the interpreter on CPU, ``interpreter``: few programs, each kernel says how few."""
+    if device.type == "cuda":
+        import torch
+
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return interpreter
+
+
 @jit
 def cast_rne(y, EMULATE_BF16: tl.constexpr):
     """Round float32 ``y`` for a store to a bfloat16 pointer the way torch's ``.to()`` does.

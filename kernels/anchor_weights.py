@@ -21,7 +21,7 @@ import torch
 
 from kvcomm.errors import KernelError
 from kvcomm.kernels._checks import check_float, check_same_device
-from kvcomm.kernels._triton import cdiv, jit, next_power_of_2, tl
+from kvcomm.kernels._triton import cdiv, jit, next_power_of_2, target_programs, tl
 from kvcomm.kernels.dispatch import use_triton
 
 # Stage 1, token distances. Shapes / strides:
@@ -164,10 +164,7 @@ def _anchor_softmax_kernel(
 CHANNEL_ANCHOR_CHUNK = 4  # anchors per channel-distance program (A_CH)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few, large programs
+INTERPRETER_PROGRAMS = 4  # CPU interpreter: few, large programs
 
 
 def _softmax_stage(part: torch.Tensor, A: int, M: int, scale: float, tau: float, sqrt: bool) -> torch.Tensor:
@@ -188,7 +185,7 @@ def token_weights_forward(base: torch.Tensor, anchors: torch.Tensor, tau: float)
     a_p2 = next_power_of_2(A)
     block_t = max(1, min(next_power_of_2(T), 2048 // block_d))
     n_t = cdiv(T, block_t)
-    splits = max(1, min(R, cdiv(_target_programs(base.device), n_t)))
+    splits = max(1, min(R, cdiv(target_programs(base.device, INTERPRETER_PROGRAMS), n_t)))
     rows = cdiv(R, splits)
     splits = cdiv(R, rows)
     part = torch.empty((splits, A, T), dtype=torch.float32, device=base.device)
@@ -211,7 +208,7 @@ def channel_weights_forward(
     a_ch = min(CHANNEL_ANCHOR_CHUNK, next_power_of_2(A))
     block_t = max(1, min(next_power_of_2(T), 4096 // (a_ch * block_d)))  # [A_CH, BLOCK_T, D] tiles
     chunks = cdiv(A, a_ch)
-    splits = max(1, min(cdiv(T, block_t), cdiv(_target_programs(base.device), R * chunks)))
+    splits = max(1, min(cdiv(T, block_t), cdiv(target_programs(base.device, INTERPRETER_PROGRAMS), R * chunks)))
     tokens = cdiv(cdiv(T, splits), block_t) * block_t  # whole tiles per split
     splits = cdiv(T, tokens)
     if anchor_lengths is None:

@@ -22,7 +22,7 @@ import torch
 
 from kvcomm.errors import KernelError
 from kvcomm.kernels._checks import check_float, check_same_device
-from kvcomm.kernels._triton import cast_rne, cdiv, emulate_bf16, jit, next_power_of_2, tl
+from kvcomm.kernels._triton import cast_rne, cdiv, emulate_bf16, jit, next_power_of_2, target_programs, tl
 from kvcomm.kernels.dispatch import use_triton
 
 # Stage 1, partial attention over one split of the keys. Shapes / strides:
@@ -140,10 +140,7 @@ def _decode_combine_kernel(
 COMBINE_BLOCK_S = 16
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count  # cached: no sync
-    return 8  # interpreter: few programs, but enough that small tests still split the keys
+INTERPRETER_PROGRAMS = 8  # CPU interpreter: few programs, but enough that small tests still split the keys
 
 
 def _block_n(g_p2: int, block_d: int) -> int:
@@ -172,7 +169,7 @@ def decode_attention_forward(
     block_d = next_power_of_2(D)
     block_n = _block_n(g_p2, block_d)
     if splits is None:
-        splits = cdiv(_target_programs(q.device), B * Hkv)
+        splits = cdiv(target_programs(q.device, INTERPRETER_PROGRAMS), B * Hkv)
     splits = max(1, min(int(splits), cdiv(S, block_n)))
     split_len = cdiv(cdiv(S, splits), block_n) * block_n  # whole blocks per split
     splits = cdiv(S, split_len)  # every split holds at least one key
