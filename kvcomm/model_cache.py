@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import os
@@ -77,10 +76,6 @@ def entry_path(gguf: Path, dtype: torch.dtype, source: dict[str, Any] | None = N
     return cache_root() / f"{gguf.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
-def _quiet(quiet: bool) -> contextlib.AbstractContextManager[Any]:
-    return contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
-
-
 def load_or_convert(
     gguf: Path, dtype: torch.dtype, convert: Callable[[], tuple[Any, Any]], *, quiet: bool = False
 ) -> tuple[Any, Any]:
@@ -100,7 +95,7 @@ def load(
     """The cached (model, tokenizer) of ``gguf`` on the CPU, or None (absent, or unusable: removed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcomm.models import model_fingerprint
+    from kvcomm.models import model_fingerprint, quiet_stderr
 
     source = source or _source_id(gguf, dtype)
     entry = entry_path(gguf, dtype, source)
@@ -113,7 +108,7 @@ def load(
         for name, size in meta["files"].items():
             if (entry / name).stat().st_size != size:
                 raise ValueError(f"{name} has {(entry / name).stat().st_size} bytes, not {size}")
-        with _quiet(quiet):
+        with quiet_stderr(quiet):
             tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
             model, info = AutoModelForCausalLM.from_pretrained(
                 entry, local_files_only=True, dtype=dtype, output_loading_info=True

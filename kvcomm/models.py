@@ -128,7 +128,7 @@ def load_model(
 
     def from_pretrained() -> tuple[Any, Any]:
         try:
-            with contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO()):
+            with quiet_stderr(not progress):
                 tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, **kwargs)
                 model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch_dtype, **kwargs)
         except Exception as exc:  # transformers raises many types; name the path in one error
@@ -141,6 +141,11 @@ def load_model(
         model, tokenizer = from_pretrained()
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, model_fingerprint(model), name)
+
+
+def quiet_stderr(quiet: bool) -> contextlib.AbstractContextManager[Any]:
+    """Swallow stderr while ``quiet`` (transformers' GGUF conversion draws a progress bar there)."""
+    return contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
 def model_fingerprint(model: Any) -> str:
