@@ -74,7 +74,7 @@ class _Layout:
         self._copy_index: dict[tuple[Any, ...], int] = {}
 
     def address(self, t: torch.Tensor | None) -> None:
-        self.key.append(None if t is None else ("a", t.data_ptr(), tuple(t.shape), t.stride(), t.dtype))
+        self.key.append(None if t is None else ("a", *_ident(t)))
 
     def copy(self, t: torch.Tensor) -> None:
         ident = _ident(t)
@@ -134,7 +134,7 @@ class AssembleGraphs:
             static-input closure and re-runs it (how the tests check the bookkeeping on CPU).
     """
 
-    def __init__(self, max_graphs: int = 4, *, backend: str = "cuda") -> None:
+    def __init__(self, max_graphs: int = 8, *, backend: str = "cuda") -> None:
         if backend not in ("cuda", "eager"):
             raise ValueError(f"backend must be 'cuda' or 'eager', got {backend!r}")
         self.max_graphs = max_graphs
