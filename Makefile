@@ -19,6 +19,7 @@ redis-server:
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvcomm store kernels agents examples benchmarks tests
+	$(BIN)/mypy
 	bash scripts/check_imports.sh
 
 # the RAG pipeline (retrieve → expert → critic → final) with full prefill and with kvcomm in the

@@ -6,13 +6,14 @@ load lazily, so ``import kvcomm.agents`` does not import langchain-core.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kvcomm._lazy import lazy_exports
+from kvcomm.errors import AgentConfigError
 
 if TYPE_CHECKING:
     from kvcomm.agents.chat_model import KVCommChat
     from kvcomm.agents.decorator import (
-        AgentConfigError,
         KVCommState,
         answer_key,
         call_summary,
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
-    "AgentConfigError": "kvcomm.agents.decorator",
     "KVCommChat": "kvcomm.agents.chat_model",
     "KVCommState": "kvcomm.agents.decorator",
     "answer_key": "kvcomm.agents.decorator",
@@ -41,18 +41,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvcomm.agents' has no attribute {name!r}")
-    try:
-        value = getattr(importlib.import_module(module), name)
-    except ImportError as exc:  # langchain-core / langgraph are dependencies; name them if absent
-        raise ImportError(f"kvcomm.agents.{name} needs langgraph and langchain-core "
-                          f"(pip install langgraph langchain-core): {exc}") from exc
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("kvcomm.agents", _LAZY, globals(), needs="langgraph langchain-core")

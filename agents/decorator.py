@@ -48,15 +48,11 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypedDict
 
-from kvcomm.errors import KVCommError, TemplateError
+from kvcomm.errors import AgentConfigError, TemplateError
 from kvcomm.template import Template, slot_kind
 
 ENGINE_CONFIG_KEY = "kvcomm_engine"
 METRICS_KEY = "kvcomm_calls"
-
-
-class AgentConfigError(KVCommError, ValueError):
-    """A ``@share_context`` node is misconfigured (bad template, missing state key, no engine)."""
 
 
 class KVCommState(TypedDict, total=False):
@@ -228,7 +224,7 @@ def _check_annotation(fn: Callable[..., Any], node: str, agent: str, keys: dict[
     if missing:
         raise AgentConfigError(
             f"node {node!r} (agent {agent!r}): template slot(s) {', '.join(missing)} are not fields "
-            f"of the state schema {schema.__name__} (fields: {', '.join(sorted(fields))})"
+            f"of the state schema {getattr(schema, '__name__', schema)} (fields: {', '.join(sorted(fields))})"
         )
 
 

@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/kv:${PYTHONPATH:-}
 cd /tmp && python3 -c "import torch, transformers, triton, kvcomm.store, kvcomm.kernels; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; cd - >/dev/null
 STAGE=${1:-all}
 if [[ $STAGE == all || $STAGE == ttft ]]; then
-  timeout 300 python3 benchmarks/ttft.py --model-shape llama-3.1-8b --device cuda --dtype bfloat16 \
+  KVCOMM_GAMMA=1.0 timeout 300 python3 benchmarks/ttft.py --model-shape llama-3.1-8b --device cuda --dtype bfloat16 \
     --warmup 5 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
 fi
 if [[ $STAGE == all || $STAGE == tests ]]; then

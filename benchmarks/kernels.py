@@ -23,54 +23,22 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
-import importlib.util
 import json
 import platform
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import kvcomm.kernels as K  # kvcomm/__init__ is lazy: this imports torch and triton, not the engine
+
 DATASHEET_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100": 2.0}
 LLAMA_8B = dict(layers=32, heads=8, head_dim=128)
 LLAMA_8B_QUERY_HEADS = 32
-
-
-def import_kernels() -> types.ModuleType:
-    """``kvcomm.kernels``; falls back to loading it straight from this checkout.
-
-    ``import kvcomm.kernels`` runs ``kvcomm/__init__.py``, which imports the engine and its
-    dependencies (transformers, ...). The kernels need only torch and triton, so on a bare GPU
-    box we register the two packages from the source tree without running that ``__init__``.
-    """
-    try:
-        return importlib.import_module("kvcomm.kernels")
-    except ImportError as exc:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "kernels" / "__init__.py").is_file():
-            raise SystemExit(f"cannot import kvcomm.kernels ({exc}); run `pip install --no-deps -e .`") from exc
-        print(f"note: import kvcomm failed ({exc}); loading kvcomm.kernels from {root}", file=sys.stderr)
-    pkg = types.ModuleType("kvcomm")
-    pkg.__path__ = [str(root / "kvcomm")]  # kvcomm.errors resolves; kvcomm/__init__ is not run
-    sys.modules["kvcomm"] = pkg
-    spec = importlib.util.spec_from_file_location(
-        "kvcomm.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvcomm.kernels"] = mod
-    spec.loader.exec_module(mod)
-    pkg.kernels = mod  # type: ignore[attr-defined]
-    return mod
-
-
-K = import_kernels()
 
 
 # -- timing --------------------------------------------------------------------------------------

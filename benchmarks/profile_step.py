@@ -28,8 +28,8 @@ def _time(fn, n: int = 30) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvcomm.bench import MODEL_SHAPES, build_shaped_model
-    from kvcomm.fastpath import StaticPromptCache
+    from kvcomm.fastpath.static_cache import StaticPromptCache
+    from kvcomm.tools.bench import MODEL_SHAPES, build_shaped_model
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")

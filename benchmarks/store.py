@@ -18,9 +18,11 @@ from collections.abc import Callable
 import redis
 import torch
 
+from kvcomm.keys import namespace_prefix
 from kvcomm.store import KVEntry, MemoryStore, RedisStore
 
 LAYERS, HEADS, DIM = 16, 8, 128  # bytes per token of k+v in bf16: 2 * 16 * 8 * 128 * 2 = 64 KiB
+PLAIN_KEY = namespace_prefix("bench") + "plain"  # the redis-py baseline's key, in the stores' namespace
 
 
 def make_entry(mib: int) -> KVEntry:
@@ -57,10 +59,10 @@ def bench_size(mib: int, repeat: int, plain: redis.Redis, url: str, device: torc
     rows.append((mib, "memcpy (torch clone)", nbytes, gb / t_copy, gb / t_copy))
 
     blob = src.cpu().view(torch.uint8).numpy().tobytes()
-    t_set = timed(lambda blob=blob: plain.set("kvcomm:bench:plain", blob), repeat)
-    t_get = timed(lambda: plain.get("kvcomm:bench:plain"), repeat)
+    t_set = timed(lambda blob=blob: plain.set(PLAIN_KEY, blob), repeat)
+    t_get = timed(lambda: plain.get(PLAIN_KEY), repeat)
     rows.append((mib, "redis-py SET/GET", len(blob), gb / t_set, gb / t_get))
-    plain.delete("kvcomm:bench:plain")
+    plain.delete(PLAIN_KEY)
     del blob, src
 
     mem = MemoryStore(device=device, max_bytes=4 * nbytes, namespace="bench")

@@ -7,9 +7,9 @@ in only torch (and triton / redis where used).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kvcomm._lazy import lazy_exports
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import (
     AgentError,
@@ -27,14 +27,15 @@ from kvcomm.errors import (
 )
 
 if TYPE_CHECKING:
-    from kvcomm.engine import Content, KVCommEngine, Result
+    from kvcomm.engine import KVCommEngine, Result
     from kvcomm.models import LoadedModel, load_model, model_fingerprint
+    from kvcomm.prompt import Content
     from kvcomm.template import Template
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Content": "kvcomm.engine",
+    "Content": "kvcomm.prompt",
     "KVCommEngine": "kvcomm.engine",
     "Result": "kvcomm.engine",
     "LoadedModel": "kvcomm.models",
@@ -44,17 +45,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvcomm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports("kvcomm", _LAZY, globals())
 
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Anchor pools: per slot, earlier contents whose deviations under each agent were measured.
 
-Pool state lives in the store (membership, lengths, age, use counts, updated with atomic hash
-operations), so processes sharing one Redis share anchors. Tensors (an anchor's base KV and its
+Pool state lives in the store as three small maps (:class:`kvcomm.keys.PoolKey`: membership with
+lengths and age, use counts, a creation counter; updated with the store's atomic pool operations),
+so processes sharing one Redis share anchors. Tensors (an anchor's base KV and its
 per-agent deltas) are ordinary store entries.
 
 Shareability test (DESIGN §3.2): candidates are anchors at least as long as the content; fewer
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvcomm.config import KVCommConfig
+from kvcomm.keys import PoolKey
+
+if TYPE_CHECKING:
+    from kvcomm.store import KVStore
 
 
 @dataclass(frozen=True)
@@ -38,19 +43,19 @@ class ShareDecision:
 
 
 class AnchorPool:
-    """The anchors of one slot (state in ``store`` under ``prefix``)."""
+    """The anchors of one slot (state in ``store`` under the model id ``model``)."""
 
-    def __init__(self, store: Any, prefix: str, slot: str, config: KVCommConfig) -> None:
+    def __init__(self, store: KVStore, model: str, slot: str, config: KVCommConfig) -> None:
         self.store = store
         self.slot = slot
         self.config = config
-        self._members = f"{prefix}pool:{slot}"
-        self._uses = f"{prefix}uses:{slot}"
-        self._seq = f"{prefix}poolseq:{slot}"
+        self._members = str(PoolKey(model, slot, "members"))
+        self._uses = str(PoolKey(model, slot, "uses"))
+        self._seq = str(PoolKey(model, slot, "seq"))
 
     def anchors(self) -> list[AnchorInfo]:
-        members = self.store.hgetall(self._members)
-        uses = self.store.hgetall(self._uses)
+        members = self.store.pool_read(self._members)
+        uses = self.store.pool_read(self._uses)
         out = []
         for h, val in members.items():
             try:
@@ -58,10 +63,10 @@ class AnchorPool:
             except ValueError:
                 continue  # a malformed member is ignored, never trusted
             out.append(AnchorInfo(h, length, seq, int(uses.get(h, 0) or 0)))
-        return sorted(out, key=lambda a: a.seq)
+        return sorted(out, key=lambda info: info.seq)
 
     def __contains__(self, content_hash: str) -> bool:
-        return content_hash in self.store.hgetall(self._members)
+        return content_hash in self.store.pool_read(self._members)
 
     def decide(self, content_hash: str, values: torch.Tensor, anchor_values: dict[str, torch.Tensor]) -> ShareDecision:
         """The shareability test of a content with value cache ``values`` [L, H, T, D].
@@ -88,13 +93,13 @@ class AnchorPool:
             if mass >= self.config.top_p:
                 break
         for h in chosen:
-            self.store.hincrby(self._uses, h, 1)
+            self.store.pool_increment(self._uses, h, 1)
         return ShareDecision(False, "shareable", entropy, tuple(chosen))
 
     def add(self, content_hash: str, length: int) -> list[str]:
         """Add an anchor; returns the content hashes evicted to keep at most V anchors."""
-        seq = self.store.hincrby(self._seq, "n", 1) or 0
-        self.store.hset(self._members, {content_hash: f"{length},{seq}"})
+        seq = self.store.pool_increment(self._seq, "n", 1) or 0
+        self.store.pool_write(self._members, {content_hash: f"{length},{seq}"})
         return self.evict()
 
     def evict(self) -> list[str]:
@@ -103,11 +108,11 @@ class AnchorPool:
         anchors = self.anchors()
         while len(anchors) > self.config.max_anchors:
             window = anchors[: self.config.eviction_window]
-            victim = min(window, key=lambda a: (a.uses, a.seq))
-            self.store.hdel(self._members, victim.content_hash)
-            self.store.hdel(self._uses, victim.content_hash)
+            victim = min(window, key=lambda info: (info.uses, info.seq))
+            self.store.pool_remove(self._members, victim.content_hash)
+            self.store.pool_remove(self._uses, victim.content_hash)
             evicted.append(victim.content_hash)
-            anchors = [a for a in anchors if a.content_hash != victim.content_hash]
+            anchors = [info for info in anchors if info.content_hash != victim.content_hash]
         return evicted
 
 

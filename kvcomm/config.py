@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import ConfigError
+from kvcomm.policies import POLICIES as _POLICY_TABLE
 
-POLICIES = ("dense", "prefix", "naive", "cacheblend", "kvcomm")
+POLICIES = tuple(_POLICY_TABLE)  # names, in the table's order
 KV_CODECS = ("raw", "int8")
 ANSWER_BASES = ("producer", "prefill")
 

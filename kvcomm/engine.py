@@ -13,39 +13,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcomm.anchors import ShareDecision
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
-from kvcomm.fastpath import StaticPromptCache
+from kvcomm.fastpath import FastPath, StaticPromptCache
+from kvcomm.keys import ContentKey, MetricsKey, TemplateKey, model_id
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill
 from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
-from kvcomm.planner import AgentPrompt, Planner
-from kvcomm.reuse import assemble
+from kvcomm.planner import Planner
+from kvcomm.policies import Plan, policy
+from kvcomm.prompt import AgentPrompt, Content
 from kvcomm.rope import model_inv_freq, shift_keys
-from kvcomm.stacks import StackCache
 from kvcomm.template import Template, chat_prefix, slot_kind
 
+if TYPE_CHECKING:
+    from kvcomm.store import KVEntry, KVStore
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Content:
-    """What fills a slot in one request: token ids and base KV at positions 0..T-1."""
-
-    slot: str
-    ids: tuple[int, ...]
-    hash: str
-    kv: KVBlock
-    decision: ShareDecision | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -107,7 +95,7 @@ class KVCommEngine:
         model: Any,
         tokenizer: Any,
         *,
-        store: Any = None,
+        store: KVStore | None = None,
         config: KVCommConfig | None = None,
         fingerprint: str | None = None,
     ) -> None:
@@ -115,6 +103,7 @@ class KVCommEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or KVCommConfig()
+        self.policy = policy(self.config.policy)
         if self.config.device != "auto" and resolve_device(self.config.device) != model.device:
             model.to(resolve_device(self.config.device))
         self.fingerprint = fingerprint or model_fingerprint(model)
@@ -122,17 +111,16 @@ class KVCommEngine:
             from kvcomm.store import MemoryStore
 
             store = MemoryStore(device=model.device)
-        self.store = store
-        self.prefix = f"{self.fingerprint[:16]}:"
+        self.store: KVStore = store
+        self.model_id = model_id(self.fingerprint)  # the first part of every key this engine writes
         self.inv_freq = model_inv_freq(model).to(model.device)
-        self.planner = Planner(store, self.prefix, self.fingerprint, self.config, model.device, self.inv_freq)
+        self.planner = Planner(store, self.model_id, self.fingerprint, self.config, model.device, self.inv_freq)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.agents: dict[str, AgentPrompt] = {}
         self.latest: dict[str, Content] = {}
         self.records: list[CallRecord] = []
         self.last_prompt_ids: list[int] = []
-        self._static: StaticPromptCache | None = None
-        self.anchor_stacks = StackCache(self.config.anchor_cache_bytes)  # anchors stacked for the kernels
+        self.fast = FastPath(model, self.config)
         sink = chat_prefix(tokenizer) if self.config.sink_text == "chat" else self.config.sink_text
         self._sink = self._encode(sink)
         # a content's base KV depends on the sink: contents published under another sink are
@@ -160,12 +148,12 @@ class KVCommEngine:
             ids += self._encode(f"[{slot}]")  # dummy text standing for the slot at registration
             starts.append(len(ids))
             ids += seg
-        key = f"tmpl:{name}:{_hash_ids(ids)}"
+        key = TemplateKey(self.model_id, name, _hash_ids(ids))
         block = self.planner.fetch(key, length=len(ids))
         if block is None:
             _, cache = prefill(self.model, ids)
             block = block_from_cache(cache)
-            self.store.put(f"{self.prefix}{key}", self.planner.entry({"k": block.k, "v": block.v}, {"agent": name}))
+            self.store.put(str(key), self.planner.entry({"k": block.k, "v": block.v}, {"agent": name}))
         self.agents[name] = AgentPrompt(name, tmpl, rendered, block, starts)
 
     def _agent(self, name: str) -> AgentPrompt:
@@ -178,7 +166,7 @@ class KVCommEngine:
     # -- contents -------------------------------------------------------------------------
     @_serialized
     def publish(
-        self, slot: str, text: str | None = None, *, ids: list[int] | None = None, kv: Any = None
+        self, slot: str, text: str | None = None, *, ids: list[int] | None = None, kv: KVBlock | KVEntry | None = None
     ) -> Content:
         """Publish a slot's content: its base KV, and (kvcomm) the shareability test.
 
@@ -191,8 +179,8 @@ class KVCommEngine:
             ids = self._encode(text)
         if not ids:
             raise SlotError(f"content for slot {slot!r} is empty")
-        h = _hash_ids(ids, slot + self._content_salt)
-        key = f"{self.prefix}content:{h}"
+        content_hash = _hash_ids(ids, slot + self._content_salt)
+        key = ContentKey(self.model_id, content_hash)
         if kv is not None and not isinstance(kv, KVBlock):
             if kv.fingerprint != self.fingerprint:
                 raise FingerprintMismatchError(
@@ -200,18 +188,18 @@ class KVCommEngine:
                     f"this engine runs {self.fingerprint[:16]}"
                 )
             kv = KVBlock(kv.tensors["k"], kv.tensors["v"])
-        stored = self.planner.fetch(f"content:{h}", length=len(ids))
+        stored = self.planner.fetch(key, length=len(ids))
         if stored is not None:
-            return Content(slot, tuple(ids), h, stored)
+            return Content(slot, tuple(ids), content_hash, stored)
         if kv is None:
             _, cache = prefill(self.model, self._sink + list(ids))
-            s = len(self._sink)
-            raw = block_from_cache(cache, s)
-            kv = KVBlock(shift_keys(raw.k, -s, self.inv_freq), raw.v)
-        content = Content(slot, tuple(ids), h, kv)
-        if self.config.policy == "kvcomm":
+            sink_len = len(self._sink)
+            raw = block_from_cache(cache, sink_len)
+            kv = KVBlock(shift_keys(raw.k, -sink_len, self.inv_freq), raw.v)
+        content = Content(slot, tuple(ids), content_hash, kv)
+        if self.policy.admits_anchors:
             content.decision = self.planner.admit(content)
-        self.store.put(key, self.planner.entry({"k": kv.k, "v": kv.v}, {"slot": slot, "length": len(ids)}))
+        self.store.put(str(key), self.planner.entry({"k": kv.k, "v": kv.v}, {"slot": slot, "length": len(ids)}))
         return content
 
     # -- one call ---------------------------------------------------------------------------
@@ -234,15 +222,15 @@ class KVCommEngine:
         ``fills`` takes that agent's latest answer. ``forced_ids`` teacher-forces the decode
         (for fidelity measurements).
         """
-        a = self._agent(agent)
+        prompt = self._agent(agent)
         fills = dict(fills or {})
         n_new = max_new_tokens or self.config.max_new_tokens
-        unknown = sorted(set(fills) - set(a.rendered.slots))
+        unknown = sorted(set(fills) - set(prompt.slots))
         if unknown:
-            raise SlotError(f"agent {agent!r} has no slot(s) {', '.join(unknown)} (its slots: {', '.join(a.rendered.slots)})")
+            raise SlotError(f"agent {agent!r} has no slot(s) {', '.join(unknown)} (its slots: {', '.join(prompt.slots)})")
         t_pub = time.perf_counter()
         contents: list[Content] = []
-        for slot in a.rendered.slots:
+        for slot in prompt.slots:
             value = fills.get(slot)
             if value is None and slot_kind(slot) == "agent" and slot in self.latest:
                 value = self.latest[slot]
@@ -251,36 +239,36 @@ class KVCommEngine:
             contents.append(value if isinstance(value, Content) else self.publish(slot, str(value)))
         publish_ms = (time.perf_counter() - t_pub) * 1e3
 
-        segs = a.rendered.segment_ids
-        ids = list(segs[0])
+        # the prompt's token ids: seg_0 c_1 seg_1 ... c_n seg_n, and where each piece starts
+        ids = list(prompt.segments[0])
         seg_starts, slot_starts = [0], []
-        for c, seg in zip(contents, segs[1:], strict=True):
+        for content, seg in zip(contents, prompt.segments[1:], strict=True):
             slot_starts.append(len(ids))
-            ids += c.ids
+            ids += content.ids
             seg_starts.append(len(ids))
             ids += seg
-        P = len(ids)
+        prompt_len = len(ids)
         self.last_prompt_ids = ids
-        if P + n_new > self.max_positions:
+        if prompt_len + n_new > self.max_positions:
             raise ContextLengthError(
-                f"agent {agent!r}: prompt of {P} tokens + {n_new} new tokens exceeds the model's "
+                f"agent {agent!r}: prompt of {prompt_len} tokens + {n_new} new tokens exceeds the model's "
                 f"context of {self.max_positions}"
             )
         _sync(self.model.device)
         t0 = time.perf_counter()  # TTFT counts planning, i.e. fetching anchors and deltas
-        plan = self.planner.plan(a, contents)
-        rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=P,
-                         reused_tokens=0, recomputed_tokens=P, publish_ms=publish_ms, request_id=request_id,
+        plan = self.policy.plan(self.planner, prompt, contents)
+        rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=prompt_len,
+                         reused_tokens=0, recomputed_tokens=prompt_len, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
         if plan.mode == "dense":
             logits, cache = prefill(self.model, ids)
         elif plan.mode == "prefix":
-            n0 = len(segs[0])
-            cache = cache_from_block(a.block.slice(0, n0), self.model.config)
-            logits, cache = prefill(self.model, ids[n0:], start=n0, cache=cache)
-            rec.reused_tokens, rec.recomputed_tokens = n0, P - n0
+            n_fixed = len(prompt.segments[0])
+            cache = cache_from_block(prompt.block.slice(0, n_fixed), self.model.config)
+            logits, cache = prefill(self.model, ids[n_fixed:], start=n_fixed, cache=cache)
+            rec.reused_tokens, rec.recomputed_tokens = n_fixed, prompt_len - n_fixed
         else:
-            logits, cache, rec = self._reuse(a, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
+            logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
         if plan.mode != "reuse":
@@ -288,92 +276,83 @@ class KVCommEngine:
 
         prompt_kv = None
         if return_cache and not self._recomputes():  # a selective recompute's cache is not in prompt order
-            prompt_kv = block_from_cache(cache, 0, P - 1)
+            prompt_kv = block_from_cache(cache, 0, prompt_len - 1)
         t1 = time.perf_counter()
         if plan.record_slots:
-            self.planner.record_deltas(a, contents, cache, seg_starts, slot_starts, plan.record_slots)
+            self.planner.record_deltas(prompt, contents, cache, seg_starts, slot_starts, plan.record_slots)
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()
         step = cache.step if isinstance(cache, StaticPromptCache) else None
-        out_ids, step_logits = greedy_decode(self.model, cache, logits, P, n_new, self.eos_ids, forced=forced_ids,
-                                             step=step)
+        out_ids, step_logits = greedy_decode(self.model, cache, logits, prompt_len, n_new, self.eos_ids,
+                                             forced=forced_ids, step=step)
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
-            self._publish_answer(agent, answer, cache, P)
+            self._publish_answer(agent, answer, cache, prompt_len)
         _sync(self.model.device)
         rec.decode_ms = (time.perf_counter() - t2) * 1e3
         rec.new_tokens = len(out_ids)
         self.records.append(rec)
-        self.store.append_record(f"{self.prefix}metrics", rec.to_dict())
+        self.store.append_record(str(MetricsKey(self.model_id)), rec.to_dict())
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return Result(text, out_ids, plan.mode, rec, step_logits if return_logits else None, prompt_kv)
 
-    def _reuse(self, a, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new):
-        P = len(ids)
+    def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
+               slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int) -> tuple[torch.Tensor, Any]:
+        """The reuse path: move (and correct) every piece, then recompute the last prompt token.
+
+        Fills ``rec``'s timings and token counts; returns (first-token logits, cache).
+        """
+        prompt_len = len(ids)
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
-        pieces = self.planner.pieces(a, contents, seg_starts, slot_starts, plan.anchors)
-        fast = self.config.fast_path and not self._recomputes()
-        buf = self._static_cache(P + n_new) if fast else None
-        for sa in plan.anchors:  # stacked once per set of stored tensors, then served from the cache
-            if sa is not None:
-                sa.stacks(self.anchor_stacks.stack)
-        correct = self.config.policy == "kvcomm"
-        if buf is not None and buf.correction is not None:  # CUDA: replayed where the layout repeats
-            block = buf.correction.run(pieces, P - 1, self.inv_freq, self.config, correct=correct,
-                                       out=buf.prompt_views(P - 1))
-        else:
-            block = assemble(pieces, P - 1, self.inv_freq, self.config, correct=correct,
-                             out=buf.prompt_views(P - 1) if buf is not None else None)
-        rec.anchors_matched = sum(len(x) for x in plan.anchors if x is not None)
+        pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
+        static = self.config.fast_path and not self._recomputes()
+        self.fast.stack_anchors(plan.anchors)
+        block = self.fast.assemble(pieces, prompt_len - 1, self.inv_freq, correct=self.policy.corrects,
+                                   capacity=prompt_len + n_new if static else None)
+        rec.anchors_matched = sum(len(found) for found in plan.anchors if found is not None)
         rec.bytes_moved = block.nbytes
         _sync(self.model.device)
         t_corr = time.perf_counter()
         rec.correct_ms = (t_corr - t_fetch) * 1e3
+        cache: Any
         if self._recomputes():
             from kvcomm.cacheblend import selective_recompute
 
-            ratio = self.config.cacheblend_ratio if self.config.policy == "cacheblend" else self.config.recompute_ratio
-            logits, cache, n_re = selective_recompute(self.model, ids, block, len(a.rendered.segment_ids[0]), ratio)
-        elif buf is not None:
-            buf.begin(P - 1)
-            logits, cache, n_re = buf.step(ids[-1], P - 1), buf, 1
+            ratio = self.policy.recompute_ratio(self.config)
+            logits, cache, n_recomputed = selective_recompute(self.model, ids, block, len(prompt.segments[0]), ratio)
+        elif static:
+            logits, cache = self.fast.first_token(ids[-1], prompt_len - 1)
+            n_recomputed = 1
         else:
             cache = cache_from_block(block, self.model.config)
-            logits, cache = prefill(self.model, ids[-1:], start=P - 1, cache=cache)
-            n_re = 1
+            logits, cache = prefill(self.model, ids[-1:], start=prompt_len - 1, cache=cache)
+            n_recomputed = 1
         _sync(self.model.device)
         rec.first_token_ms = (time.perf_counter() - t_corr) * 1e3
-        rec.reused_tokens, rec.recomputed_tokens = P - n_re, n_re
-        return logits, cache, rec
+        rec.reused_tokens, rec.recomputed_tokens = prompt_len - n_recomputed, n_recomputed
+        return logits, cache
 
-    def _publish_answer(self, agent: str, answer: list[int], cache: Any, P: int) -> None:
+    def _publish_answer(self, agent: str, answer: list[int], cache: Any, prompt_len: int) -> None:
         slot = f"agent:{agent}"
         if self.config.answer_base == "prefill":
             self.latest[slot] = self.publish(slot, ids=answer)
             return
         n = len(answer)
-        if cache.get_seq_length() < P + n:  # the last token was sampled but never fed
+        if cache.get_seq_length() < prompt_len + n:  # the last token was sampled but never fed
             if isinstance(cache, StaticPromptCache):
-                cache.step(answer[-1], P + n - 1)
+                cache.step(answer[-1], prompt_len + n - 1)
             else:
-                prefill(self.model, answer[-1:], start=P + n - 1, cache=cache)
-        raw = block_from_cache(cache, P, P + n)
-        kv = KVBlock(shift_keys(raw.k, -P, self.inv_freq), raw.v)
+                prefill(self.model, answer[-1:], start=prompt_len + n - 1, cache=cache)
+        raw = block_from_cache(cache, prompt_len, prompt_len + n)
+        kv = KVBlock(shift_keys(raw.k, -prompt_len, self.inv_freq), raw.v)
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
 
     # -- helpers ----------------------------------------------------------------------------
     def _recomputes(self) -> bool:
         """Whether reuse calls recompute selected tokens (cacheblend; kvcomm with recompute_ratio)."""
-        return self.config.policy == "cacheblend" or (self.config.policy == "kvcomm" and self.config.recompute_ratio > 0)
-
-    def _static_cache(self, need: int) -> StaticPromptCache:
-        """The engine's one static buffer, grown (and its CUDA graph recaptured) when too small."""
-        if self._static is None or self._static.capacity < need:
-            capacity = -(-need // 512) * 512
-            self._static = StaticPromptCache(self.model, capacity, correction_graphs=self.config.correction_graphs)
-        return self._static
+        return self.policy.recompute_ratio(self.config) > 0
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []

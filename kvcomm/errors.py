@@ -7,11 +7,14 @@ Hierarchy::
     ├── ModelLoadError               a model path/name that cannot be loaded
     ├── TemplateError                a template without slots, a bad slot name
     ├── AgentError                   unknown agent, agent registered twice
+    ├── AgentConfigError             a misconfigured LangGraph node (@share_context)
     ├── SlotError                    unknown slot, fills missing a slot
     ├── ContextLengthError           a prompt longer than the model's context
     ├── FingerprintMismatchError     a KV entry computed by a different model
     ├── StoreError                   a store that cannot be reached or configured
-    │   └── StoreFormatError         an entry that fails to decode (corrupt, truncated, ...)
+    │   ├── StoreFormatError         an entry that fails to decode (corrupt, truncated, ...)
+    │   │   └── EntryFormatError     ... with the fault kind it is counted as (``.kind``)
+    │   └── KeyFormatError           a store key kvcomm does not write (:mod:`kvcomm.keys`)
     └── KernelError                  a kernel called with bad shapes or dtypes
 
     StoreFaultWarning (RuntimeWarning)
@@ -66,6 +69,22 @@ class StoreError(KVCommError):
 
 class StoreFormatError(StoreError):
     """A stored entry cannot be decoded: corrupt, truncated, wrong version, shape or model."""
+
+
+class EntryFormatError(StoreFormatError):
+    """A stored value that cannot be decoded; ``kind`` is the fault kind it is counted as."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class KeyFormatError(StoreError, ValueError):
+    """A string that is not one of the store keys kvcomm builds (see :mod:`kvcomm.keys`)."""
+
+
+class AgentConfigError(KVCommError, ValueError):
+    """A ``@share_context`` node is misconfigured (bad template, missing state key, no engine)."""
 
 
 class KernelError(KVCommError, ValueError):

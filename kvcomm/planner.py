@@ -8,58 +8,39 @@ this agent's). The engine (:mod:`kvcomm.engine`) runs what the plan says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvcomm.anchors import AnchorPool, ShareDecision
 from kvcomm.config import KVCommConfig
+from kvcomm.keys import ContentKey, DeltaKey, StoreKey
 from kvcomm.kv import KVBlock, block_from_cache
+from kvcomm.policies import Plan
+from kvcomm.prompt import AgentPrompt, Content
 from kvcomm.reuse import Piece, SlotAnchors, key_delta
-from kvcomm.template import RenderedTemplate, Template, slot_kind
+from kvcomm.template import slot_kind
 
 if TYPE_CHECKING:
-    from kvcomm.engine import Content
-
-
-@dataclass
-class AgentPrompt:
-    """A registered agent: its template, and that template prefilled once with dummy slot text."""
-
-    name: str
-    template: Template
-    rendered: RenderedTemplate
-    block: KVBlock  # the template prefilled with dummy slot text
-    reg_starts: list[int]  # where each segment starts in that prefill
-
-
-@dataclass
-class Plan:
-    """How one call is served: its mode, each slot's anchors, the deltas still to record."""
-
-    mode: str
-    anchors: list[SlotAnchors | None] = field(default_factory=list)
-    record_slots: list[int] = field(default_factory=list)  # anchors lacking this agent's deltas
-    slot_state: dict[str, str] = field(default_factory=dict)
+    from kvcomm.store import KVEntry, KVStore
 
 
 class Planner:
     """Plans each call of one engine (which holds its lock while the planner runs).
 
     Args:
-        store: the engine's :class:`kvcomm.store.KVStore`; keys are ``prefix`` + name.
-        prefix: the model fingerprint's key prefix.
+        store: the engine's store.
+        model: the model id that starts every key (:func:`kvcomm.keys.model_id`).
         fingerprint: entries fetched must carry it.
         config: the engine's configuration.
         device: where fetched KV goes (the model's device).
         inv_freq: the model's RoPE inverse frequencies (deltas of keys are kept in the base's frame).
     """
 
-    def __init__(self, store: Any, prefix: str, fingerprint: str, config: KVCommConfig, device: torch.device,
+    def __init__(self, store: KVStore, model: str, fingerprint: str, config: KVCommConfig, device: torch.device,
                  inv_freq: torch.Tensor) -> None:
         self.store = store
-        self.prefix = prefix
+        self.model = model
         self.fingerprint = fingerprint
         self.config = config
         self.device = device
@@ -69,24 +50,27 @@ class Planner:
     def pool(self, slot: str) -> AnchorPool:
         """The slot's anchor pool (its state lives in the store)."""
         if slot not in self.pools:
-            self.pools[slot] = AnchorPool(self.store, self.prefix, slot, self.config)
+            self.pools[slot] = AnchorPool(self.store, self.model, slot, self.config)
         return self.pools[slot]
+
+    def content_key(self, content_hash: str) -> ContentKey:
+        return ContentKey(self.model, content_hash)
 
     def admit(self, content: Content) -> ShareDecision:
         """The shareability test for a new content: it becomes an anchor or is shared from them."""
         pool = self.pool(content.slot)
-        anchor_v = {}
-        for a in pool.anchors():
-            if a.content_hash == content.hash:
+        anchor_values = {}
+        for info in pool.anchors():
+            if info.content_hash == content.hash:
                 return ShareDecision(False, "already an anchor")
-            if self.covers(a.length, content.length):
-                base = self.fetch(f"content:{a.content_hash}")
+            if self.covers(info.length, content.length):
+                base = self.fetch(self.content_key(info.content_hash))
                 if base is not None:
-                    anchor_v[a.content_hash] = base.v
-        decision = pool.decide(content.hash, content.kv.v, anchor_v)
+                    anchor_values[info.content_hash] = base.v
+        decision = pool.decide(content.hash, content.kv.v, anchor_values)
         if decision.new_anchor:
             for gone in pool.add(content.hash, content.length):
-                for key in self.store.scan(f"{self.prefix}delta:{gone}:"):
+                for key in self.store.scan(DeltaKey.anchor_prefix(self.model, gone)):
                     self.store.delete(key)
         return decision
 
@@ -94,97 +78,89 @@ class Planner:
         """Whether an anchor this long may stand in for a content of ``length`` tokens."""
         return anchor_length >= length * self.config.min_anchor_coverage
 
-    def fetch(self, key: str, *, length: int | None = None) -> KVBlock | None:
+    def fetch(self, key: StoreKey, *, length: int | None = None) -> KVBlock | None:
         """A stored KV block on the model's device; None when missing or not ``length`` tokens long."""
-        entry = self.store.get(f"{self.prefix}{key}", fingerprint=self.fingerprint)
+        entry = self.store.get(str(key), fingerprint=self.fingerprint)
         if entry is None or (length is not None and entry.tensors["k"].shape[2] != length):
             return None
-        dev = self.device
-        return KVBlock(entry.tensors["k"].to(dev), entry.tensors["v"].to(dev))
+        return KVBlock(entry.tensors["k"].to(self.device), entry.tensors["v"].to(self.device))
 
-    def plan(self, a: AgentPrompt, contents: list[Content]) -> Plan:
-        """How agent ``a``'s call over ``contents`` (one per slot, in order) is served."""
-        policy = self.config.policy
-        if policy in ("dense", "prefix"):
-            return Plan(policy)
-        if policy in ("naive", "cacheblend"):
-            return Plan("reuse", [None] * len(contents))
+    def plan_with_anchors(self, agent: AgentPrompt, contents: list[Content]) -> Plan:
+        """KVCOMM's plan: per slot, the anchors with this agent's deltas; dense where one lacks them."""
         plan = Plan("reuse")
-        for i, c in enumerate(contents):
-            pool = self.pool(c.slot)
-            anchors = pool.anchors()
-            if any(x.content_hash == c.hash for x in anchors):
-                got = self.slot_anchors(a.name, [c.hash], exact=True)
-                plan.slot_state[c.slot] = "exact" if got else "new-anchor"
-                if not got:
+        for i, content in enumerate(contents):
+            anchors = self.pool(content.slot).anchors()
+            if any(info.content_hash == content.hash for info in anchors):
+                found = self.slot_anchors(agent.name, [content.hash], exact=True)
+                plan.slot_state[content.slot] = "exact" if found else "new-anchor"
+                if not found:
                     plan.mode = "dense"
                     plan.record_slots.append(i)
-                plan.anchors.append(got)
+                plan.anchors.append(found)
                 continue
-            usable = [x.content_hash for x in anchors if self.covers(x.length, c.length)]
-            got = self.slot_anchors(a.name, usable, exact=False)
-            plan.slot_state[c.slot] = f"shared({len(got) if got else 0})"
-            if got is None:
+            usable = [info.content_hash for info in anchors if self.covers(info.length, content.length)]
+            found = self.slot_anchors(agent.name, usable, exact=False)
+            plan.slot_state[content.slot] = f"shared({len(found) if found else 0})"
+            if found is None:
                 plan.mode = "dense"
-            plan.anchors.append(got)
+            plan.anchors.append(found)
         return plan
 
     def slot_anchors(self, agent: str, hashes: list[str], *, exact: bool) -> SlotAnchors | None:
         """The anchors among ``hashes`` with this agent's deltas and their bases; None if none."""
-        sa = SlotAnchors([], [], [], exact=exact)
-        for h in hashes:
-            delta = self.store.get(f"{self.prefix}delta:{h}:{agent}", fingerprint=self.fingerprint)
+        found = SlotAnchors([], [], [], exact=exact)
+        for content_hash in hashes:
+            delta = self.store.get(str(DeltaKey(self.model, content_hash, agent)), fingerprint=self.fingerprint)
             if delta is None:
                 continue
-            base = self.fetch(f"content:{h}")
+            base = self.fetch(self.content_key(content_hash))
             if base is None:
                 continue
-            dev = self.device
-            t = {k: v.to(dev) for k, v in delta.tensors.items()}
-            sa.base.append(base)
-            sa.ph.append(KVBlock(t["ph.k"], t["ph.v"]))
-            sa.pf.append(KVBlock(t["pf.k"], t["pf.v"]))
-            sa.ph_shift.append(int(delta.meta["ph_shift"]))
-            sa.pf_shift.append(int(delta.meta["pf_shift"]))
-        return sa if len(sa) else None
+            t = {name: tensor.to(self.device) for name, tensor in delta.tensors.items()}
+            found.base.append(base)
+            found.slot_deltas.append(KVBlock(t["ph.k"], t["ph.v"]))
+            found.segment_deltas.append(KVBlock(t["pf.k"], t["pf.v"]))
+            found.slot_shifts.append(int(delta.meta["ph_shift"]))
+            found.segment_shifts.append(int(delta.meta["pf_shift"]))
+        return found if len(found) else None
 
-    def pieces(self, a: AgentPrompt, contents: list[Content], seg_starts: list[int], slot_starts: list[int],
+    def pieces(self, agent: AgentPrompt, contents: list[Content], seg_starts: list[int], slot_starts: list[int],
                anchors: list[SlotAnchors | None]) -> list[Piece]:
         """The prompt as pieces for :func:`kvcomm.reuse.assemble`: fixed text, then slot + segment pairs."""
-        segs = a.rendered.segment_ids
-        pieces = [Piece(0, a.block.slice(0, len(segs[0])), 0)]
-        for j, c in enumerate(contents):
-            sa = anchors[j] if j < len(anchors) else None
+        pieces = [Piece(0, agent.segment_block(0), 0)]
+        for j, content in enumerate(contents):
+            found = anchors[j] if j < len(anchors) else None
             # an answer's base KV was computed in its producer's context already: averaging other
             # answers' per-position deltas can add more error than it removes (config switch)
-            fix = self.config.correct_answer_slots or slot_kind(c.slot) != "agent" or (sa is not None and sa.exact)
-            pieces.append(Piece(slot_starts[j], c.kv, slot_starts[j], sa, "slot", correct=fix))
-            r = a.reg_starts[j + 1]
-            seg_block = a.block.slice(r, r + len(segs[j + 1]))
-            pieces.append(Piece(seg_starts[j + 1], seg_block, seg_starts[j + 1] - r, sa, "seg", c.kv))
+            fix = (self.config.correct_answer_slots or slot_kind(content.slot) != "agent"
+                   or (found is not None and found.exact))
+            pieces.append(Piece(slot_starts[j], content.kv, slot_starts[j], found, "slot", correct=fix))
+            pieces.append(Piece(seg_starts[j + 1], agent.segment_block(j + 1),
+                                seg_starts[j + 1] - agent.reg_starts[j + 1], found, "seg", content.kv))
         return pieces
 
-    def record_deltas(self, a: AgentPrompt, contents: list[Content], cache: Any, seg_starts: list[int],
+    def record_deltas(self, agent: AgentPrompt, contents: list[Content], cache: Any, seg_starts: list[int],
                       slot_starts: list[int], which: list[int]) -> None:
-        """Store agent ``a``'s deviations of the slots ``which`` from a dense call's real ``cache``."""
-        real = block_from_cache(cache, 0, seg_starts[-1] + len(a.rendered.segment_ids[-1]))
+        """Store ``agent``'s deviations of the slots ``which`` from a dense call's real ``cache``."""
+        real = block_from_cache(cache, 0, seg_starts[-1] + len(agent.segments[-1]))
         for j in which:
-            c = contents[j]
-            q, T = slot_starts[j], c.length
-            ph_k = key_delta(real.k[:, :, q : q + T], c.kv.k, q, self.inv_freq)
-            ph_v = real.v[:, :, q : q + T] - c.kv.v
-            r, p = a.reg_starts[j + 1], seg_starts[j + 1]
-            m = len(a.rendered.segment_ids[j + 1])
-            seg = a.block.slice(r, r + m)
-            pf_k = key_delta(real.k[:, :, p : p + m], seg.k, p - r, self.inv_freq)
-            pf_v = real.v[:, :, p : p + m] - seg.v
-            entry = self.entry({"ph.k": ph_k, "ph.v": ph_v, "pf.k": pf_k, "pf.v": pf_v},
-                               {"ph_shift": q, "pf_shift": p - r, "agent": a.name, "slot": c.slot})
-            self.store.put(f"{self.prefix}delta:{c.hash}:{a.name}", entry)
+            content = contents[j]
+            q, n = slot_starts[j], content.length
+            slot_k = key_delta(real.k[:, :, q : q + n], content.kv.k, q, self.inv_freq)
+            slot_v = real.v[:, :, q : q + n] - content.kv.v
+            registered, p = agent.reg_starts[j + 1], seg_starts[j + 1]
+            m = len(agent.segments[j + 1])
+            seg = agent.segment_block(j + 1)
+            seg_k = key_delta(real.k[:, :, p : p + m], seg.k, p - registered, self.inv_freq)
+            seg_v = real.v[:, :, p : p + m] - seg.v
+            # stored under the format's names: ph = the placeholder (slot), pf = the following segment
+            entry = self.entry({"ph.k": slot_k, "ph.v": slot_v, "pf.k": seg_k, "pf.v": seg_v},
+                               {"ph_shift": q, "pf_shift": p - registered, "agent": agent.name, "slot": content.slot})
+            self.store.put(str(DeltaKey(self.model, content.hash, agent.name)), entry)
 
-    def entry(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
+    def entry(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> KVEntry:
         """A store entry of this model's KV."""
         from kvcomm.store import KVEntry
 
-        return KVEntry(tensors={k: v.contiguous() for k, v in tensors.items()}, meta=meta,
+        return KVEntry(tensors={name: t.contiguous() for name, t in tensors.items()}, meta=meta,
                        fingerprint=self.fingerprint)

@@ -26,7 +26,36 @@ import torch
 from kvcomm.config import KVCommConfig
 from kvcomm.kv import KVBlock
 from kvcomm.rope import shift_keys
-from kvcomm.stacks import AnchorStack, stack_blocks
+
+
+@dataclass
+class AnchorStack:
+    """A slot's anchors stacked on a leading anchor axis (right-padded on tokens)."""
+
+    slot_deltas: KVBlock  # [A, L, H, max T_a, D] placeholder (slot) deltas, each anchor's own T_a
+    segment_deltas: KVBlock  # [A, L, H, M, D] deltas of the following segment (M: its length)
+    base: KVBlock | None = None  # [A, L, H, max T_a, D] anchor bases; None for an exact slot
+    lengths: list[int] | None = None  # each base's T_a when they differ, else None
+    lengths_on_device: torch.Tensor | None = None  # the same on the stacks' device (read without a sync)
+
+
+def pad_stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``[L, H, T_a, D]`` each -> ``[A, L, H, max T_a, D]``, zero right-padded (a view when A == 1)."""
+    if len(xs) == 1:
+        return xs[0].unsqueeze(0)
+    T = max(x.shape[2] for x in xs)
+    if all(x.shape[2] == T for x in xs):
+        return torch.stack(xs)
+    L, H, _, D = xs[0].shape
+    out = xs[0].new_zeros((len(xs), L, H, T, D))
+    for a, x in enumerate(xs):
+        out[a, :, :, : x.shape[2]] = x
+    return out
+
+
+def stack_blocks(parts: list[KVBlock]) -> KVBlock:
+    """Blocks stacked by :func:`pad_stack`, keys and values (no cache)."""
+    return KVBlock(pad_stack([p.k for p in parts]), pad_stack([p.v for p in parts]))
 
 
 @dataclass
@@ -34,28 +63,29 @@ class SlotAnchors:
     """What the correction of one slot needs: its anchors' bases and this agent's deltas."""
 
     base: list[KVBlock]  # each anchor's base KV, T_a >= T tokens (the pool's length rule)
-    ph: list[KVBlock]  # placeholder deltas (T_a tokens: the slot's first T are used)
-    pf: list[KVBlock]  # deltas of the following segment
-    ph_shift: list[int] = field(default_factory=list)  # each anchor's own shifts when recorded
-    pf_shift: list[int] = field(default_factory=list)
+    slot_deltas: list[KVBlock]  # placeholder deltas (T_a tokens: the slot's first T are used)
+    segment_deltas: list[KVBlock]  # deltas of the following segment
+    slot_shifts: list[int] = field(default_factory=list)  # each anchor's own shifts when recorded
+    segment_shifts: list[int] = field(default_factory=list)
     exact: bool = False  # the content itself is the (only) anchor
     stacked: AnchorStack | None = None  # the same tensors stacked for the kernels (see stacks())
 
     def __len__(self) -> int:
-        return len(self.ph)
+        return len(self.slot_deltas)
 
     def stacks(self, stack: Callable[[list[KVBlock]], KVBlock] = stack_blocks) -> AnchorStack:
         """The anchors stacked as the kernels take them, built once (``stack``: e.g. a StackCache's)."""
         if self.stacked is None:
             lengths = [b.length for b in self.base]
             ragged = len(set(lengths)) > 1
-            ph = stack(self.ph)
+            slot_deltas = stack(self.slot_deltas)
             self.stacked = AnchorStack(
-                ph=ph, pf=stack(self.pf), base=None if self.exact else stack(self.base),
+                slot_deltas=slot_deltas, segment_deltas=stack(self.segment_deltas),
+                base=None if self.exact else stack(self.base),
                 lengths=lengths if ragged else None,
                 # built here, before the correction: channel_weights reads it without a host
                 # copy, so the correction stays capturable as a CUDA graph
-                lengths_on_device=torch.tensor(lengths, dtype=torch.int32, device=ph.k.device) if ragged else None,
+                lengths_on_device=torch.tensor(lengths, dtype=torch.int32, device=slot_deltas.k.device) if ragged else None,
             )
         return self.stacked
 
@@ -86,66 +116,73 @@ def assemble(
 
     ``out`` may be (strided) views of a preallocated cache buffer: the pieces land there directly.
     """
-    from kvcomm.kernels import apply_correction, channel_weights, token_weights
-
     first = pieces[0].src
     L, H, _, D = first.k.shape
     if out is None:
         out = KVBlock(torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device),
                       torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device))
-    k_out, v_out = out.k, out.v
-    skip = 0 if config.correct_first_layer else 1
-    for p in pieces:
-        n = min(p.src.length, total - p.start)
+    for piece in pieces:
+        n = min(piece.src.length, total - piece.start)
         if n <= 0:
             continue
-        src = p.src.slice(0, n)
-        kd, vd = k_out[:, :, p.start : p.start + n], v_out[:, :, p.start : p.start + n]
-        a = p.anchors
-        if not correct or not p.correct or a is None or len(a) == 0:
-            kd.copy_(shift_keys(src.k, p.shift, inv_freq))
-            vd.copy_(src.v)
+        src = piece.src.slice(0, n)
+        dst = out.slice(piece.start, piece.start + n)
+        anchors = piece.anchors
+        if not correct or not piece.correct or anchors is None or len(anchors) == 0:
+            dst.k.copy_(shift_keys(src.k, piece.shift, inv_freq))
+            dst.v.copy_(src.v)
             continue
-        st = a.stacks()  # [A, L, H, T, D] stacks, right-padded: windows below are views, no copy
-        if p.kind == "slot" and not a.exact and n > st.ph.k.shape[3]:
+        longest = max(b.length for b in anchors.slot_deltas)
+        if piece.kind == "slot" and not anchors.exact and n > longest:
             # anchors shorter than the content (min_anchor_coverage < 1): the tokens past the
             # longest one have no measured deviation, they are moved only
-            m = st.ph.k.shape[3]
-            k_out[:, :, p.start + m : p.start + n].copy_(shift_keys(src.k[:, :, m:], p.shift, inv_freq))
-            v_out[:, :, p.start + m : p.start + n].copy_(src.v[:, :, m:])
-            n, src, kd, vd = m, src.slice(0, m), kd[:, :, :m], vd[:, :, :m]
-        if p.kind == "slot":
-            # the slot's n tokens: each anchor's first n placeholder deltas [A, L, H, n, D]
-            deltas_k, deltas_v = st.ph.k[:, :, :, :n], st.ph.v[:, :, :, :n]
-            shifts = a.ph_shift
-            if a.exact:
-                wk = wv = torch.ones(1, n, device=src.k.device, dtype=torch.float32)
-            else:  # base [A, L, H, max T_a, D]: token_weights compares the first n tokens
-                assert st.base is not None
-                wk = token_weights(src.k, st.base.k, tau=config.tau)
-                wv = token_weights(src.v, st.base.v, tau=config.tau)
-        else:
-            deltas_k, deltas_v = st.pf.k[:, :, :, :n], st.pf.v[:, :, :, :n]  # [A, L, H, n, D]
-            shifts = a.pf_shift
-            if a.exact:
-                wk = wv = torch.ones(1, L, H, D, device=src.k.device, dtype=torch.float32)
-            else:  # the content [L, H, T, D] against each anchor's last T tokens
-                content = p.content
-                assert content is not None and st.base is not None
-                # (the last min(T, shortest anchor) tokens where anchors may be shorter)
-                tail = min(content.length, *(st.lengths or [st.base.k.shape[3]]))
-                ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
-                lengths = st.lengths_on_device if st.lengths_on_device is not None else st.lengths
-                wk = channel_weights(ck, st.base.k, tau=config.tau, anchor_lengths=lengths)
-                wv = channel_weights(cv, st.base.v, tau=config.tau, anchor_lengths=lengths)
-        rotate = config.rerotate_key_deltas
-        if not rotate:
-            # reference variant: each anchor's key deltas back in the frame it was measured in
-            deltas_k = torch.stack([shift_keys(deltas_k[i], shifts[i], inv_freq) for i in range(len(shifts))])
-        apply_correction(src.k, deltas_k, wk, inv_freq=inv_freq, delta_pos=p.shift, rotate_deltas=rotate,
-                         skip_layers=skip, out=kd)
-        apply_correction(src.v, deltas_v, wv, inv_freq=None, skip_layers=skip, out=vd)
+            rest = out.slice(piece.start + longest, piece.start + n)
+            rest.k.copy_(shift_keys(src.k[:, :, longest:], piece.shift, inv_freq))
+            rest.v.copy_(src.v[:, :, longest:])
+            n, src, dst = longest, src.slice(0, longest), dst.slice(0, longest)
+        _correct_stacked(piece, anchors, src, dst, inv_freq, config)
     return out
+
+
+def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
+                     config: KVCommConfig) -> None:
+    """One piece through the kernels, which read the anchors stacked ``[A, L, H, T, D]``."""
+    from kvcomm.kernels import apply_correction, channel_weights, token_weights
+
+    L, H, n, D = src.k.shape
+    skip = 0 if config.correct_first_layer else 1
+    stack = anchors.stacks()  # right-padded: the windows below are views, no copy
+    if piece.kind == "slot":
+        # the slot's n tokens: each anchor's first n placeholder deltas [A, L, H, n, D]
+        deltas_k, deltas_v = stack.slot_deltas.k[:, :, :, :n], stack.slot_deltas.v[:, :, :, :n]
+        shifts = anchors.slot_shifts
+        if anchors.exact:
+            wk = wv = torch.ones(1, n, device=src.k.device, dtype=torch.float32)
+        else:  # base [A, L, H, max T_a, D]: token_weights compares the first n tokens
+            assert stack.base is not None
+            wk = token_weights(src.k, stack.base.k, tau=config.tau)
+            wv = token_weights(src.v, stack.base.v, tau=config.tau)
+    else:
+        deltas_k, deltas_v = stack.segment_deltas.k[:, :, :, :n], stack.segment_deltas.v[:, :, :, :n]
+        shifts = anchors.segment_shifts
+        if anchors.exact:
+            wk = wv = torch.ones(1, L, H, D, device=src.k.device, dtype=torch.float32)
+        else:  # the content [L, H, T, D] against each anchor's last T tokens
+            content = piece.content
+            assert content is not None and stack.base is not None
+            # (the last min(T, shortest anchor) tokens where anchors may be shorter)
+            tail = min(content.length, *(stack.lengths or [stack.base.k.shape[3]]))
+            ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
+            lengths = stack.lengths_on_device if stack.lengths_on_device is not None else stack.lengths
+            wk = channel_weights(ck, stack.base.k, tau=config.tau, anchor_lengths=lengths)
+            wv = channel_weights(cv, stack.base.v, tau=config.tau, anchor_lengths=lengths)
+    rotate = config.rerotate_key_deltas
+    if not rotate:
+        # reference variant: each anchor's key deltas back in the frame it was measured in
+        deltas_k = torch.stack([shift_keys(deltas_k[i], shifts[i], inv_freq) for i in range(len(shifts))])
+    apply_correction(src.k, deltas_k, wk, inv_freq=inv_freq, delta_pos=piece.shift, rotate_deltas=rotate,
+                     skip_layers=skip, out=dst.k)
+    apply_correction(src.v, deltas_v, wv, inv_freq=None, skip_layers=skip, out=dst.v)
 
 
 def key_delta(real_k: torch.Tensor, base_k: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -109,14 +109,21 @@ class StoreStats:
 
 
 class KVStore(ABC):
-    """A key-value store of KVEntry objects, plus atomic counters, hashes and record lists.
+    """What the engine needs from a store: KV entries, anchor-pool state and call records.
 
-    Keys are relative (``"content:ab12..."``); a store prefixes them with
-    ``kvcomm:<namespace>:``. Every read or write that hits a fault (unreachable server, timeout,
-    corrupt or foreign entry, ...) degrades: ``get`` returns None, ``put`` returns False, the
-    counters return None, a :class:`~kvcomm.errors.StoreFaultWarning` is emitted once per fault
-    kind, and ``stats()["faults"][kind]`` increments. Only caller bugs (a bad key, an entry that
-    cannot be serialized) raise :class:`~kvcomm.errors.StoreError`.
+    - entries: :class:`KVEntry` objects under keys (``get``/``put``/``delete``/``contains``/
+      ``scan``/``clear``);
+    - anchor-pool state: small string maps with atomic counters (``pool_read``/``pool_write``/
+      ``pool_remove``/``pool_increment``);
+    - records: append-only JSON lists (``append_record``/``read_records``).
+
+    Keys are relative (see :mod:`kvcomm.keys`); a store prefixes them with
+    :func:`kvcomm.keys.namespace_prefix` (``kvcomm:<namespace>:``). Every read or write that hits
+    a fault (unreachable server, timeout, corrupt or foreign entry, ...) degrades: ``get``
+    returns None, ``put`` returns False, ``pool_increment`` returns None, a
+    :class:`~kvcomm.errors.StoreFaultWarning` is emitted once per fault kind, and
+    ``stats()["faults"][kind]`` increments. Only caller bugs (a bad key, an entry that cannot be
+    serialized) raise :class:`~kvcomm.errors.StoreError`.
     """
 
     #: short backend name shown in stats()
@@ -163,28 +170,30 @@ class KVStore(ABC):
 
     @abstractmethod
     def scan(self, prefix: str = "") -> list[str]:
-        """Sorted relative keys (entries, hashes and record lists) starting with ``prefix``."""
+        """Sorted relative keys (entries, pool maps and record lists) starting with ``prefix``."""
 
     @abstractmethod
     def clear(self, prefix: str = "") -> int:
         """Remove every key of this namespace starting with ``prefix``; returns how many."""
 
-    # -- atomic counters and small hashes (anchor pools, use counts) --------------------------
+    # -- anchor-pool state: small string maps with atomic counters ------------------------------
+    # The anchor pool of a slot (members, use counts, its creation counter) lives in maps of
+    # field -> string that every process sharing the store updates; increments are atomic.
     @abstractmethod
-    def hincrby(self, key: str, field: str, amount: int = 1) -> int | None:
-        """Atomically add ``amount`` to an integer hash field; the new value, None on a fault."""
+    def pool_read(self, key: str) -> dict[str, str]:
+        """Every field of the map under ``key`` ({} when missing or on a fault)."""
 
     @abstractmethod
-    def hset(self, key: str, mapping: dict[str, str | int | float]) -> bool:
-        """Set hash fields (values are stored as strings)."""
+    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+        """Set fields of the map under ``key`` (values are stored as strings); False on a fault."""
 
     @abstractmethod
-    def hgetall(self, key: str) -> dict[str, str]:
-        """Every field of a hash ({} when missing or on a fault)."""
+    def pool_remove(self, key: str, *fields: str) -> int:
+        """Remove fields of the map under ``key``; how many existed (0 on a fault)."""
 
     @abstractmethod
-    def hdel(self, key: str, *fields: str) -> int:
-        """Remove hash fields; how many existed."""
+    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
+        """Atomically add ``amount`` to an integer field (missing: 0); the new value, None on a fault."""
 
     # -- append-only records (metrics) ----------------------------------------------------------
     @abstractmethod

@@ -46,13 +46,12 @@ import hmac
 import math
 import struct
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import torch
 
-from kvcomm.errors import StoreError, StoreFormatError
+from kvcomm.errors import EntryFormatError, StoreError
 from kvcomm.store.entry import KVEntry
 
 MAGIC = b"KVCM"
@@ -89,55 +88,24 @@ _ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items(
 _INT8_FLOATS = ("float32", "float16", "bfloat16")  # what the int8 kernels take
 
 
-class EntryFormatError(StoreFormatError):
-    """A stored value that cannot be decoded; ``kind`` is the fault kind it is counted as."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-# -- int8 ----------------------------------------------------------------------------------------
-def quantize_reference(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8: ``k`` per channel (scale over the token axis -2), ``v`` per token (axis -1).
+# -- int8 ------------------------------------------------------------------------------------------
+# The one int8 reference is kvcomm.kernels.quant (its Triton kernel on CUDA, its torch reference
+# elsewhere). Imported on first use: importing the kernels imports Triton, which a store that
+# never quantizes does not need.
+def _quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from kvcomm.kernels.quant import quantize_kv
 
-    Args:
-        x: ``[..., T, D]`` float tensor.
-        kind: ``"k"`` or ``"v"``.
-
-    Returns:
-        ``(q int8 [..., T, D], scale float32 [..., 1, D] for k or [..., T, 1] for v)``.
-    """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-2 if kind == "k" else -1, keepdim=True)
-    scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return quantize_kv(x, kind)
 
 
-def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`quantize_reference`: ``(q * scale).to(dtype)``."""
-    return (q.float() * scale).to(dtype)
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from kvcomm.kernels.quant import dequantize_kv
 
-
-_int8_ops: tuple[Callable[..., Any], Callable[..., Any]] | None = None
-
-
-def _int8() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """kvcomm.kernels' quantize_kv/dequantize_kv (Triton on CUDA) when present, else the reference."""
-    global _int8_ops
-    if _int8_ops is None:
-        try:
-            from kvcomm.kernels import dequantize_kv, quantize_kv
-        except ImportError:
-            _int8_ops = (quantize_reference, dequantize_reference)
-        else:
-            _int8_ops = (quantize_kv, dequantize_kv)
-    return _int8_ops
+    return dequantize_kv(q, scale, dtype)
 
 
 def _int8_kind(name: str, t: torch.Tensor) -> str | None:
@@ -195,7 +163,7 @@ def encode(
         if kind is None:
             spec["offset"], spec["nbytes"] = add(t)
         else:
-            q, scale = _int8()[0](t, kind)
+            q, scale = _quantize(t, kind)
             spec["codec"] = "int8"
             spec["offset"], spec["nbytes"] = add(q.to(torch.int8))
             scale = scale.to(torch.float32)
@@ -342,7 +310,8 @@ def _check_part(where: str, shape: Any, itemsize: int, part: dict[str, Any], cur
     """Validate one byte range; returns the new cursor (end of the part)."""
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
         raise EntryFormatError("shape", f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} ints in [0, {MAX_DIM}]")
-    offset, nbytes = part.get("offset"), part.get("nbytes")
+    offset: Any = part.get("offset")
+    nbytes: Any = part.get("nbytes")
     if not (_is_int(offset) and _is_int(nbytes)) or nbytes < 0:
         raise EntryFormatError("corrupt", f"{where}: offset/nbytes {offset!r}/{nbytes!r} are not non-negative ints")
     if offset != _align(cursor):
@@ -351,7 +320,7 @@ def _check_part(where: str, shape: Any, itemsize: int, part: dict[str, Any], cur
         raise EntryFormatError("oversize", f"{where}: ends at byte {offset + nbytes}, over the {limit}-byte limit")
     if math.prod(shape) * itemsize != nbytes:  # Python ints: no overflow on absurd shapes
         raise EntryFormatError("shape", f"{where}: shape {shape} x {itemsize} B does not match nbytes {nbytes}")
-    return offset + nbytes
+    return int(offset + nbytes)
 
 
 def _check_specs(specs: list[Any], limit: int) -> int:
@@ -370,7 +339,8 @@ def _check_specs(specs: list[Any], limit: int) -> int:
         elif codec == "int8":
             if dtype not in _INT8_FLOATS or not isinstance(spec.get("scale"), dict):
                 raise EntryFormatError("corrupt", f"tensor {name!r}: int8 needs a float16/32 dtype and a scale")
-            shape, scale = spec.get("shape"), spec["scale"]
+            shape: Any = spec.get("shape")
+            scale: dict[str, Any] = spec["scale"]
             cursor = _check_part(f"tensor {name!r}", shape, 1, spec, cursor, limit)
             cursor = _check_part(f"scale of {name!r}", scale.get("shape"), 4, scale, cursor, limit)
             s_shape = scale["shape"]
@@ -463,7 +433,7 @@ def _materialize(blob: Any, payload: memoryview, specs: list[dict[str, Any]], de
         else:
             q = part(spec, torch.int8, spec["shape"])
             scale = part(spec["scale"], torch.float32, spec["scale"]["shape"])
-            out[spec["name"]] = _int8()[1](q, scale, dtype)
+            out[spec["name"]] = _dequantize(q, scale, dtype)
     return out
 
 

@@ -13,8 +13,7 @@ import torch
 from kvcomm.errors import StoreError
 from kvcomm.store.base import KVStore, check_key
 from kvcomm.store.entry import KVEntry
-
-DEFAULT_MAX_BYTES = 2 << 30
+from kvcomm.store.spec import DEFAULT_MAX_BYTES, MemorySpec
 
 
 class MemoryStore(KVStore):
@@ -23,13 +22,13 @@ class MemoryStore(KVStore):
     The tensors of all entries never total more than ``max_bytes``; an entry larger than
     ``max_bytes`` is not stored (``put`` returns False, fault ``oversize``). ``put`` copies the
     tensors onto ``device``, ``get`` returns the stored tensors without a copy (treat them as
-    read-only). Hashes and records are kept beside the entries, outside the byte budget. Nothing
+    read-only). Pool maps and records are kept beside the entries, outside the byte budget. Nothing
     is shared across processes: put a RedisStore behind it in a TieredStore for that.
 
     Args:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (the GPU tier).
         max_bytes: byte budget of the entries' tensors.
-        namespace: key namespace (the ``kvcomm:<namespace>:`` prefix).
+        namespace: key namespace (the ``kvcomm:<namespace>:`` prefix of :mod:`kvcomm.keys`).
         ttl: default seconds to live of an entry (None or 0: no expiry).
     """
 
@@ -57,9 +56,14 @@ class MemoryStore(KVStore):
         self._lock = threading.RLock()
         self._entries: OrderedDict[str, tuple[KVEntry, int, float | None]] = OrderedDict()
         self._bytes = 0
-        self._hashes: dict[str, dict[str, str]] = {}
+        self._maps: dict[str, dict[str, str]] = {}
         self._records: dict[str, list[str]] = {}
         self.evictions = 0
+
+    @classmethod
+    def from_spec(cls, spec: MemorySpec) -> MemoryStore:
+        """The store a ``memory://`` URL describes (:func:`kvcomm.store.url.parse_store_url`)."""
+        return cls(spec.device, spec.max_bytes, namespace=spec.namespace, ttl=spec.ttl)
 
     # -- entries -------------------------------------------------------------------------------
     def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
@@ -106,20 +110,20 @@ class MemoryStore(KVStore):
         with self._lock:
             found = self._live(key) is not None
             self._drop(key)
-            found |= self._hashes.pop(key, None) is not None
+            found |= self._maps.pop(key, None) is not None
             found |= self._records.pop(key, None) is not None
         return found
 
     def contains(self, key: str) -> bool:
         check_key(key)
         with self._lock:
-            return self._live(key) is not None or key in self._hashes or key in self._records
+            return self._live(key) is not None or key in self._maps or key in self._records
 
     def scan(self, prefix: str = "") -> list[str]:
         with self._lock:
             for key in [k for k, (_, _, exp) in self._entries.items() if exp is not None]:
                 self._live(key)
-            keys = set(self._entries) | set(self._hashes) | set(self._records)
+            keys = set(self._entries) | set(self._maps) | set(self._records)
         return sorted(k for k in keys if k.startswith(prefix))
 
     def clear(self, prefix: str = "") -> int:
@@ -127,7 +131,7 @@ class MemoryStore(KVStore):
         with self._lock:
             for key in keys:
                 self._drop(key)
-                self._hashes.pop(key, None)
+                self._maps.pop(key, None)
                 self._records.pop(key, None)
         return len(keys)
 
@@ -143,37 +147,37 @@ class MemoryStore(KVStore):
         if item is not None:
             self._bytes -= item[1]
 
-    # -- hashes and records ----------------------------------------------------------------------
-    def hincrby(self, key: str, field: str, amount: int = 1) -> int | None:
+    # -- anchor-pool state and records ------------------------------------------------------------
+    def pool_read(self, key: str) -> dict[str, str]:
         check_key(key)
         with self._lock:
-            h = self._hashes.setdefault(key, {})
-            try:
-                value = int(h.get(field, "0")) + int(amount)
-            except ValueError:
-                raise StoreError(f"hash {key!r} field {field!r} is not an integer") from None
-            h[field] = str(value)
-            return value
+            return dict(self._maps.get(key, {}))
 
-    def hset(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
         check_key(key)
         with self._lock:
-            self._hashes.setdefault(key, {}).update({str(f): str(v) for f, v in mapping.items()})
+            self._maps.setdefault(key, {}).update({str(f): str(v) for f, v in mapping.items()})
         return True
 
-    def hgetall(self, key: str) -> dict[str, str]:
+    def pool_remove(self, key: str, *fields: str) -> int:
         check_key(key)
         with self._lock:
-            return dict(self._hashes.get(key, {}))
-
-    def hdel(self, key: str, *fields: str) -> int:
-        check_key(key)
-        with self._lock:
-            h = self._hashes.get(key, {})
-            n = sum(h.pop(f, None) is not None for f in fields)
-            if key in self._hashes and not h:
-                del self._hashes[key]
+            fields_of = self._maps.get(key, {})
+            n = sum(fields_of.pop(f, None) is not None for f in fields)
+            if key in self._maps and not fields_of:
+                del self._maps[key]
             return n
+
+    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
+        check_key(key)
+        with self._lock:
+            fields_of = self._maps.setdefault(key, {})
+            try:
+                value = int(fields_of.get(field, "0")) + int(amount)
+            except ValueError:
+                raise StoreError(f"pool map {key!r} field {field!r} is not an integer") from None
+            fields_of[field] = str(value)
+            return value
 
     def append_record(self, key: str, record: dict[str, Any]) -> bool:
         check_key(key)
@@ -210,7 +214,7 @@ class MemoryStore(KVStore):
     def close(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._hashes.clear()
+            self._maps.clear()
             self._records.clear()
             self._bytes = 0
 

@@ -14,37 +14,27 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, TypeVar, cast
 
 import redis
 import torch
 from redis.backoff import NoBackoff
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 
-from kvcomm.errors import StoreError
+from kvcomm.errors import EntryFormatError, StoreError
+from kvcomm.keys import namespace_prefix
 from kvcomm.store.base import KVStore, check_key
-from kvcomm.store.codec import (
-    CODECS,
-    DEFAULT_MAX_ENTRY_BYTES,
-    MAGIC,
-    EntryFormatError,
-    decode,
-    encode,
-    is_signed,
-)
+from kvcomm.store.codec import DEFAULT_MAX_ENTRY_BYTES, MAGIC, decode, encode, is_signed
 from kvcomm.store.entry import KVEntry
-from kvcomm.store.security import DEFAULT_REDIS_URL, redact, redis_url, resolve_secret, scrub, url_secrets
+from kvcomm.store.security import redact, resolve_secret, scrub
+from kvcomm.store.spec import RedisSpec
+from kvcomm.store.url import DEFAULT_REDIS_URL, redis_spec
 
 T = TypeVar("T")
 
 DEFAULT_URL = DEFAULT_REDIS_URL
 _SCAN_COUNT = 1000
 _AUTH_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
-#: query parameters redis-py takes from a URL: its parsed ones plus credentials and TLS files
-REDIS_PY_QUERY_PARAMS = (*URL_QUERY_ARGUMENT_PARSERS, "username", "password", "ssl_cert_reqs", "ssl_ca_certs",
-                         "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password")
 
 __all__ = ["DEFAULT_URL", "RedisStore", "redact"]
 
@@ -58,20 +48,26 @@ class RedisStore(KVStore):
 
     Each entry is one Redis string written by one ``SET`` (header and payload in one value), so a
     reader sees the old or the new entry, never half of one. Entries are read with ``GETRANGE``
-    capped at ``max_entry_bytes`` + 1, so an oversize value is never transferred whole. Counters
-    are ``HINCRBY`` on Redis hashes, records are ``RPUSH``-ed JSON: both atomic across processes.
+    capped at ``max_entry_bytes`` + 1, so an oversize value is never transferred whole. The
+    anchor-pool maps are Redis hashes (``pool_increment`` is ``HINCRBY``), records are
+    ``RPUSH``-ed JSON: both atomic across processes.
 
-    Every Redis error degrades (``get`` -> None, ``put`` -> False, ``hincrby`` -> None, ...)
+    Every Redis error degrades (``get`` -> None, ``put`` -> False, ``pool_increment`` -> None, ...)
     with one :class:`~kvcomm.errors.StoreFaultWarning` per fault kind and a counter; refused
     credentials and ACL denials count as ``auth``. After a connection or auth fault the store
     skips Redis for ``retry_after`` seconds (a dead server costs nothing per call), then
     reconnects by itself. Construction does not connect unless ``check=True``; :meth:`ping` does.
 
+    ``RedisStore(url, **options)`` and ``RedisStore.from_spec(spec)`` build the same store: the
+    first parses ``url`` into a :class:`~kvcomm.store.spec.RedisSpec`
+    (:func:`~kvcomm.store.url.redis_spec`), the second takes one already parsed
+    (:func:`kvcomm.store.from_url` does so).
+
     Args:
-        url: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS; redis-py's
-            ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` ... as query
-            parameters or keywords) or ``unix://``; None: ``$KVCOMM_REDIS_URL``, else
-            ``redis://127.0.0.1:6379/0``.
+        url: a connection URL: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS;
+            redis-py's ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` ...
+            as query parameters or keywords) or ``unix://``; kvcomm's options are the keywords
+            below. None: the Redis URL of :func:`~kvcomm.store.url.store_urls_from_env`.
         namespace: keys live under ``kvcomm:<namespace>:``; the namespace is also in every MAC.
         ttl: default seconds to live of an entry (None or 0: no expiry); counters never expire.
         codec: ``"raw"`` (bit exact) or ``"int8"`` (K per channel, V per token; ~half of bf16).
@@ -113,51 +109,61 @@ class RedisStore(KVStore):
         retry_after: float = 1.0,
         **redis_kwargs: Any,
     ) -> None:
-        super().__init__(namespace)
-        url = redis_url(url)
-        self._secrets = url_secrets(url) + [
-            str(redis_kwargs[k]) for k in ("password", "ssl_password") if redis_kwargs.get(k)
-        ]
-        if codec not in CODECS:
-            raise StoreError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
-        if ttl is not None and ttl < 0:
-            raise StoreError(f"ttl must be >= 0 seconds, got {ttl!r}")
-        if not isinstance(max_entry_bytes, int) or max_entry_bytes <= 0:
-            raise StoreError(f"max_entry_bytes must be a positive int, got {max_entry_bytes!r}")
-        if max_fetch_bytes is not None and (not isinstance(max_fetch_bytes, int) or max_fetch_bytes <= 0):
-            raise StoreError(f"max_fetch_bytes must be a positive int or None, got {max_fetch_bytes!r}")
-        if not fetch_window > 0:
-            raise StoreError(f"fetch_window must be > 0 seconds, got {fetch_window!r}")
-        unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query)} - set(REDIS_PY_QUERY_PARAMS))
-        if unknown:  # redis-py would only fail at the first connection, with a TypeError
-            raise StoreError(f"Redis URL {redact(url)!r} has parameters redis-py does not take: {', '.join(unknown)} "
-                             "(kvcomm's own, such as namespace or ttl, go through kvcomm.store.from_url)")
+        spec = redis_spec(
+            url,
+            namespace=namespace,
+            ttl=ttl,
+            codec=codec,
+            device=str(device),
+            max_entry_bytes=max_entry_bytes,
+            max_fetch_bytes=max_fetch_bytes,
+            fetch_window=fetch_window,
+            retry_after=retry_after,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            socket_read_size=socket_read_size,
+            client_kwargs=redis_kwargs,
+        )
+        self._open(spec, secret=secret, check=check)
+
+    @classmethod
+    def from_spec(cls, spec: RedisSpec, *, secret: str | bytes | None = None, check: bool = False) -> RedisStore:
+        """The store a parsed spec describes (:func:`kvcomm.store.url.parse_store_url`); see the class."""
+        store = cls.__new__(cls)
+        store._open(spec, secret=secret, check=check)
+        return store
+
+    def _open(self, spec: RedisSpec, *, secret: str | bytes | None, check: bool) -> None:
+        """Set up from a spec, trusted as is: every field was checked when it was built."""
+        KVStore.__init__(self, spec.namespace)
+        self.spec = spec
+        self._secrets = list(spec.secrets)
         self._secret = resolve_secret(secret)
-        self.url = redact(url)  # the password stays in the connection pool only
-        self.ttl = ttl
-        self.codec = codec
-        self.device = torch.device(device)
-        self.max_entry_bytes = max_entry_bytes
-        self.max_fetch_bytes = max_fetch_bytes
-        self.fetch_window = fetch_window
-        self.retry_after = retry_after
-        self._prefix = f"kvcomm:{namespace}:"
+        self.url = spec.display_url  # the password stays in the connection pool only
+        self.ttl = spec.ttl
+        self.codec = spec.codec
+        self.device = torch.device(spec.device)
+        self.max_entry_bytes = spec.max_entry_bytes
+        self.max_fetch_bytes = spec.max_fetch_bytes
+        self.fetch_window = spec.fetch_window
+        self.retry_after = spec.retry_after
+        self._prefix = namespace_prefix(spec.namespace)
         self._degraded = False
         self._skip_until = 0.0
         self._budget_lock = threading.Lock()
         self._window_start = time.monotonic()
         self._fetched = 0
-        redis_kwargs.pop("decode_responses", None)  # values are bytes
+        client_kwargs = {k: v for k, v in spec.client_kwargs.items() if k != "decode_responses"}  # values are bytes
         try:
             self.client = redis.Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                socket_read_size=socket_read_size,
+                spec.url,
+                socket_timeout=spec.socket_timeout,
+                socket_connect_timeout=spec.socket_connect_timeout,
+                socket_read_size=spec.socket_read_size,
                 # one immediate retry re-dials a connection the server dropped (restart);
                 # timeouts are not retried, they would only double the wait
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                **redis_kwargs,
+                **client_kwargs,
             )
         except (ValueError, TypeError) as exc:
             raise StoreError(self._scrub(f"bad Redis URL {self.url!r}: {exc}")) from None
@@ -236,7 +242,7 @@ class RedisStore(KVStore):
             self.counters.miss()
             return None
         # GETRANGE end is inclusive: at most cap + 1 bytes ever cross the wire
-        blob = self._call(f"GET {key!r}", lambda: self.client.getrange(full, 0, cap), None)
+        blob = self._call(f"GET {key!r}", lambda: cast("bytes | None", self.client.getrange(full, 0, cap)), None)
         if blob:
             self._charge(len(blob))
         if not blob:  # missing key (b"") or fault (None)
@@ -298,7 +304,8 @@ class RedisStore(KVStore):
         return list(self.client.scan_iter(match=pattern, count=_SCAN_COUNT))
 
     def scan(self, prefix: str = "") -> list[str]:
-        keys = self._call("SCAN", lambda: self._scan_full(prefix), [])
+        none: list[bytes] = []
+        keys = self._call("SCAN", lambda: self._scan_full(prefix), none)
         n = len(self._prefix)
         return sorted(k.decode("utf-8", "replace")[n:] for k in keys)
 
@@ -311,27 +318,29 @@ class RedisStore(KVStore):
 
         return self._call("clear", run, 0)
 
-    # -- hashes and records ----------------------------------------------------------------------
-    def hincrby(self, key: str, field: str, amount: int = 1) -> int | None:
+    # -- anchor-pool state (Redis hashes) and records (Redis lists) ---------------------------------
+    def pool_read(self, key: str) -> dict[str, str]:
         full = self._full(key)
-        return self._call(f"HINCRBY {key!r}", lambda: int(self.client.hincrby(full, field, amount)), None)
+        empty: dict[bytes, bytes] = {}
+        raw = self._call(f"HGETALL {key!r}", lambda: cast("dict[bytes, bytes]", self.client.hgetall(full)), empty)
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def hset(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
         full = self._full(key)
         if not mapping:
             return True
-        return self._call(f"HSET {key!r}", lambda: self.client.hset(full, mapping=mapping) is not None, False)
+        fields: dict[Any, Any] = dict(mapping)  # redis-py's own key/value union
+        return self._call(f"HSET {key!r}", lambda: self.client.hset(full, mapping=fields) is not None, False)
 
-    def hgetall(self, key: str) -> dict[str, str]:
-        full = self._full(key)
-        raw = self._call(f"HGETALL {key!r}", lambda: self.client.hgetall(full), {})
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def hdel(self, key: str, *fields: str) -> int:
+    def pool_remove(self, key: str, *fields: str) -> int:
         full = self._full(key)
         if not fields:
             return 0
         return int(self._call(f"HDEL {key!r}", lambda: self.client.hdel(full, *fields), 0))
+
+    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
+        full = self._full(key)
+        return self._call(f"HINCRBY {key!r}", lambda: int(self.client.hincrby(full, field, amount)), None)
 
     def append_record(self, key: str, record: dict[str, Any]) -> bool:
         full = self._full(key)
@@ -343,8 +352,9 @@ class RedisStore(KVStore):
 
     def read_records(self, key: str) -> list[dict[str, Any]]:
         full = self._full(key)
-        out = []
-        for line in self._call(f"LRANGE {key!r}", lambda: self.client.lrange(full, 0, -1), []):
+        out: list[dict[str, Any]] = []
+        none: list[bytes] = []
+        for line in self._call(f"LRANGE {key!r}", lambda: cast("list[bytes]", self.client.lrange(full, 0, -1)), none):
             try:
                 record = json.loads(line)
             except ValueError:

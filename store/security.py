@@ -1,9 +1,8 @@
-"""Secrets of the store: where URLs and the entry key come from, and how they are kept out of text.
+"""Secrets of the store: where the entry key comes from, and how secrets are kept out of text.
 
-- Redis URL: an explicit ``url`` argument, else ``$KVCOMM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``.
-  :func:`kvcomm.store.from_url` and ``kvcomm store ...`` read ``$KVCOMM_STORE_URL`` (a full store
-  spec: tiers, ``memory://``) before ``$KVCOMM_REDIS_URL``: argument/``--url`` >
-  ``KVCOMM_STORE_URL`` > ``KVCOMM_REDIS_URL`` > the default.
+- Store URLs (which may hold a Redis password): an explicit argument, else
+  :func:`kvcomm.store.url.store_urls_from_env` (``$KVCOMM_STORE_URL`` > ``$KVCOMM_REDIS_URL`` >
+  ``redis://127.0.0.1:6379/0``).
 - Entry key (the HMAC secret that signs entries): an explicit ``secret`` argument, else
   ``$KVCOMM_STORE_KEY``; ``secret=""`` turns signing off even when the variable is set. It is never
   read from a URL (a URL ends up in logs, shell history and ``ps``).
@@ -19,26 +18,13 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from kvcomm.errors import StoreError
 
-REDIS_URL_ENV = "KVCOMM_REDIS_URL"
-STORE_URL_ENV = "KVCOMM_STORE_URL"
 STORE_KEY_ENV = "KVCOMM_STORE_KEY"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 MIN_SECRET_BYTES = 16
 REDACTED = "***"
 
 #: query parameters whose values are secrets (redacted; the entry-key ones are refused in URLs)
 SECRET_PARAMS = frozenset({"password", "ssl_password", "secret", "key", "store_key", "token"})
 ENTRY_KEY_PARAMS = frozenset({"secret", "key", "store_key", "token"})
-
-
-def redis_url(url: str | None = None) -> str:
-    """``url``, else ``$KVCOMM_REDIS_URL``, else the local default."""
-    return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-
-
-def store_urls() -> list[str]:
-    """The URLs :func:`~kvcomm.store.from_url` uses when given none (see the module docstring)."""
-    return [os.environ.get(STORE_URL_ENV) or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL]
 
 
 def resolve_secret(secret: str | bytes | None) -> bytes | None:

@@ -17,8 +17,9 @@ class TieredStore(KVStore):
       (promotion) and returned from the fastest tier that took it (on its device).
     - ``put`` writes every tier; True if at least one tier stored the entry.
     - ``delete``/``clear`` act on every tier; ``contains``/``scan`` see the union.
-    - Hashes, counters and records live in the **last** tier only: it is the one other processes
-      share, so an atomic ``hincrby`` there is the truth (a cached count would go stale).
+    - Anchor-pool state and records live in the **last** tier only: it is the one other
+      processes share, so an atomic ``pool_increment`` there is the truth (a cached count would
+      go stale).
 
     Tier faults are counted by the tiers themselves (``stats()["tiers"]``); the tiered counters
     count hits (found in any tier), misses (found in none) and promotions.
@@ -39,7 +40,7 @@ class TieredStore(KVStore):
 
     @property
     def shared(self) -> KVStore:
-        """The last tier: the one holding hashes and records."""
+        """The last tier: the one holding anchor-pool state and records."""
         return self.tiers[-1]
 
     def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
@@ -80,17 +81,17 @@ class TieredStore(KVStore):
             tier.clear(prefix)
         return len(keys)
 
-    def hincrby(self, key: str, field: str, amount: int = 1) -> int | None:
-        return self.shared.hincrby(key, field, amount)
+    def pool_read(self, key: str) -> dict[str, str]:
+        return self.shared.pool_read(key)
 
-    def hset(self, key: str, mapping: dict[str, str | int | float]) -> bool:
-        return self.shared.hset(key, mapping)
+    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+        return self.shared.pool_write(key, mapping)
 
-    def hgetall(self, key: str) -> dict[str, str]:
-        return self.shared.hgetall(key)
+    def pool_remove(self, key: str, *fields: str) -> int:
+        return self.shared.pool_remove(key, *fields)
 
-    def hdel(self, key: str, *fields: str) -> int:
-        return self.shared.hdel(key, *fields)
+    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
+        return self.shared.pool_increment(key, field, amount)
 
     def append_record(self, key: str, record: dict[str, Any]) -> bool:
         return self.shared.append_record(key, record)

@@ -1,35 +1,67 @@
-"""from_url(): build a store (or a TieredStore) from URLs such as ``memory://`` and ``redis://``.
+"""Store URLs, parsed once into typed specs; the one place that reads store URLs from the environment.
 
-Which URL: the arguments, else ``$KVCOMM_STORE_URL``, else ``$KVCOMM_REDIS_URL``, else
-``redis://127.0.0.1:6379/0`` (``kvcomm store ...`` follows the same order, ``--url`` first). The
-entry secret is never a URL parameter: pass ``secret=`` or set ``$KVCOMM_STORE_KEY``.
+``memory://?max_bytes=8GiB&device=cuda`` becomes a :class:`~kvcomm.store.spec.MemorySpec`; ``redis://``,
+``rediss://`` (TLS) and ``unix://`` URLs become a :class:`~kvcomm.store.spec.RedisSpec`. Stores
+are built from specs (:func:`kvcomm.store.from_url`, ``MemoryStore.from_spec``,
+``RedisStore.from_spec``) and trust them: a URL is split and its query parsed here only, and the
+specs check their values (:mod:`kvcomm.store.spec`).
+
+Which URLs when none is given: :func:`store_urls_from_env` (``$KVCOMM_STORE_URL``, else
+``$KVCOMM_REDIS_URL``, else ``redis://127.0.0.1:6379/0``). The entry secret is never a URL
+parameter: pass ``secret=`` or set ``$KVCOMM_STORE_KEY`` (:mod:`kvcomm.store.security`).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from kvcomm.errors import StoreError
-from kvcomm.store.base import KVStore
-from kvcomm.store.memory import MemoryStore
-from kvcomm.store.redis_store import REDIS_PY_QUERY_PARAMS, RedisStore
-from kvcomm.store.security import ENTRY_KEY_PARAMS, STORE_KEY_ENV, redact, store_urls
-from kvcomm.store.tiered import TieredStore
+from kvcomm.store.security import ENTRY_KEY_PARAMS, STORE_KEY_ENV, redact, scrub
+from kvcomm.store.spec import DEFAULT_MAX_BYTES, MemorySpec, RedisSpec, StoreSpec
+
+STORE_URL_ENV = "KVCOMM_STORE_URL"
+REDIS_URL_ENV = "KVCOMM_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+MEMORY_SCHEME = "memory"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: query parameters of memory:// URLs (``prefix``: an alias of ``namespace``)
+MEMORY_PARAMS = ("max_bytes", "device", "namespace", "prefix", "ttl")
+#: kvcomm's own query parameters of Redis URLs
+REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "max_fetch_bytes",
+                "fetch_window", "retry_after")
+#: query parameters redis-py takes from a URL: its parsed ones plus credentials and TLS files
+REDIS_PY_QUERY_PARAMS = (*URL_QUERY_ARGUMENT_PARSERS, "username", "password", "ssl_cert_reqs", "ssl_ca_certs",
+                         "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
-_MEMORY_PARAMS = ("max_bytes", "device", "namespace", "prefix", "ttl")
-_REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "max_fetch_bytes", "fetch_window",
-                 "retry_after")
-
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3,
+          "ti": 1024**4}
 _SPLIT_RE = re.compile(r",\s*(?=[a-z][a-z0-9+.\-]*://)")
+_SCHEMES_HINT = "use memory://, redis://, rediss:// or unix://"
+
+
+def store_urls_from_env() -> list[str]:
+    """The store URLs to use when none is given: the only reader of the store's environment.
+
+    ``$KVCOMM_STORE_URL`` (a full store spec: tiers, ``memory://``), else ``$KVCOMM_REDIS_URL``,
+    else ``redis://127.0.0.1:6379/0``. One string may hold several comma-separated URLs.
+    """
+    return [os.environ.get(STORE_URL_ENV) or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL]
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """Parse ``"1073741824"``, ``"512MiB"``, ``"2GB"``, ``"1.5G"`` into bytes (k/M/G are powers of 10)."""
+    """Parse ``"1073741824"``, ``"512MiB"``, ``"2GB"``, ``"1.5G"`` into bytes (k/M/G are powers of 10).
+
+    Raises:
+        StoreError: not a number with an optional unit (the message names ``what``).
+    """
     m = _SIZE_RE.match(text)
     if not m:
         raise StoreError(f"bad {what} {text!r}: use bytes or a number with a unit (512MiB, 2GB)")
@@ -47,108 +79,183 @@ def _seconds(text: str, what: str) -> float:
     return value
 
 
-def _query(url: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+# -- parsing ---------------------------------------------------------------------------------------
+class _Split(NamedTuple):
+    """One URL split once: its parts, kvcomm's query parameters and redis-py's (in order)."""
+
+    url: str
+    parts: SplitResult
+    ours: dict[str, str]
+    theirs: list[tuple[str, str]]
+
+
+def _split(url: str) -> _Split:
+    """Split a URL and its query once; refuse unknown schemes and parameters and URL-borne secrets."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise StoreError(f"unparsable store URL {redact(url)!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    allowed: tuple[str, ...]
+    passthrough: tuple[str, ...]
+    if scheme == MEMORY_SCHEME:
+        allowed, passthrough = MEMORY_PARAMS, ()
+    elif scheme in REDIS_SCHEMES:
+        allowed, passthrough = REDIS_PARAMS, REDIS_PY_QUERY_PARAMS
+    else:
+        raise StoreError(f"unknown store URL scheme in {redact(url)!r}: {_SCHEMES_HINT}")
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name.lower() in ENTRY_KEY_PARAMS:
             raise StoreError(f"store URL {redact(url)!r} holds {name!r}: the entry secret does not go in a URL "
                              f"(URLs end up in logs and shell history); set ${STORE_KEY_ENV} or pass secret=")
-        if name not in allowed:
-            raise StoreError(f"unknown parameter {name!r} in store URL {redact(url)!r}: accepted: {', '.join(allowed)}")
-        params[name] = value
-    if "prefix" in params:  # DESIGN.md spelling
-        params.setdefault("namespace", params.pop("prefix"))
-        params.pop("prefix", None)
-    return params
+        if name in allowed:
+            ours[name] = value
+        elif name in passthrough:
+            theirs.append((name, value))
+        else:
+            accepted = ", ".join((*allowed, *passthrough))
+            raise StoreError(f"unknown parameter {name!r} in store URL {redact(url)!r}: accepted: {accepted}")
+    if "prefix" in ours:  # DESIGN.md spelling of namespace
+        ours.setdefault("namespace", ours["prefix"])
+        del ours["prefix"]
+    return _Split(url, parts, ours, theirs)
 
 
-def _namespace(url: str) -> str | None:
-    q = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
-    return q.get("namespace", q.get("prefix"))
-
-
-def _memory(url: str, namespace: str) -> MemoryStore:
-    parts = urlsplit(url)
-    if parts.netloc or parts.path not in ("", "/"):
-        raise StoreError(f"bad memory store URL {redact(url)!r}: use memory://?max_bytes=2GiB&device=cuda")
-    q = _query(url, _MEMORY_PARAMS)
-    kwargs: dict[str, Any] = {"namespace": q.get("namespace", namespace), "device": q.get("device", "cpu")}
-    if "max_bytes" in q:
-        kwargs["max_bytes"] = parse_size(q["max_bytes"], "max_bytes")
-    if "ttl" in q:
-        kwargs["ttl"] = _seconds(q["ttl"], "ttl")
-    return MemoryStore(**kwargs)
-
-
-def _redis(url: str, namespace: str, secret: str | bytes | None) -> RedisStore:
-    parts = urlsplit(url)
-    q = _query(url, _REDIS_PARAMS + REDIS_PY_QUERY_PARAMS)
-    ours = {k: v for k, v in q.items() if k in _REDIS_PARAMS}
-    theirs = [(k, v) for k, v in q.items() if k not in _REDIS_PARAMS]
-    if parts.scheme != "unix" and not parts.hostname:
-        raise StoreError(f"bad Redis URL {redact(url)!r}: no host (use redis://host:6379/0)")
+def _check_redis_location(s: _Split) -> None:
+    if s.parts.scheme.lower() != "unix" and not s.parts.hostname:
+        raise StoreError(f"bad Redis URL {redact(s.url)!r}: no host (use redis://host:6379/0)")
     try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        s.parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise StoreError(f"bad Redis URL {redact(url)!r}: the port is not a number in 0-65535") from None
-    kwargs: dict[str, Any] = {"namespace": ours.get("namespace", namespace), "codec": ours.get("codec", "raw")}
-    if "ttl" in ours:
-        kwargs["ttl"] = _seconds(ours["ttl"], "ttl")
-    if "retry_after" in ours:
-        kwargs["retry_after"] = _seconds(ours["retry_after"], "retry_after")
+        raise StoreError(f"bad Redis URL {redact(s.url)!r}: the port is not a number in 0-65535") from None
+
+
+def _memory_spec(s: _Split, namespace: str) -> MemorySpec:
+    if s.parts.netloc or s.parts.path not in ("", "/"):
+        raise StoreError(f"bad memory store URL {redact(s.url)!r}: use memory://?max_bytes=2GiB&device=cuda")
+    q = s.ours
+    return MemorySpec(
+        namespace=q.get("namespace", namespace),
+        device=q.get("device", "cpu"),
+        max_bytes=parse_size(q["max_bytes"], "max_bytes") if "max_bytes" in q else DEFAULT_MAX_BYTES,
+        ttl=_seconds(q["ttl"], "ttl") if "ttl" in q else None,
+    )
+
+
+def _redis_spec(s: _Split, namespace: str) -> RedisSpec:
+    _check_redis_location(s)
+    q = s.ours
+    options: dict[str, Any] = {"namespace": q.get("namespace", namespace), "codec": q.get("codec", "raw")}
+    for name in ("ttl", "retry_after", "fetch_window"):
+        if name in q:
+            options[name] = _seconds(q[name], name)
     for name in ("max_entry_bytes", "max_fetch_bytes"):
-        if name in ours:
-            kwargs[name] = parse_size(ours[name], name)
-    if "fetch_window" in ours:
-        kwargs["fetch_window"] = _seconds(ours["fetch_window"], "fetch_window")
-    if "device" in ours:
-        kwargs["device"] = ours["device"]
-    return RedisStore(urlunsplit(parts._replace(query=urlencode(theirs))), secret=secret, **kwargs)
+        if name in q:
+            options[name] = parse_size(q[name], name)
+    if "device" in q:
+        options["device"] = q["device"]
+    connection = urlunsplit(s.parts._replace(query=urlencode(s.theirs)))
+    return RedisSpec(url=connection, **options)
 
 
-def from_url(*urls: str, secret: str | bytes | None = None) -> KVStore:
-    """Build a store from one or more URLs; several make a TieredStore, fastest first.
+def _spec(s: _Split, namespace: str) -> StoreSpec:
+    if s.parts.scheme.lower() == MEMORY_SCHEME:
+        return _memory_spec(s, namespace)
+    return _redis_spec(s, namespace)
 
-    ``from_url("memory://?max_bytes=8GiB&device=cuda", "redis://host:6379/0?namespace=team1&ttl=3600")``.
-    One string may also hold several URLs separated by commas. Query parameters:
+
+def _flatten(urls: tuple[str, ...] | list[str]) -> list[str]:
+    return [u for url in urls for u in _SPLIT_RE.split(url.strip()) if u]
+
+
+def parse_store_url(url: str, *, namespace: str = "default") -> StoreSpec:
+    """One store URL as its spec.
 
     - ``memory://``: ``max_bytes`` (512MiB, 2GB, bytes), ``device``, ``namespace``, ``ttl``.
     - ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``: ``namespace``
       (alias ``prefix``), ``ttl``, ``codec`` (raw, int8), ``device``, ``max_entry_bytes``,
-      ``max_fetch_bytes`` and ``fetch_window`` (see :class:`RedisStore`), ``retry_after``, plus
-      redis-py's own (``socket_timeout``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
-      ``ssl_cert_reqs``, ``ssl_check_hostname``, ...).
-
-    With no URL at all: ``$KVCOMM_STORE_URL``, else ``$KVCOMM_REDIS_URL``, else the local Redis.
+      ``max_fetch_bytes``, ``fetch_window``, ``retry_after``, plus redis-py's own
+      (``socket_timeout``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``,
+      ``ssl_check_hostname``, ...), which stay in the connection URL (``RedisSpec.url``).
 
     Args:
-        secret: the entry-signing key of every Redis tier (None: ``$KVCOMM_STORE_KEY``).
+        namespace: the namespace of a URL that names none.
 
     Raises:
-        StoreError: an empty or unknown scheme, an unknown parameter, a secret in the URL, a bad
-            value (one line, passwords redacted).
+        StoreError: an unknown scheme, an unknown parameter, a secret in the URL, a bad value
+            (one line naming the parameter, passwords redacted).
     """
-    if not urls:
-        urls = tuple(store_urls())
-    flat = [u for url in urls for u in _SPLIT_RE.split(url.strip()) if u]
-    if not flat:
-        raise StoreError("no store URL given: use memory://, redis://host:6379/0 or both")
-    named = {ns for ns in map(_namespace, flat) if ns is not None}
+    return _spec(_split(url), namespace)
+
+
+def parse_store_urls(*urls: str) -> list[StoreSpec]:
+    """The specs of one (tiered) store, fastest tier first.
+
+    Each argument is a URL or several separated by commas. The URLs share one namespace: those
+    that name none take the one the others name (else ``"default"``).
+
+    Raises:
+        StoreError: no URL, URLs naming different namespaces, or any error of
+            :func:`parse_store_url`.
+    """
+    split = [_split(url) for url in _flatten(urls)]
+    if not split:
+        raise StoreError(f"no store URL given: {_SCHEMES_HINT.removeprefix('use ')}, or several of them")
+    named = {s.ours["namespace"] for s in split if "namespace" in s.ours}
     if len(named) > 1:
         raise StoreError(f"the URLs of one tiered store name different namespaces: {sorted(named)}")
-    namespace = named.pop() if named else "default"  # URLs without one inherit it
-    stores: list[KVStore] = []
+    namespace = named.pop() if named else "default"
+    return [_spec(s, namespace) for s in split]
+
+
+def redis_spec(url: str | None = None, *, client_kwargs: Mapping[str, Any] | None = None,
+               **options: Any) -> RedisSpec:
+    """The spec of ``RedisStore(url, **options, **client_kwargs)``.
+
+    Here the URL is a connection URL only: its query may hold redis-py's parameters but not
+    kvcomm's, which are keywords (``namespace=``, ``ttl=``...). With no URL, the one Redis URL of
+    :func:`store_urls_from_env`.
+
+    Raises:
+        StoreError: not a Redis URL, kvcomm or unknown parameters in it, a bad option value.
+    """
+    secrets = [str(v) for k, v in (client_kwargs or {}).items() if k in ("password", "ssl_password") and v]
     try:
-        for url in flat:
-            scheme = urlsplit(url).scheme.lower()
-            if scheme == "memory":
-                stores.append(_memory(url, namespace))
-            elif scheme in _REDIS_SCHEMES:
-                stores.append(_redis(url, namespace, secret))
-            else:
-                raise StoreError(f"unknown store URL scheme in {redact(url)!r}: use memory://, redis://, rediss:// or unix://")
-        return stores[0] if len(stores) == 1 else TieredStore(stores)
-    except BaseException:
-        for store in stores:
-            store.close()
-        raise
+        s = _split(url) if url is not None else _redis_from_env()
+        if s.parts.scheme.lower() not in REDIS_SCHEMES:
+            raise StoreError(f"RedisStore needs a Redis URL, got {redact(s.url)!r}: use redis://, rediss:// or "
+                             "unix://, or kvcomm.store.from_url for other stores")
+        if s.ours:
+            raise StoreError(f"Redis URL {redact(s.url)!r} has parameters redis-py does not take: "
+                             f"{', '.join(sorted(s.ours))} (kvcomm's own, such as namespace or ttl, are "
+                             "RedisStore keywords or go through kvcomm.store.from_url)")
+        _check_redis_location(s)
+    except StoreError as exc:
+        raise StoreError(scrub(str(exc), secrets)) from None
+    return RedisSpec(url=s.url, client_kwargs=dict(client_kwargs or {}), **options)
+
+
+def _redis_from_env() -> _Split:
+    urls = [_split(u) for u in _flatten(store_urls_from_env())]
+    found = [s for s in urls if s.parts.scheme.lower() in REDIS_SCHEMES]
+    if len(found) != 1:
+        raise StoreError(f"RedisStore() without a URL needs one Redis URL in ${STORE_URL_ENV} (else "
+                         f"${REDIS_URL_ENV}), found {len(found)}: pass the URL or use kvcomm.store.from_url()")
+    return found[0]
+
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "MemorySpec",
+    "REDIS_URL_ENV",
+    "RedisSpec",
+    "STORE_URL_ENV",
+    "StoreSpec",
+    "parse_size",
+    "parse_store_url",
+    "parse_store_urls",
+    "redis_spec",
+    "store_urls_from_env",
+]

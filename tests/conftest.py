@@ -108,13 +108,13 @@ def repo_root() -> Path:
 
 @pytest.fixture
 def watch_engine_calls(monkeypatch):
-    """``watch(engine)`` -> stats of the engine's calls from threads: its planner's ``plan`` (inside
-    ``generate``) lingers 20 ms and counts the calls inside at once (``most``) and the threads
+    """``watch(engine)`` -> stats of the engine's calls from threads: its planner's
+    ``plan_with_anchors`` (inside ``generate`` under kvcomm) lingers 20 ms and counts the calls inside at once (``most``) and the threads
     they came from (``threads``): calls that were not serialised would meet there."""
 
     def watch(engine: Any) -> SimpleNamespace:
         stats = SimpleNamespace(now=0, most=0, threads=set())
-        plan = engine.planner.plan
+        plan = engine.planner.plan_with_anchors
 
         def slow_plan(*args: Any, **kwargs: Any) -> Any:
             stats.threads.add(threading.get_ident())
@@ -124,7 +124,7 @@ def watch_engine_calls(monkeypatch):
             stats.now -= 1
             return plan(*args, **kwargs)
 
-        monkeypatch.setattr(engine.planner, "plan", slow_plan)
+        monkeypatch.setattr(engine.planner, "plan_with_anchors", slow_plan)
         return stats
 
     return watch

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvcomm import ConfigError, KVCommConfig, Template, TemplateError
-from kvcomm.bench import SyntheticTokenizer
 from kvcomm.config import config_table
+from kvcomm.tools.bench import SyntheticTokenizer
 
 
 def test_defaults_follow_the_paper():

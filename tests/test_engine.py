@@ -168,18 +168,6 @@ def test_answer_published_for_downstream_slot(smollm2):
     assert out.record.prompt_tokens > plan.record.prompt_tokens
 
 
-def test_eviction_obeys_capacity_and_window(smollm2):
-    eng = make_engine(smollm2, max_anchors=3, eviction_window=2, min_anchors=99)
-    pool = eng.planner.pool("question")
-    for h in ("a", "b", "c"):
-        assert pool.add(h, 5) == []
-    eng.store.hincrby(f"{eng.prefix}uses:question", "a", 3)  # 'a' is oldest but used
-    assert pool.add("d", 5) == ["b"]  # least used among the 2 oldest (a, b)
-    assert [x.content_hash for x in pool.anchors()] == ["a", "c", "d"]
-    assert pool.add("e", 5) == ["c"]
-    assert len(pool.anchors()) == 3
-
-
 def test_bad_input_errors(smollm2):
     eng = make_engine(smollm2)
     eng.register_agent("planner", PLANNER)

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from kvcomm import KVCommConfig
-from kvcomm.cli import main
-from kvcomm.evaluation import dag_templates, run_eval
+from kvcomm.tools.cli import main
+from kvcomm.tools.evaluation import dag_templates, run_eval
 
 QUESTIONS = ["def add(a, b):\n    \"\"\"Return a + b.\"\"\"", "def neg(x):\n    \"\"\"Return -x.\"\"\"",
              "def add(a, b):\n    \"\"\"Return a + b.\"\"\""]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcomm import KVCommConfig, KVCommEngine, Template
-from kvcomm.fastpath import StaticPromptCache
+from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.kernels import set_backend
 from kvcomm.kernels._triton import HAS_TRITON, INTERPRET
 from kvcomm.models import tiny_random_model
@@ -125,7 +125,7 @@ def test_a_failing_decode_kernel_falls_back_to_sdpa(monkeypatch, caplog):
     try:
         buf = StaticPromptCache(model, 16, decode_kernel=True)
         buf.begin(0)
-        with caplog.at_level("WARNING", logger="kvcomm.fastpath"):
+        with caplog.at_level("WARNING", logger="kvcomm.fastpath.static_cache"):
             got = torch.stack([buf.step(t, i) for i, t in enumerate(ids)])
         assert buf.decode_kernel is False
         assert "no kernel image for this device" in caplog.text

@@ -14,13 +14,13 @@ import torch
 
 import kvcomm.engine as engine_module
 from kvcomm import KVCommConfig, KVCommEngine, Template
-from kvcomm.fastpath import StaticPromptCache
-from kvcomm.graphs import AssembleGraphs
+from kvcomm.fastpath.graphs import AssembleGraphs
+from kvcomm.fastpath.stacks import StackCache
+from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.kernels import set_backend
 from kvcomm.kernels._triton import HAS_TRITON, INTERPRET
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, SlotAnchors, assemble
-from kvcomm.stacks import StackCache
 from kvcomm.store import MemoryStore
 
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton with TRITON_INTERPRET=1")
@@ -51,8 +51,8 @@ class Layout:
 
     def pieces(self, content: KVBlock) -> list[Piece]:
         # a new SlotAnchors per call, as the engine's planner makes: the stacks come from the cache
-        a = SlotAnchors(self.anchors.base, self.anchors.ph, self.anchors.pf, self.anchors.ph_shift,
-                        self.anchors.pf_shift)
+        a = SlotAnchors(self.anchors.base, self.anchors.slot_deltas, self.anchors.segment_deltas,
+                        self.anchors.slot_shifts, self.anchors.segment_shifts)
         a.stacks(self.stacks.stack)
         s0, T = self.seg0_len, self.T
         return [
@@ -178,7 +178,7 @@ def test_lru_bound_and_zero_disables():
 def test_failed_capture_warns_once_and_runs_eagerly(caplog):
     lay, graphs = Layout(), AssembleGraphs(4, backend="cuda")
     out = _out(lay.total)
-    with caplog.at_level(logging.WARNING, logger="kvcomm.graphs"):
+    with caplog.at_level(logging.WARNING, logger="kvcomm.fastpath.graphs"):
         for _ in range(4):
             pieces = lay.pieces(_kv(lay.T))
             graphs.run(pieces, lay.total, INV_FREQ, CONFIG, correct=True, out=out)
@@ -220,13 +220,13 @@ def test_engine_with_correction_graphs_equals_engine_without(smollm2, monkeypatc
     _, plain = run()
     monkeypatch.setattr(engine_module, "StaticPromptCache", _EagerGraphCache)
     eng, graphed = run()
-    assert eng._static.correction is not None and eng._static.correction.replays > 0
+    assert eng.fast.buffer.correction is not None and eng.fast.buffer.correction.replays > 0
     # a caller inside torch.inference_mode(): same answers, and the caches still hit (the engine
     # keeps its own tensors out of inference mode, so their version counters work)
     with torch.inference_mode():
         eng_inf, graphed_inf = run()
-    assert eng_inf._static.correction.replays == eng._static.correction.replays
-    assert eng_inf.anchor_stacks.hits == eng.anchor_stacks.hits > 0
+    assert eng_inf.fast.buffer.correction.replays == eng.fast.buffer.correction.replays
+    assert eng_inf.fast.anchor_stacks.hits == eng.fast.anchor_stacks.hits > 0
     for p, g, gi in zip(plain, graphed, graphed_inf, strict=True):
         assert p.mode == g.mode == gi.mode and p.token_ids == g.token_ids == gi.token_ids
         assert torch.equal(p.logits[0], g.logits[0]) and torch.equal(p.logits[0], gi.logits[0])

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvcomm import model_cache
+from kvcomm.models import cache as model_cache
 from kvcomm.models import load_model, model_fingerprint, packaged_model_path
 
 GGUF = packaged_model_path("smollm2-135m")
@@ -160,7 +160,7 @@ def test_truncated_entry_warns_and_reconverts(cold, tmp_path, monkeypatch, caplo
         replace_file(weights, f.read(size // 2))
     use_cache_dir(monkeypatch, tmp_path)
     calls = spy_conversion(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="kvcomm.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="kvcomm.models.cache"):
         loaded = load_model("smollm2-135m", progress=False)
     assert sorted(calls) == ["model", "tokenizer"]  # converted from the GGUF file again
     assert loaded.model is not cold.model
@@ -184,7 +184,7 @@ def test_damaged_entry_is_never_used(cold, tmp_path, monkeypatch, caplog, damage
     replace_file(entry / model_cache.META, json.dumps(meta).encode())
     use_cache_dir(monkeypatch, tmp_path)
     calls = spy_conversion(monkeypatch, fake=cold)
-    with caplog.at_level(logging.WARNING, logger="kvcomm.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="kvcomm.models.cache"):
         loaded = load_model("smollm2-135m", progress=False)
     assert sorted(calls) == ["model", "tokenizer"]
     assert loaded.model is cold.model
@@ -253,7 +253,7 @@ def test_unwritable_cache_warns_and_loads(cold, tmp_path, monkeypatch, caplog):
     blocker.write_text("")
     use_cache_dir(monkeypatch, blocker)
     spy_conversion(monkeypatch, fake=cold)
-    with caplog.at_level(logging.WARNING, logger="kvcomm.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="kvcomm.models.cache"):
         loaded = load_model("smollm2-135m", progress=False)
     assert loaded.model is cold.model
     assert any("could not write" in r.getMessage() for r in caplog.records)

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 import kvcomm
-from kvcomm.cli import main
 from kvcomm.errors import KVCommError, ModelLoadError
 from kvcomm.models import load_model
+from kvcomm.tools.cli import main
 
 
 def test_exported_members_sorted_and_resolvable():
@@ -36,7 +36,8 @@ def test_wheel_contains_every_subpackage(tmp_path, repo_root):
     )
     wheel = next(tmp_path.glob("kvcomm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("kvcomm", "kvcomm/store", "kvcomm/kernels", "kvcomm/agents"):
+    for pkg in ("kvcomm", "kvcomm/store", "kvcomm/kernels", "kvcomm/agents", "kvcomm/fastpath", "kvcomm/models",
+                "kvcomm/tools"):
         assert f"{pkg}/__init__.py" in names, f"wheel lacks {pkg}"
     assert not any(n.startswith(("store/", "kernels/", "agents/")) for n in names)
     assert "kvcomm/py.typed" in names

@@ -6,9 +6,9 @@ import gc
 
 import torch
 
+from kvcomm.fastpath.stacks import StackCache
 from kvcomm.kv import KVBlock
-from kvcomm.reuse import SlotAnchors
-from kvcomm.stacks import StackCache, pad_stack, stack_blocks
+from kvcomm.reuse import SlotAnchors, pad_stack, stack_blocks
 
 
 def _block(n: int, L: int = 2, H: int = 3, D: int = 8) -> KVBlock:

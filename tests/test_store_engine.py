@@ -25,6 +25,7 @@ import torch
 from _store_worker import AGENTS, make_engine, run_pipeline
 
 from kvcomm.errors import StoreFaultWarning
+from kvcomm.keys import namespace_prefix
 from kvcomm.store import KVEntry, MemoryStore, RedisStore, TieredStore
 from kvcomm.store.codec import encode
 
@@ -53,7 +54,7 @@ def _ids(calls: list[dict]) -> list[list[int]]:
 
 def _entry_keys(client: redis.Redis, ns: str) -> list[bytes]:
     """Every KV entry (Redis string) of a namespace; pools, use counts and metrics are not strings."""
-    keys = sorted(client.scan_iter(match=f"kvcomm:{ns}:*", count=1000))
+    keys = sorted(client.scan_iter(match=namespace_prefix(ns) + "*", count=1000))
     return [k for k in keys if client.type(k) == b"string"]
 
 
@@ -162,7 +163,7 @@ def _tamper(client: redis.Redis, ns: str) -> dict[str, list[bytes]]:
     keys = _entry_keys(client, ns)
     assert len(keys) >= 8
     done: dict[str, list[bytes]] = {"flip": [], "swap": [], "forge": [], "unsigned": []}
-    prefix = f"kvcomm:{ns}:".encode()
+    prefix = namespace_prefix(ns).encode()
     honest = RedisStore(_url(client), namespace=ns, secret=SECRET)
     i = turn = 0
     while i < len(keys):
@@ -220,7 +221,7 @@ def test_tampered_entries_are_misses_through_the_engine(smollm2, redis_url, refe
         # no tampered value was ever accepted: those the engine did not rewrite are still misses
         for key, blob in bad.items():
             if client.get(key) == blob:
-                assert store.get(key[len(f"kvcomm:{ns}:"):].decode()) is None, key
+                assert store.get(key[len(namespace_prefix(ns)):].decode()) is None, key
     faults = stats["faults"]
     assert faults["corrupt"] > 0 and faults["bad_mac"] > 0 and faults["unsigned"] > 0, faults
     said = " ".join(str(w.message) for w in warned)
@@ -259,7 +260,7 @@ def test_int8_codec_under_the_engine(smollm2, redis_url):
     # bytes: the int8 run's entries, and the same entries written raw (fp32) and as bf16
     with RedisStore(redis_url, namespace=ns["int8"], codec="int8") as store, \
             RedisStore(redis_url, namespace=_ns("as-raw")) as raw, RedisStore(redis_url, namespace=_ns("as-bf16")) as bf16:
-        keys = [k.decode()[len(f"kvcomm:{ns['int8']}:"):] for k in _entry_keys(client, ns["int8"])]
+        keys = [k.decode()[len(namespace_prefix(ns["int8"])):] for k in _entry_keys(client, ns["int8"])]
         sizes = {"int8": 0, "raw": 0, "bf16": 0}
         for key in keys:
             entry = store.get(key)
@@ -268,7 +269,7 @@ def test_int8_codec_under_the_engine(smollm2, redis_url):
             assert raw.put(key, entry)
             assert bf16.put(key, KVEntry(tensors=halves, meta=entry.meta, fingerprint=entry.fingerprint))
             for name, st in (("int8", store), ("raw", raw), ("bf16", bf16)):
-                sizes[name] += client.strlen(f"kvcomm:{st.namespace}:{key}")
+                sizes[name] += client.strlen(namespace_prefix(st.namespace) + key)
         raw.clear()
         bf16.clear()
     client.close()

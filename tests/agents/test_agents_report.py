@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from kvcomm import KVCommConfig, KVCommEngine, Template
-from kvcomm.cli import main
 from kvcomm.metrics import read_jsonl, write_jsonl
 from kvcomm.store import MemoryStore, from_url
+from kvcomm.tools.cli import main
 
 PLANNER = Template.from_system_user("You are a careful planner.", "Question:\n{question}\nGive a short plan.")
 SOLVER = Template.from_system_user(

@@ -52,7 +52,7 @@ def hammer(url: str, namespace: str, worker: int, seconds: float, keys: int, bar
                 )
                 done["wrong"] += not ok
         for field, amount in (("shared", 1), (f"w{worker}", rng.randrange(1, 5))):
-            if store.hincrby("pool", field, amount) is None:
+            if store.pool_increment("pool", field, amount) is None:
                 done["lost_increments"] += 1
             else:
                 increments[field] += amount

@@ -8,9 +8,11 @@ import pytest
 import torch
 from store_helpers import assert_entries_equal, kv_entry
 
+from kvcomm.errors import EntryFormatError as ErrorsEntryFormatError
 from kvcomm.errors import StoreError, StoreFormatError
+from kvcomm.kernels.quant import dequantize_kv_reference, quantize_kv_reference
 from kvcomm.store import FORMAT_VERSION, EntryFormatError, KVEntry, decode, encode
-from kvcomm.store.codec import MAX_NDIM, dequantize_reference, frame, quantize_reference, split
+from kvcomm.store.codec import MAX_NDIM, frame, split
 
 
 def _decode_kind(blob: bytes | bytearray, **kwargs) -> str:
@@ -63,11 +65,34 @@ def test_int8_halves_bf16_bytes_and_bounds_the_error() -> None:
 
 def test_int8_reference_scale_layout() -> None:
     x = torch.randn(2, 3, 5, 8)
-    qk, sk = quantize_reference(x, "k")
-    qv, sv = quantize_reference(x, "v")
+    qk, sk = quantize_kv_reference(x, "k")
+    qv, sv = quantize_kv_reference(x, "v")
     assert qk.dtype == torch.int8 and sk.shape == (2, 3, 1, 8) and sv.shape == (2, 3, 5, 1)
-    assert torch.allclose(dequantize_reference(qk, sk, torch.float32), x, atol=float(sk.max()) / 2 + 1e-6)
-    assert torch.allclose(dequantize_reference(qv, sv, torch.float32), x, atol=float(sv.max()) / 2 + 1e-6)
+    assert torch.allclose(dequantize_kv_reference(qk, sk, torch.float32), x, atol=float(sk.max()) / 2 + 1e-6)
+    assert torch.allclose(dequantize_kv_reference(qv, sv, torch.float32), x, atol=float(sv.max()) / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_codec_stores_the_kernels_reference(dtype: torch.dtype) -> None:
+    """One int8 reference: the stored q and scales are kvcomm.kernels.quant's, bit for bit."""
+    x = (torch.randn(2, 3, 9, 16) * 3).to(dtype)
+    blob = encode(KVEntry({"k": x, "v": x}), namespace="n", key="k", codec="int8")
+    _, header, payload = split(blob)
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    for spec in header["tensors"]:
+        q_ref, s_ref = quantize_kv_reference(x, spec["name"])
+        q = raw[spec["offset"] : spec["offset"] + spec["nbytes"]].view(torch.int8).reshape(spec["shape"])
+        s = spec["scale"]
+        scale = raw[s["offset"] : s["offset"] + s["nbytes"]].view(torch.float32).reshape(s["shape"])
+        assert torch.equal(q, q_ref) and torch.equal(scale, s_ref), spec["name"]
+    out = decode(blob)
+    for name, (q_ref, s_ref) in (("k", quantize_kv_reference(x, "k")), ("v", quantize_kv_reference(x, "v"))):
+        assert torch.equal(out.tensors[name], dequantize_kv_reference(q_ref, s_ref, dtype)), name
+
+
+def test_entry_format_error_lives_in_errors() -> None:
+    assert EntryFormatError is ErrorsEntryFormatError
+    assert issubclass(EntryFormatError, StoreFormatError)
 
 
 def test_int8_zero_tensor_round_trips() -> None:

@@ -53,7 +53,7 @@ def _run(redis_url: str, seconds: float) -> None:
         expected = {"shared": sum(r["increments"]["shared"] for r in reports)}
         for r in reports:
             expected[f"w{r['worker']}"] = r["increments"][f"w{r['worker']}"]
-        assert store.hgetall("pool") == {k: str(v) for k, v in expected.items()}
+        assert store.pool_read("pool") == {k: str(v) for k, v in expected.items()}
         assert len(store.read_records("records")) == sum(r["records"] for r in reports)
     finally:
         store.clear()

@@ -20,8 +20,8 @@ def test_killed_server_degrades_and_recovers_after_restart(fresh_redis, make_sto
     with pytest.warns(StoreFaultWarning, match="unreachable"):
         assert store.get("a") is None
     assert store.put("a", entry) is False
-    assert store.hincrby("pool", "x") is None
-    assert store.hgetall("pool") == {} and store.scan() == [] and not store.contains("a")
+    assert store.pool_increment("pool", "x") is None
+    assert store.pool_read("pool") == {} and store.scan() == [] and not store.contains("a")
     assert store.append_record("m", {"x": 1}) is False and store.read_records("m") == []
     stats = store.stats()
     assert stats["faults"]["unreachable"] >= 8 and stats["misses"] == 1 and stats["put_failures"] == 1
@@ -30,7 +30,7 @@ def test_killed_server_degrades_and_recovers_after_restart(fresh_redis, make_sto
     assert store.get("a") is None  # a plain miss, not a fault
     assert store.put("a", entry)
     assert_entries_equal(entry, store.get("a"))
-    assert store.hincrby("pool", "x") == 1
+    assert store.pool_increment("pool", "x") == 1
     faults = store.stats()["faults"]["unreachable"]
 
     fresh_redis.kill()  # a second outage warns again

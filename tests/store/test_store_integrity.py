@@ -14,6 +14,7 @@ import torch
 from store_helpers import assert_entries_equal, kv_entry
 
 from kvcomm.errors import StoreFaultWarning
+from kvcomm.keys import namespace_prefix
 from kvcomm.store import EntryFormatError, KVEntry, MemoryStore, RedisStore, TieredStore, decode, encode
 from kvcomm.store.codec import FLAG_SIGNED, MAC_BYTES, PREFIX_BYTES, frame, split
 
@@ -76,7 +77,7 @@ def test_unsigned_store_says_so_and_still_checksums(redis_store: RedisStore, raw
     assert redis_store.put("e", kv_entry())
     stats, usage = redis_store.stats(), redis_store.usage()
     assert stats["signed"] is False and "unsigned" in stats["integrity"] and usage["unsigned_entries"] == 1
-    full = f"kvcomm:{redis_store.namespace}:e"
+    full = namespace_prefix(redis_store.namespace) + "e"
     v = bytearray(raw.get(full))
     v[-3] ^= 1
     raw.set(full, bytes(v))
@@ -85,7 +86,7 @@ def test_unsigned_store_says_so_and_still_checksums(redis_store: RedisStore, raw
 
 def test_flipped_payload_byte(signed: RedisStore, raw: redis.Redis) -> None:
     signed.put("e", kv_entry())
-    full = f"kvcomm:{signed.namespace}:e"
+    full = namespace_prefix(signed.namespace) + "e"
     v = bytearray(raw.get(full))
     v[-3] ^= 0x01
     raw.set(full, bytes(v))
@@ -98,7 +99,7 @@ def test_values_swapped_between_keys(signed: RedisStore, raw: redis.Redis) -> No
     a, b = kv_entry(), kv_entry()
     signed.put("a", a)
     signed.put("b", b)
-    ka, kb = f"kvcomm:{signed.namespace}:a", f"kvcomm:{signed.namespace}:b"
+    ka, kb = namespace_prefix(signed.namespace) + "a", namespace_prefix(signed.namespace) + "b"
     va, vb = raw.get(ka), raw.get(kb)
     raw.set(ka, vb)
     raw.set(kb, va)
@@ -115,13 +116,13 @@ def test_replay_across_namespaces_is_a_miss(signed: RedisStore, raw: redis.Redis
     """Tenant isolation: tenant A's value copied under tenant B's key, with redis-py directly."""
     tenant_b = make_store(RedisStore, redis_url, namespace=signed.namespace + "-b", secret=SECRET)
     signed.put("content:x", kv_entry())
-    raw.copy(f"kvcomm:{signed.namespace}:content:x", f"kvcomm:{tenant_b.namespace}:content:x")
+    raw.copy(namespace_prefix(signed.namespace) + "content:x", namespace_prefix(tenant_b.namespace) + "content:x")
     _miss(tenant_b, "content:x", "bad_mac")  # same secret, but the MAC binds the namespace
     # rewriting the header to name tenant B and recomputing the checksum fools a keyless store only
-    _, header, payload = split(raw.get(f"kvcomm:{signed.namespace}:content:x"))
+    _, header, payload = split(raw.get(namespace_prefix(signed.namespace) + "content:x"))
     header["namespace"] = tenant_b.namespace
     forged = frame(header, payload)
-    raw.set(f"kvcomm:{tenant_b.namespace}:content:x", bytes(forged))
+    raw.set(namespace_prefix(tenant_b.namespace) + "content:x", bytes(forged))
     keyless = make_store(RedisStore, redis_url, namespace=tenant_b.namespace, secret="")
     assert keyless.get("content:x") is not None
     _miss(tenant_b, "content:x", "unsigned")
@@ -129,7 +130,7 @@ def test_replay_across_namespaces_is_a_miss(signed: RedisStore, raw: redis.Redis
 
 
 def test_forged_entries_without_the_secret(signed: RedisStore, raw: redis.Redis) -> None:
-    full = f"kvcomm:{signed.namespace}:e"
+    full = namespace_prefix(signed.namespace) + "e"
     poison = KVEntry({"k": torch.full((2, 2, 4, 8), 1e4), "v": torch.zeros(2, 2, 4, 8)}, fingerprint="model-a")
     raw.set(full, bytes(encode(poison, namespace=signed.namespace, key="e")))  # no secret
     _miss(signed, "e", "unsigned")
@@ -144,7 +145,7 @@ def test_forged_entries_without_the_secret(signed: RedisStore, raw: redis.Redis)
 
 def test_tiered_store_never_promotes_a_forged_entry(signed: RedisStore, raw: redis.Redis) -> None:
     tiered = TieredStore([MemoryStore(namespace=signed.namespace), signed])
-    raw.set(f"kvcomm:{signed.namespace}:e", bytes(encode(kv_entry(), namespace=signed.namespace, key="e")))
+    raw.set(namespace_prefix(signed.namespace) + "e", bytes(encode(kv_entry(), namespace=signed.namespace, key="e")))
     with pytest.warns(StoreFaultWarning, match="unsigned"):
         assert tiered.get("e") is None
     assert tiered.tiers[0].scan() == [] and tiered.stats()["signed"] is True

@@ -61,9 +61,9 @@ def test_memory_fingerprint_ttl_hashes_records() -> None:
 
     time.sleep(0.1)
     assert store.get("a") is None and store.get("b") is not None and store.scan() == ["b"]
-    assert store.hincrby("h", "x", 2) == 2 and store.hincrby("h", "x") == 3
-    assert store.hset("h", {"y": 1.5}) and store.hgetall("h") == {"x": "3", "y": "1.5"}
-    assert store.hdel("h", "x", "y") == 2 and store.hgetall("h") == {}
+    assert store.pool_increment("h", "x", 2) == 2 and store.pool_increment("h", "x") == 3
+    assert store.pool_write("h", {"y": 1.5}) and store.pool_read("h") == {"x": "3", "y": "1.5"}
+    assert store.pool_remove("h", "x", "y") == 2 and store.pool_read("h") == {}
     store.append_record("r", {"i": 1})
     assert store.read_records("r") == [{"i": 1}]
     assert store.clear() == 2
@@ -106,7 +106,7 @@ def test_tiered_promotes_and_writes_through(make_store, redis_url: str, namespac
     assert slow.stats()["hits"] == reads  # served by the fast tier now
 
     assert tiered.get("none") is None and tiered.stats()["misses"] == 1
-    assert tiered.hincrby("pool", "x", 2) == 2 and slow.hgetall("pool") == {"x": "2"}  # shared tier
+    assert tiered.pool_increment("pool", "x", 2) == 2 and slow.pool_read("pool") == {"x": "2"}  # shared tier
     assert tiered.scan() == ["a", "b", "pool"]
     assert tiered.delete("a") and not fast.contains("a") and not slow.contains("a")
     assert tiered.clear() == 2 and slow.scan() == [] and fast.scan() == []
@@ -179,7 +179,7 @@ def test_exported_members() -> None:
 @pytest.mark.parametrize("cls", [MemoryStore, RedisStore, TieredStore])
 def test_every_store_implements_the_whole_interface(cls: type[KVStore]) -> None:
     assert not inspect.isabstract(cls)
-    for name in ("get", "put", "delete", "contains", "scan", "clear", "hincrby", "hset", "hgetall", "hdel",
+    for name in ("get", "put", "delete", "contains", "scan", "clear", "pool_read", "pool_write", "pool_remove", "pool_increment",
                  "append_record", "read_records", "stats", "close", "ping", "usage"):
         base = inspect.signature(getattr(KVStore, name))
         assert inspect.signature(getattr(cls, name)).parameters.keys() == base.parameters.keys(), (cls, name)

@@ -10,6 +10,7 @@ import torch
 from store_helpers import assert_entries_equal, kv_entry
 
 from kvcomm.errors import StoreError, StoreFaultWarning
+from kvcomm.keys import namespace_prefix
 from kvcomm.store import KVEntry, RedisStore, encode
 from kvcomm.store.codec import FORMAT_VERSION, frame, split
 
@@ -39,7 +40,7 @@ def test_4mib_value_round_trips_through_a_real_server(redis_store: RedisStore) -
 
 def test_keys_are_prefixed_with_namespace(redis_store: RedisStore, redis_url: str) -> None:
     redis_store.put("a:b", kv_entry())
-    assert _raw_client(redis_url).exists(f"kvcomm:{redis_store.namespace}:a:b")
+    assert _raw_client(redis_url).exists(namespace_prefix(redis_store.namespace) + "a:b")
     assert redis_store.scan() == ["a:b"] and redis_store.contains("a:b")
     assert redis_store.delete("a:b") and not redis_store.contains("a:b") and not redis_store.delete("a:b")
 
@@ -66,7 +67,7 @@ def test_int8_store_moves_about_half_the_bytes(make_store, redis_url: str, names
 
 # -- every bad entry is a miss, a warning and a counter ---------------------------------------
 def _craft(redis_url: str, store: RedisStore, key: str, value: bytes | bytearray) -> None:
-    _raw_client(redis_url).set(f"kvcomm:{store.namespace}:{key}", bytes(value))
+    _raw_client(redis_url).set(namespace_prefix(store.namespace) + key, bytes(value))
 
 
 def _good(store: RedisStore, key: str = "e") -> bytearray:
@@ -127,9 +128,9 @@ def test_value_swapped_between_keys_or_namespaces_is_a_miss(redis_store: RedisSt
                                                              make_store) -> None:
     redis_store.put("a", kv_entry())
     client = _raw_client(redis_url)
-    client.copy(f"kvcomm:{redis_store.namespace}:a", f"kvcomm:{redis_store.namespace}:b")
+    client.copy(namespace_prefix(redis_store.namespace) + "a", namespace_prefix(redis_store.namespace) + "b")
     other = make_store(RedisStore, redis_url, namespace=redis_store.namespace + "x")
-    client.copy(f"kvcomm:{redis_store.namespace}:a", f"kvcomm:{other.namespace}:a")
+    client.copy(namespace_prefix(redis_store.namespace) + "a", namespace_prefix(other.namespace) + "a")
     with pytest.warns(StoreFaultWarning, match="key_mismatch"):
         assert redis_store.get("b") is None
     with pytest.warns(StoreFaultWarning, match="key_mismatch"):
@@ -147,7 +148,7 @@ def test_warns_once_per_kind_but_counts_every_fault(redis_store: RedisStore, red
 
 
 def test_wrong_redis_type_under_key_is_a_miss(redis_store: RedisStore) -> None:
-    redis_store.hincrby("h", "f")
+    redis_store.pool_increment("h", "f")
     with pytest.warns(StoreFaultWarning, match="server_error"):
         assert redis_store.get("h") is None
 
@@ -159,9 +160,9 @@ def test_ttl_expires_on_a_real_server(make_store, redis_url: str, namespace: str
     store.put("default", kv_entry())
     store.put("forever", kv_entry(), ttl=0)
     client = _raw_client(redis_url)
-    assert 0 < client.pttl(f"kvcomm:{namespace}:short") <= 300
-    assert 3500_000 < client.pttl(f"kvcomm:{namespace}:default") <= 3600_000
-    assert client.pttl(f"kvcomm:{namespace}:forever") == -1
+    assert 0 < client.pttl(namespace_prefix(namespace) + "short") <= 300
+    assert 3500_000 < client.pttl(namespace_prefix(namespace) + "default") <= 3600_000
+    assert client.pttl(namespace_prefix(namespace) + "forever") == -1
     assert store.get("short") is not None
     time.sleep(0.45)
     assert store.get("short") is None and store.get("default") is not None
@@ -173,20 +174,20 @@ def test_namespaces_isolate(make_store, redis_url: str, namespace: str) -> None:
     a = make_store(RedisStore, redis_url, namespace=namespace + "a")
     b = make_store(RedisStore, redis_url, namespace=namespace + "b")
     a.put("k", kv_entry())
-    a.hincrby("pool", "n", 5)
+    a.pool_increment("pool", "n", 5)
     a.append_record("m", {"x": 1})
     assert b.get("k") is None and not b.contains("k") and b.scan() == []
-    assert b.hgetall("pool") == {} and b.read_records("m") == []
+    assert b.pool_read("pool") == {} and b.read_records("m") == []
     assert b.clear() == 0 and a.scan() == ["k", "m", "pool"]
     assert a.clear() == 3 and a.scan() == []
 
 
 def test_counters_hashes_and_records(redis_store: RedisStore) -> None:
-    assert redis_store.hincrby("pool:q", "anchor1") == 1
-    assert redis_store.hincrby("pool:q", "anchor1", 4) == 5
-    assert redis_store.hset("pool:q", {"len:anchor1": 12, "w": 0.5})
-    assert redis_store.hgetall("pool:q") == {"anchor1": "5", "len:anchor1": "12", "w": "0.5"}
-    assert redis_store.hdel("pool:q", "w", "missing") == 1
+    assert redis_store.pool_increment("pool:q", "anchor1") == 1
+    assert redis_store.pool_increment("pool:q", "anchor1", 4) == 5
+    assert redis_store.pool_write("pool:q", {"len:anchor1": 12, "w": 0.5})
+    assert redis_store.pool_read("pool:q") == {"anchor1": "5", "len:anchor1": "12", "w": "0.5"}
+    assert redis_store.pool_remove("pool:q", "w", "missing") == 1
     for i in range(3):
         assert redis_store.append_record("metrics", {"call": i, "mode": "reuse"})
     assert [r["call"] for r in redis_store.read_records("metrics")] == [0, 1, 2]

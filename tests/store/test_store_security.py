@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 from store_helpers import assert_entries_equal, kv_entry
 
-from kvcomm.cli import main
 from kvcomm.errors import KVCommError, StoreError, StoreFaultWarning
 from kvcomm.store import RedisStore, from_url, redact
 from kvcomm.store.security import resolve_secret
+from kvcomm.tools.cli import main
 
 PASSWORD = "s3cr3t/p@ss:word"  # needs quoting in a URL: both spellings must be redacted
 ALICE_PW = "alice-Pw-7f3a9c"
@@ -85,7 +85,7 @@ def test_bad_credentials_inside_operations_degrade_with_a_warning(pw_server, mak
     with pytest.warns(StoreFaultWarning, match="auth") as record:
         assert store.get("e") is None
         assert store.put("e", kv_entry()) is False
-        assert store.hincrby("pool", "a") is None
+        assert store.pool_increment("pool", "a") is None
         assert store.scan() == []
     stats = store.stats()
     assert stats["faults"]["auth"] == 4 and stats["misses"] == 1 and stats["put_failures"] == 1
@@ -103,12 +103,12 @@ def test_password_in_redis_kwargs_is_scrubbed_too(pw_server, make_store) -> None
 def test_cli_stats_with_credentials(pw_server) -> None:
     runner = CliRunner()
     good = _url(pw_server, f":{quote(PASSWORD, safe='')}@", "namespace=cli")
-    out = runner.invoke(main, ["store", "stats", "--url", good])
+    out = runner.invoke(main, ["store", "stats", "--store", good])
     assert out.exit_code == 0, out.output
     assert "***" in out.output and "signed" in out.output and "unsigned" in out.output
     _no_secret(out.output)
     for userinfo in ("", ":wrong-password@"):
-        out = runner.invoke(main, ["store", "stats", "--url", _url(pw_server, userinfo)])
+        out = runner.invoke(main, ["store", "stats", "--store", _url(pw_server, userinfo)])
         lines = out.output.strip().splitlines()
         assert out.exit_code == 1 and len(lines) == 1, out.output
         assert lines[0].startswith("Error: StoreError:") and "refused the credentials" in lines[0]
@@ -119,7 +119,7 @@ def test_cli_stats_with_credentials(pw_server) -> None:
 def test_acl_user_works_in_its_namespace(acl_server, make_store) -> None:
     store = make_store(RedisStore, _url(acl_server, f"alice:{ALICE_PW}@"), namespace="alice", check=True)
     entry = kv_entry()
-    assert store.put("e", entry) and store.hincrby("pool", "a") == 1
+    assert store.put("e", entry) and store.pool_increment("pool", "a") == 1
     assert_entries_equal(entry, store.get("e"))
     assert store.usage()["entries"] == 1
     assert store.clear() == 2

@@ -42,11 +42,16 @@ def demo_templates() -> list[tuple[str, Template]]:
 
 
 def run_demo(model: Any, tokenizer: Any, *, fingerprint: str, n_requests: int = 6, max_new_tokens: int = 24,
-             store: Any = None, echo: Any = print) -> dict[str, Any]:
-    """Run the pipeline with ``dense`` and ``kvcomm``; returns per-call rows and both engines' records."""
+             store: Any = None, config: KVCommConfig | None = None, echo: Any = print) -> dict[str, Any]:
+    """Run the pipeline with ``dense`` and ``kvcomm``; returns per-call rows and both engines' records.
+
+    ``config`` is both engines' config (default: the defaults), with their policy and
+    ``max_new_tokens``; ``store`` is the kvcomm engine's (default: its in-process memory store).
+    """
+    base = config or KVCommConfig()
     engines = {
         policy: KVCommEngine(model, tokenizer, fingerprint=fingerprint, store=store if policy == "kvcomm" else None,
-                             config=KVCommConfig(policy=policy, max_new_tokens=max_new_tokens))
+                             config=base.replace(policy=policy, max_new_tokens=max_new_tokens))
         for policy in ("dense", "kvcomm")
     }
     agents = demo_templates()

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from kvcomm.config import KVCommConfig
+from kvcomm.fastpath.stacks import version_of
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, assemble
-from kvcomm.stacks import version_of
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +110,17 @@ def layout_of(
         lay.key += [p.start, p.shift, p.kind, p.correct]
         for t in (p.src.k, p.src.v):
             lay.copy(t) if _by_copy(p) else lay.address(t)
-        if _reads_content(p, correct):
+        if p.content is not None and _reads_content(p, correct):
             lay.copy(p.content.k)
             lay.copy(p.content.v)
-        a = p.anchors
-        if a is None:
+        anchors = p.anchors
+        if anchors is None:
             lay.key.append(None)
             continue
-        st = a.stacks()
-        lay.key += [len(a), a.exact, tuple(a.ph_shift), tuple(a.pf_shift), tuple(st.lengths or ())]
-        for blk in (st.ph, st.pf, st.base):
+        stack = anchors.stacks()
+        lay.key += [len(anchors), anchors.exact, tuple(anchors.slot_shifts), tuple(anchors.segment_shifts),
+                    tuple(stack.lengths or ())]
+        for blk in (stack.slot_deltas, stack.segment_deltas, stack.base):
             lay.address(None if blk is None else blk.k)
             lay.address(None if blk is None else blk.v)
     return lay
@@ -216,7 +217,8 @@ def _static_pieces(pieces: list[Piece], correct: bool, statics: dict[tuple[Any, 
 
     out = []
     for p in pieces:  # the anchors are read by address: shared as they are
-        content = KVBlock(sub(p.content.k), sub(p.content.v)) if _reads_content(p, correct) else None
+        read = p.content is not None and _reads_content(p, correct)
+        content = KVBlock(sub(p.content.k), sub(p.content.v)) if p.content is not None and read else None
         src = KVBlock(sub(p.src.k), sub(p.src.v)) if _by_copy(p) else p.src
         out.append(Piece(p.start, src, p.shift, p.anchors, p.kind, content, p.correct))
     return out

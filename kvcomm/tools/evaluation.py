@@ -114,25 +114,30 @@ def run_eval(
     configs: dict[str, KVCommConfig] | None = None,
     questions: list[str] | None = None,
     store_factories: dict[str, Callable[[], Any]] | None = None,
+    base_config: KVCommConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the workload through dense and every policy; returns rows of fidelity and speed.
 
     ``configs`` maps a row label to a config (e.g. ``{"kvcomm g=1.0": KVCommConfig(gamma=1.0)}``)
     for variants beyond the plain policies; ``store_factories`` maps a row label to the factory of
-    its store (default: a fresh in-process memory store per row).
+    its store (default: a fresh in-process memory store per row). ``base_config`` is the config of
+    the plain policy rows and of the dense reference, with their ``policy`` (default: the
+    defaults; ``kvcomm eval`` passes ``KVCommConfig.from_env()``). Every row runs with
+    ``max_new_tokens``.
     """
     from tqdm.auto import tqdm
 
     from kvcomm.models import model_fingerprint
 
     fp = fingerprint or model_fingerprint(model)
+    base = base_config or KVCommConfig()
     rows_cfg: dict[str, KVCommConfig] = {}
     for p in policies or list(POLICIES):
-        rows_cfg[p] = KVCommConfig(policy=p, max_new_tokens=max_new_tokens)
+        rows_cfg[p] = base.replace(policy=p, max_new_tokens=max_new_tokens)
     for label, cfg in (configs or {}).items():
         rows_cfg[label] = cfg.replace(max_new_tokens=max_new_tokens)
-    rows_cfg.setdefault("dense", KVCommConfig(policy="dense", max_new_tokens=max_new_tokens))
+    rows_cfg.setdefault("dense", base.replace(policy="dense", max_new_tokens=max_new_tokens))
 
     def new_store(label: str) -> Any:
         if store_factories and label in store_factories:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from kvcomm.models.identity import model_fingerprint, quiet_stderr
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -95,7 +97,6 @@ def load(
     """The cached (model, tokenizer) of ``gguf`` on the CPU, or None (absent, or unusable: removed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvcomm.models import model_fingerprint, quiet_stderr
 
     source = source or _source_id(gguf, dtype)
     entry = entry_path(gguf, dtype, source)
@@ -144,7 +145,6 @@ def store(
     """
     from safetensors.torch import save_file
 
-    from kvcomm.models import model_fingerprint
 
     source = source or _source_id(gguf, dtype)
     if _source_id(gguf, dtype) != source:

@@ -1,28 +1,41 @@
-"""TTFT benchmark in the paper's setting: agents in a chain, each reading the user input and
-every upstream answer behind its own long system prompt.
+"""The TTFT benchmark behind ``kvcomm bench`` and ``benchmarks/ttft.py``: agents in a chain, each
+reading the user input and every upstream answer behind its own long system prompt.
 
 Every policy runs the same requests through the same harness in one process; the first
 ``warmup`` requests (anchors being created, CUDA graphs being captured) are not timed. Upstream
 answers are synthetic texts of ``output_len`` tokens published as each agent's answer, so the
-benchmark measures prompt handling, not decoding. ``--model-shape`` builds a real architecture
+benchmark measures prompt handling, not decoding. ``model_shape`` builds a real architecture
 (Llama-3.1-8B, Qwen2.5-7B) with random weights on the device: TTFT does not depend on weight
 values, and no download is needed.
+
+This module is a library: both front ends parse their own options, then call
+:func:`bench_config`, :func:`run_benchmark`, :func:`render` and :func:`write_json`. It parses no
+arguments and configures no logging.
+
+Engine config: ``KVCOMM_*`` environment variables, then the front end's explicit options
+(:func:`bench_config`); otherwise the engine's defaults. The texts are random words, unrelated
+to each other, so at the default gamma (0.3) the entropy test admits most of them as new anchors
+and calls go dense by chance. To measure each path's speed, run with gamma 1.0
+(``KVCOMM_GAMMA=1.0`` or ``--gamma 1.0``), as the README's numbers do; ``kvcomm eval`` measures
+the policies' fidelity on real text.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
+import os
 import random
 import statistics
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from kvcomm.config import KVCommConfig, env_var
 
-from kvcomm.config import KVCommConfig
+if TYPE_CHECKING:  # torch loads with the model: `kvcomm --help` and the CLI's option table do not need it
+    import torch
 
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(
@@ -86,6 +99,7 @@ class SyntheticTokenizer:
 
 def build_shaped_model(shape: str, *, device: str, dtype: torch.dtype, layers: int | None = None) -> Any:
     """A random-weight model of a real architecture, initialised directly on ``device``."""
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     spec = dict(MODEL_SHAPES[shape])
@@ -120,8 +134,16 @@ def make_text(tokenizer: Any, n_tokens: int, rng: random.Random) -> str:
     return text
 
 
+#: the anchor-stack cache of a bench run unless ``KVCOMM_ANCHOR_CACHE_BYTES`` or an option sets it:
+#: large enough to keep every slot's anchor stacks across requests, so timed requests measure the
+#: steady state rather than restacking (the engine's default is 2 GiB)
+BENCH_ANCHOR_CACHE_BYTES = 16 << 30
+
+
 @dataclass
 class BenchSetting:
+    """The workload: how many agents, how long each part of a prompt is, how many requests."""
+
     agents: int = 5
     prefix_len: int = 512
     input_len: int = 1024
@@ -129,19 +151,47 @@ class BenchSetting:
     warmup: int = 3
     requests: int = 3
     policies: tuple[str, ...] = ("dense", "prefix", "naive", "kvcomm")
-    gamma: float = 0.3
-    anchor_cache_bytes: int = 16 << 30  # keep every slot's anchor stacks across requests
 
 
-def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory: Any = None,
-             fingerprint: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure TTFT per policy and agent position; returns rows and the raw records."""
+def bench_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> KVCommConfig:
+    """The engine config of a bench run: ``KVCOMM_*`` variables, then ``overrides`` (None: not given).
+
+    Every field keeps the engine's default except ``anchor_cache_bytes``, which is
+    :data:`BENCH_ANCHOR_CACHE_BYTES` unless the environment or an override sets it. ``policy`` and
+    ``max_new_tokens`` are set per run by :func:`run_ttft`.
+
+    Raises:
+        ConfigError: an unknown field or a bad value (from the environment or an override).
+    """
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "anchor_cache_bytes" not in given and env_var("anchor_cache_bytes") not in env:
+        given["anchor_cache_bytes"] = BENCH_ANCHOR_CACHE_BYTES
+    return KVCommConfig.from_env(dict(env), **given)
+
+
+def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCommConfig | None = None,
+             store_factory: Callable[[], Any] | None = None, fingerprint: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Measure TTFT per policy and agent position.
+
+    Args:
+        config: the engine config of every run (None: the defaults); each policy runs with its
+            ``policy`` and ``max_new_tokens=1``.
+        store_factory: a fresh store per policy (None: the engine's default).
+
+    Returns:
+        ``setting`` (the workload, gamma and anchor_cache_bytes), ``rows`` (one per policy and
+        agent position, see :data:`TTFT_COLUMNS`), ``cuda_graph`` and ``anchor_stack_hits_misses``
+        (per policy).
+    """
     from tqdm.auto import tqdm
 
     from kvcomm.engine import KVCommEngine
     from kvcomm.models import model_fingerprint
     from kvcomm.template import Template
 
+    base = config or KVCommConfig()
     rng = random.Random(0)
     fp = fingerprint or model_fingerprint(model)
     names = [f"agent{i + 1}" for i in range(setting.agents)]
@@ -160,8 +210,7 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
     for policy in setting.policies:
         store = store_factory() if store_factory else None
         eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp,
-                           config=KVCommConfig.from_env(policy=policy, max_new_tokens=1, gamma=setting.gamma,
-                                                        anchor_cache_bytes=setting.anchor_cache_bytes))
+                           config=base.replace(policy=policy, max_new_tokens=1))
         for name, tmpl in templates:
             eng.register_agent(name, tmpl)
         timed = []
@@ -177,9 +226,9 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
                     bar.write(f"{policy} {name}: {res.mode} {res.record.slots}")
             bar.update(1)
         results[policy] = timed
-        static = getattr(eng, "_static", None)
-        graphs[policy] = None if static is None else (static.graph is not None)
-        stacks[policy] = (eng.anchor_stacks.hits, eng.anchor_stacks.misses)
+        buffer = eng.fast.buffer  # the static KV buffer: None where no call took the reuse path
+        graphs[policy] = None if buffer is None else (buffer.graph is not None)
+        stacks[policy] = (eng.fast.anchor_stacks.hits, eng.fast.anchor_stacks.misses)
     bar.close()
     rows = []
     dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
@@ -200,8 +249,9 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, store_factory
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
                 "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
             })
-    return {"setting": setting.__dict__ | {"policies": list(setting.policies)}, "rows": rows, "cuda_graph": graphs,
-            "anchor_stack_hits_misses": stacks}
+    described = setting.__dict__ | {"policies": list(setting.policies), "gamma": base.gamma,
+                                    "anchor_cache_bytes": base.anchor_cache_bytes}
+    return {"setting": described, "rows": rows, "cuda_graph": graphs, "anchor_stack_hits_misses": stacks}
 
 
 TTFT_COLUMNS = [
@@ -218,75 +268,98 @@ TTFT_COLUMNS = [
 ]
 
 
-_USAGE = """TTFT per agent position, dense vs prefix vs naive vs kvcomm, measured in one run.
-
-    kvcomm bench --model smollm2-135m --prefix-len 128 --input-len 256 --output-len 128
-    kvcomm bench --model-shape llama-3.1-8b --device cuda --dtype bfloat16 --json out.json
-"""
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kvcomm.metrics import format_table
+def load_bench_model(*, model: str | None = None, model_shape: str | None = None, layers: int | None = None,
+                     device: str = "auto", dtype: str | None = None) -> tuple[Any, Any, str, torch.device, torch.dtype]:
+    """The model under test: a real one by name or path, or a shape from :data:`MODEL_SHAPES`.
+
+    Returns:
+        ``(model, tokenizer, label, device, dtype)``; ``dtype`` None is bfloat16 on CUDA, else
+        float32. A shaped model gets a :class:`SyntheticTokenizer`.
+    """
     from kvcomm.models import load_model, resolve_device, resolve_dtype
 
-    ap = argparse.ArgumentParser(prog="kvcomm bench", description=_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="model name or path (default smollm2-135m)")
-    src.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), help="real architecture, random weights")
-    ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count (quick runs)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    ap.add_argument("--agents", type=int, default=5)
-    ap.add_argument("--prefix-len", type=int, default=512)
-    ap.add_argument("--input-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=512)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=3)
-    ap.add_argument("--policies", default="dense,prefix,naive,kvcomm")
-    ap.add_argument("--gamma", type=float, default=1.0,
-                    help="kvcomm entropy threshold (default %(default)s: the texts are random words, unrelated "
-                         "to each other, so at the engine's 0.3 the entropy test admits most of them as new "
-                         "anchors and calls go dense by chance; this benchmark measures each path's speed, "
-                         "`kvcomm eval` the policies' fidelity on real text)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    ap.add_argument("--json", dest="json_path", default=None)
-    args = ap.parse_args(argv)
+    if model and model_shape:
+        raise ValueError("give a model or a model shape, not both")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    if model_shape:
+        net = build_shaped_model(model_shape, device=str(dev), dtype=dt, layers=layers)
+        return net, SyntheticTokenizer(net.config.vocab_size), f"{model_shape} (random weights)", dev, dt
+    loaded = load_model(model or "smollm2-135m", dtype=dt, device=dev, progress=False)
+    return loaded.model, loaded.tokenizer, loaded.name, dev, dt
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.model_shape:
-        model = build_shaped_model(args.model_shape, device=str(device), dtype=dtype, layers=args.layers)
-        tokenizer = SyntheticTokenizer(model.config.vocab_size)
-        label = f"{args.model_shape} (random weights)"
-    else:
-        loaded = load_model(args.model or "smollm2-135m", dtype=dtype, device=device, progress=False)
-        model, tokenizer, label = loaded.model, loaded.tokenizer, loaded.name
-    setting = BenchSetting(agents=args.agents, prefix_len=args.prefix_len, input_len=args.input_len,
-                           output_len=args.output_len, warmup=args.warmup, requests=args.requests,
-                           policies=tuple(args.policies.split(",")),
-                           gamma=args.gamma)
 
-    def store_factory():
+#: config fields the harness sets per run, left out of the config it reports
+_PER_RUN_FIELDS = ("policy", "max_new_tokens")
+
+
+def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | None = None,
+                  model_shape: str | None = None, layers: int | None = None, device: str = "auto",
+                  dtype: str | None = None, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Load the model (:func:`load_bench_model`) and run :func:`run_ttft`, one in-device memory
+    store per policy.
+
+    Args:
+        threads: CPU threads for torch (None: torch's default).
+
+    Returns:
+        :func:`run_ttft`'s result plus ``device``, ``model``, ``dtype`` and ``config`` (the engine
+        config used, without the fields set per run).
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    net, tokenizer, label, dev, dt = load_bench_model(model=model, model_shape=model_shape, layers=layers,
+                                                      device=device, dtype=dtype)
+
+    def store_factory() -> Any:
         from kvcomm.store import MemoryStore
 
-        return MemoryStore(device=device, max_bytes=64 << 30)
+        return MemoryStore(device=dev, max_bytes=64 << 30)
 
-    out = run_ttft(model, tokenizer, setting, store_factory=store_factory)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nmodel {label} | {dtype} | device {name} | {args.agents} agents, prefix {args.prefix_len}, "
-          f"input {args.input_len}, outputs {args.output_len} tokens | {args.requests} timed requests | "
-          f"gamma {setting.gamma}")
-    print(format_table(out["rows"], TTFT_COLUMNS))
-    print("one-token forward as a CUDA graph replay:", out["cuda_graph"])
-    print("anchor stack cache (hits, misses):", out["anchor_stack_hits_misses"])
-    last = [r for r in out["rows"] if r["agent"] == args.agents]
-    for r in last:
-        print(f"agent {args.agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms   dense/policy {r['speedup']:.2f}x")
-    if args.json_path:
-        out["device"], out["model"], out["dtype"] = name, label, str(dtype)
-        with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+    out = run_ttft(net, tokenizer, setting, config=config, store_factory=store_factory, progress=progress)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    out["device"], out["model"], out["dtype"] = name, label, str(dt)
+    out["config"] = {k: v for k, v in config.to_dict().items() if k not in _PER_RUN_FIELDS}
+    return out
+
+
+def describe_config(config: dict[str, Any] | KVCommConfig) -> str:
+    """The engine config of a run in one line: the fields that differ from the engine's defaults."""
+    given = config.to_dict() if isinstance(config, KVCommConfig) else config
+    defaults = KVCommConfig().to_dict()
+    changed = [f"{k}={v}" for k, v in given.items() if k not in _PER_RUN_FIELDS and v != defaults[k]]
+    return "engine config: " + (", ".join(changed) + "; the other fields at their defaults" if changed
+                                else "the defaults") + " (set them with KVCOMM_* variables, see `kvcomm config`)"
+
+
+def render(out: dict[str, Any]) -> str:
+    """The printed report of :func:`run_benchmark`: a blank line, the setting, the config, the table
+    and the last agent's TTFT per policy."""
+    from kvcomm.metrics import format_table
+
+    s = out["setting"]
+    agents = s["agents"]
+    lines = [
+        "",
+        f"model {out['model']} | {out['dtype']} | device {out['device']} | {agents} agents, prefix {s['prefix_len']}, "
+        f"input {s['input_len']}, outputs {s['output_len']} tokens | {s['requests']} timed requests | "
+        f"gamma {s['gamma']}",
+        describe_config(out["config"]),
+        format_table(out["rows"], TTFT_COLUMNS),
+        f"one-token forward as a CUDA graph replay: {out['cuda_graph']}",
+        f"anchor stack cache (hits, misses): {out['anchor_stack_hits_misses']}",
+    ]
+    for r in (r for r in out["rows"] if r["agent"] == agents):
+        lines.append(f"agent {agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms   "
+                     f"dense/policy {r['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(out: dict[str, Any], path: str | Path) -> None:
+    """:func:`run_benchmark`'s result as JSON."""
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)

@@ -1,7 +1,8 @@
 """The reuse report behind ``kvcomm report``: call records in, tables (and a plot) out.
 
 Records come from a run directory (``records.jsonl``, as the examples write it), a JSONL file, or
-a store, where the engine appends one record per call to the list ``<fingerprint>:metrics``.
+a store, where the engine appends one record per call to a metrics list
+(:class:`kvcomm.keys.MetricsKey`, ``<model>:metrics``).
 Rows are per (agent, policy) and per (slot, policy); "TTFT saved" compares an agent's mean TTFT
 with the same agent's mean under the ``dense`` policy, when the records hold both.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import KVCommError
+from kvcomm.keys import is_metrics_key
 from kvcomm.metrics import CallRecord, format_table, read_jsonl, summarize
 
 AGENT_COLUMNS = [
@@ -64,12 +66,11 @@ def load(*, run_dir: str | None = None, records: str | None = None, stores: tupl
         if stats.exists():
             out.store_stats.update(json.loads(stats.read_text()))
     for url in stores:
-        from kvcomm.store import from_url
-        from kvcomm.store.redis_store import redact
+        from kvcomm.store import from_url, redact
 
         store = from_url(url)
         try:
-            keys = [k for k in store.scan() if k.endswith("metrics")]
+            keys = [k for k in store.scan() if is_metrics_key(k)]
             for key in keys:
                 out.records += [CallRecord.from_dict(r) for r in store.read_records(key)]
             out.store_stats[redact(url)] = store.stats()

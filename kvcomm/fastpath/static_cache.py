@@ -22,7 +22,7 @@ import torch
 from transformers import StaticCache
 
 from kvcomm.errors import KernelError
-from kvcomm.graphs import AssembleGraphs
+from kvcomm.fastpath.graphs import AssembleGraphs
 from kvcomm.kernels.decode_attention import decode_attention
 from kvcomm.kernels.dispatch import use_triton
 from kvcomm.kv import KVBlock
@@ -105,7 +105,7 @@ class StaticPromptCache:
         capacity: S, the most tokens (prompt + generated) it holds.
         use_graph: capture the one-token forward as a CUDA graph (CUDA only).
         correction_graphs: with ``use_graph``, how many prompt layouts the reuse path's
-            shift+correction keeps captured (:class:`kvcomm.graphs.AssembleGraphs`, used through
+            shift+correction keeps captured (:class:`kvcomm.fastpath.graphs.AssembleGraphs`, used through
             ``self.correction``); 0: none. ``correction_backend="eager"`` keeps that bookkeeping
             without CUDA graphs, on any device (how the tests check it on CPU).
         decode_kernel: run the one-token forwards' attention through the Triton decode kernel

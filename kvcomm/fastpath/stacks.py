@@ -17,43 +17,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
 from kvcomm.kv import KVBlock
+from kvcomm.reuse import stack_blocks
 
 DEFAULT_MAX_BYTES = 2 << 30
-
-
-@dataclass
-class AnchorStack:
-    """A slot's anchors stacked on a leading anchor axis (right-padded on tokens)."""
-
-    ph: KVBlock  # [A, L, H, max T_a, D] placeholder deltas (each anchor's own length T_a)
-    pf: KVBlock  # [A, L, H, M, D] deltas of the following segment (M: the segment's length)
-    base: KVBlock | None = None  # [A, L, H, max T_a, D] anchor bases; None for an exact slot
-    lengths: list[int] | None = None  # each base's T_a when they differ, else None
-    lengths_on_device: torch.Tensor | None = None  # the same on the stacks' device (read without a sync)
-
-
-def pad_stack(xs: list[torch.Tensor]) -> torch.Tensor:
-    """``[L, H, T_a, D]`` each -> ``[A, L, H, max T_a, D]``, zero right-padded (a view when A == 1)."""
-    if len(xs) == 1:
-        return xs[0].unsqueeze(0)
-    T = max(x.shape[2] for x in xs)
-    if all(x.shape[2] == T for x in xs):
-        return torch.stack(xs)
-    L, H, _, D = xs[0].shape
-    out = xs[0].new_zeros((len(xs), L, H, T, D))
-    for a, x in enumerate(xs):
-        out[a, :, :, : x.shape[2]] = x
-    return out
-
-
-def stack_blocks(parts: list[KVBlock]) -> KVBlock:
-    """Blocks stacked by :func:`pad_stack`, keys and values (no cache)."""
-    return KVBlock(pad_stack([p.k for p in parts]), pad_stack([p.v for p in parts]))
 
 
 class StackCache:
@@ -76,7 +46,7 @@ class StackCache:
         self._bytes = 0
         self._lock = threading.Lock()
         # key -> (weak refs to the sources, their versions, the stack)
-        self._items: OrderedDict[tuple[int, ...], tuple[list[weakref.ref], list[int], KVBlock]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, ...], tuple[list[weakref.ref], list[int | None], KVBlock]] = OrderedDict()
 
     def stack(self, parts: list[KVBlock]) -> KVBlock:
         """``stack_blocks(parts)``, from the cache while ``parts`` hold the same tensors."""
@@ -120,7 +90,7 @@ class StackCache:
             self._bytes -= item[2].nbytes
 
 
-def _same(item: tuple[list[weakref.ref], list[int], KVBlock], srcs: list[torch.Tensor]) -> bool:
+def _same(item: tuple[list[weakref.ref], list[int | None], KVBlock], srcs: list[torch.Tensor]) -> bool:
     refs, versions, _ = item
     return all(r() is t and v is not None and v == version_of(t) for r, v, t in zip(refs, versions, srcs, strict=True))
 

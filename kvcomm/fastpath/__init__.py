@@ -1,0 +1,79 @@
+"""The fast path: how the reuse path's KV gets into the model fast (static buffers, CUDA graphs).
+
+Not part of the method: with it off (``KVCommConfig.fast_path=False``) every result is the same,
+only slower. The engine calls it through :class:`FastPath` alone:
+
+- ``stack_anchors(plan.anchors)``: each slot's anchors stacked for the kernels, kept across calls
+  (:class:`~kvcomm.fastpath.stacks.StackCache`);
+- ``assemble(...)``: the moved + corrected prompt KV written straight into the static buffer
+  (:class:`~kvcomm.fastpath.static_cache.StaticPromptCache`), replayed from a CUDA graph where
+  the layout repeats (:class:`~kvcomm.fastpath.graphs.AssembleGraphs`);
+- ``first_token(...)``: the one-token forward over that buffer (a CUDA graph on CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvcomm.config import KVCommConfig
+from kvcomm.fastpath.stacks import StackCache
+from kvcomm.fastpath.static_cache import StaticPromptCache
+from kvcomm.kv import KVBlock
+from kvcomm.reuse import Piece, SlotAnchors, assemble
+
+#: the static buffer grows in steps of this many tokens (fewer regrowths, fewer graph recaptures)
+CAPACITY_STEP = 512
+
+
+class FastPath:
+    """One engine's static KV buffer, anchor stacks and captured graphs.
+
+    Args:
+        model: the HF causal LM the buffer is shaped for.
+        config: the engine's config (``fast_path``, ``correction_graphs``, ``anchor_cache_bytes``).
+    """
+
+    def __init__(self, model: Any, config: KVCommConfig) -> None:
+        self.model = model
+        self.config = config
+        self.anchor_stacks = StackCache(config.anchor_cache_bytes)
+        self.buffer: StaticPromptCache | None = None
+
+    def stack_anchors(self, anchors: list[SlotAnchors | None]) -> None:
+        """Stack each slot's anchors once per set of stored tensors (then served from the cache)."""
+        for slot_anchors in anchors:
+            if slot_anchors is not None:
+                slot_anchors.stacks(self.anchor_stacks.stack)
+
+    def assemble(self, pieces: list[Piece], total: int, inv_freq: torch.Tensor, *, correct: bool,
+                 capacity: int | None) -> KVBlock:
+        """:func:`kvcomm.reuse.assemble` of ``total`` tokens.
+
+        With ``capacity`` (the most tokens the call will hold) the KV lands in the static buffer,
+        through a captured graph where one applies; with None it is a fresh block.
+        """
+        if capacity is None:
+            return assemble(pieces, total, inv_freq, self.config, correct=correct)
+        buf = self._buffer(capacity)
+        out = buf.prompt_views(total)
+        if buf.correction is not None:  # CUDA: replayed where the layout repeats
+            return buf.correction.run(pieces, total, inv_freq, self.config, correct=correct, out=out)
+        return assemble(pieces, total, inv_freq, self.config, correct=correct, out=out)
+
+    def first_token(self, token: int, position: int) -> tuple[torch.Tensor, StaticPromptCache]:
+        """The forward of the last prompt token over the buffer ``assemble`` just filled."""
+        assert self.buffer is not None, "assemble(..., capacity=...) fills the buffer first"
+        self.buffer.begin(position)
+        return self.buffer.step(token, position), self.buffer
+
+    def _buffer(self, need: int) -> StaticPromptCache:
+        """The one static buffer, grown (and its CUDA graph recaptured) when too small."""
+        if self.buffer is None or self.buffer.capacity < need:
+            capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+            self.buffer = StaticPromptCache(self.model, capacity, correction_graphs=self.config.correction_graphs)
+        return self.buffer
+
+
+__all__ = ["FastPath", "StaticPromptCache"]

@@ -1,0 +1,102 @@
+"""The reuse policies as one table: name -> how the planner plans a call and what the engine runs.
+
+Every policy runs through the same engine, so comparisons are one harness and one run. A call
+is served in one of three modes (:class:`Plan` ``mode``):
+
+- ``dense``: a full prefill (and, under kvcomm, the deltas this call measures are recorded);
+- ``prefix``: the agent's fixed first segment reused exactly, the rest prefilled;
+- ``reuse``: every piece moved from stored KV (RoPE shift), optionally corrected by anchors,
+  then the last prompt token (and, where the policy says so, a selection of others) recomputed.
+
+Adding a policy is one entry in :data:`POLICIES` plus, where it plans differently, its plan
+function (``plan(planner, agent, contents) -> Plan``). Nothing else names policies: the engine
+reads the entry's fields, the config validates names against this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Plan:
+    """How one call is served: its mode, each slot's anchors, the deltas still to record."""
+
+    mode: str  # "dense" | "prefix" | "reuse"
+    # per slot, its kvcomm.reuse.SlotAnchors, or None: moved only (typed loosely: the config
+    # validates policy names from this module, and kvcomm.reuse imports the config)
+    anchors: list[Any] = field(default_factory=list)
+    record_slots: list[int] = field(default_factory=list)  # anchors lacking this agent's deltas
+    slot_state: dict[str, str] = field(default_factory=dict)  # per slot, for the call record
+
+
+# (planner, agent prompt, contents) -> Plan; typed loosely: the planner imports this module
+PlanFn = Callable[[Any, Any, list[Any]], Plan]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One reuse policy.
+
+    Attributes:
+        name: what ``KVCommConfig.policy`` says.
+        plan: how a call is planned (see the module docstring).
+        corrects: the reuse path adds the anchors' estimated deviations (KVCOMM's correction).
+        admits_anchors: publishing a content runs the shareability test (it may become an anchor).
+        recompute_ratio: the fraction of reused tokens recomputed after the KV is assembled
+            (CacheBlend's selection by layer-1 value deviation); 0: only the last prompt token.
+        description: one line for ``--help`` and the README.
+    """
+
+    name: str
+    plan: PlanFn
+    description: str
+    corrects: bool = False
+    admits_anchors: bool = False
+    recompute_ratio: Callable[[Any], float] = field(default=lambda config: 0.0)  # (KVCommConfig) -> ratio
+
+
+def _dense(planner: Any, agent: Any, contents: list[Any]) -> Plan:
+    return Plan("dense")
+
+
+def _prefix(planner: Any, agent: Any, contents: list[Any]) -> Plan:
+    return Plan("prefix")
+
+
+def _move_all(planner: Any, agent: Any, contents: list[Any]) -> Plan:
+    """Every slot reused, moved only: no anchors needed, never dense."""
+    return Plan("reuse", [None] * len(contents))
+
+
+def _anchored(planner: Any, agent: Any, contents: list[Any]) -> Plan:
+    """KVCOMM: per slot, the anchors with this agent's deltas (:meth:`kvcomm.planner.Planner.plan_with_anchors`)."""
+    plan: Plan = planner.plan_with_anchors(agent, contents)
+    return plan
+
+
+POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in (
+        Policy("dense", _dense, "full prefill of every call (the reference every other policy is measured against)"),
+        Policy("prefix", _prefix, "exact-prefix reuse only (what vLLM / SGLang prefix caching give)"),
+        Policy("naive", _move_all, "every shared segment moved (RoPE shift), no correction"),
+        Policy("cacheblend", _move_all, "moved, then the cacheblend_ratio most deviating tokens recomputed",
+               recompute_ratio=lambda config: config.cacheblend_ratio),
+        Policy("kvcomm", _anchored, "moved and corrected from the anchor pool; dense where no anchor fits",
+               corrects=True, admits_anchors=True, recompute_ratio=lambda config: config.recompute_ratio),
+    )
+}
+
+
+def policy(name: str) -> Policy:
+    """The table entry of ``name`` (a KeyError names the known policies)."""
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise KeyError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}") from None
+
+
+__all__ = ["POLICIES", "Plan", "Policy", "policy"]

@@ -1,0 +1,132 @@
+"""The ``kvcomm`` command line across its subcommands: ``config``, the config epilogs, ``bench``
+(and ``benchmarks/ttft.py``, the same implementation) and ``--store URL``.
+
+(That the core never imports ``kvcomm.tools`` is checked in ``tests/test_imports.py``.)"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvcomm.config import KVCommConfig, config_table
+from kvcomm.tools.bench import BENCH_ANCHOR_CACHE_BYTES, bench_config
+from kvcomm.tools.cli import _eval_store_factory, main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model-shape", "tiny", "--device", "cpu", "--agents", "2", "--prefix-len", "8", "--input-len", "16",
+        "--output-len", "8", "--warmup", "2", "--requests", "1"]
+
+
+def test_config_prints_the_config_table() -> None:
+    res = CliRunner().invoke(main, ["config"], env={"KVCOMM_GAMMA": None})
+    assert res.exit_code == 0, res.output
+    header, *lines = res.output.splitlines()
+    assert header.split() == ["field", "value", "default", "environment", "description"]
+    assert len(lines) == len(config_table())
+    for line, (name, default, env, doc) in zip(lines, config_table(), strict=True):
+        value = repr(getattr(KVCommConfig(), name))
+        assert line.split()[:4] == [name, value, default, env] and line.endswith(doc)
+
+
+def test_config_json_shows_the_environment_over_the_defaults() -> None:
+    res = CliRunner().invoke(main, ["config", "--json"], env={"KVCOMM_GAMMA": "1.0", "KVCOMM_FAST_PATH": "off"})
+    assert res.exit_code == 0, res.output
+    rows = {r["field"]: r for r in json.loads(res.output)}
+    assert list(rows) == [name for name, *_ in config_table()]
+    assert rows["gamma"] == {"field": "gamma", "value": 1.0, "default": 0.3, "env": "KVCOMM_GAMMA",
+                             "description": dict((n, d) for n, _, _, d in config_table())["gamma"]}
+    assert rows["fast_path"]["value"] is False and rows["fast_path"]["default"] is True
+    assert rows["policy"]["value"] == rows["policy"]["default"] == "kvcomm"
+
+
+def test_config_with_a_bad_variable_is_one_line() -> None:
+    res = CliRunner().invoke(main, ["config"], env={"KVCOMM_GAMMA": "lots"})
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == ["Error: ConfigError: gamma='lots' is not a valid float"]
+
+
+@pytest.mark.parametrize("command", ["eval", "bench", "demo"])
+def test_help_of_engine_commands_lists_every_config_variable(command: str) -> None:
+    res = CliRunner().invoke(main, [command, "--help"])
+    assert res.exit_code == 0, res.output
+    epilog = res.output[res.output.index("Engine config:"):]
+    for _, default, env, _ in config_table():
+        assert f"{env}  " in epilog and default in epilog
+    assert "kvcomm config" in epilog
+
+
+def test_bench_help_says_how_to_run_at_gamma_1() -> None:
+    out = CliRunner().invoke(main, ["bench", "--help"]).output
+    assert "KVCOMM_GAMMA=1.0" in out and "--gamma 1.0" in out and "random words" in out
+
+
+def test_bench_config_reads_the_environment_then_the_options() -> None:
+    assert bench_config({}) == KVCommConfig(anchor_cache_bytes=BENCH_ANCHOR_CACHE_BYTES)
+    assert bench_config({}, gamma=None).gamma == KVCommConfig().gamma == 0.3
+    assert bench_config({"KVCOMM_GAMMA": "1.0"}).gamma == 1.0
+    assert bench_config({"KVCOMM_GAMMA": "1.0"}, gamma=0.5).gamma == 0.5
+    assert bench_config({"KVCOMM_ANCHOR_CACHE_BYTES": "0"}).anchor_cache_bytes == 0
+    assert bench_config({"KVCOMM_TAU": "2"}).tau == 2.0
+
+
+@pytest.mark.parametrize("args, exit_code, says", [
+    (["--model", "/no/such/model", "--policies", "dense,nope"], 2, "unknown policy nope"),
+    (["--model", "/no/such/model", "--model-shape", "tiny"], 2, "not both"),
+    (["--model", "/no/such/model", "--gamma", "-1"], 1, "ConfigError: gamma=-1.0 must be >= 0"),
+])
+def test_bench_errors_before_loading_the_model(args: list[str], exit_code: int, says: str) -> None:
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert res.exit_code == exit_code and says in res.output
+    assert "ModelLoadError" not in res.output
+
+
+def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVCOMM_GAMMA", "1.0")
+    res = CliRunner().invoke(main, ["bench", *TINY, "--json", str(tmp_path / "cli.json")])
+    assert res.exit_code == 0, res.output
+    script = runpy.run_path(str(ROOT / "benchmarks" / "ttft.py"))
+    assert script["main"]([*TINY, "--json", str(tmp_path / "script.json")]) == 0
+    printed = capsys.readouterr().out
+    cli, scr = (json.loads((tmp_path / name).read_text()) for name in ("cli.json", "script.json"))
+    assert list(cli) == list(scr) == ["setting", "rows", "cuda_graph", "anchor_stack_hits_misses", "device", "model",
+                                      "dtype", "config"]
+    assert cli["setting"] == scr["setting"] == {
+        "agents": 2, "prefix_len": 8, "input_len": 16, "output_len": 8, "warmup": 2, "requests": 1,
+        "policies": ["dense", "prefix", "naive", "kvcomm"], "gamma": 1.0, "anchor_cache_bytes": BENCH_ANCHOR_CACHE_BYTES}
+    assert cli["config"] == scr["config"] == {
+        k: v for k, v in bench_config(gamma=1.0).to_dict().items() if k not in ("policy", "max_new_tokens")}
+    untimed = ("policy", "agent", "prompt_tokens", "reuse_pct", "reused_tokens")
+    assert [[r[k] for k in untimed] for r in cli["rows"]] == [[r[k] for k in untimed] for r in scr["rows"]]
+    assert len(cli["rows"]) == 8
+    for out in (res.output, printed):
+        assert "| gamma 1.0" in out and "engine config: gamma=1.0, anchor_cache_bytes=" in out
+        assert "TTFT p50 ms" in out and "shift+corr ms" in out and "agent 2:  kvcomm  TTFT p50" in out
+
+
+def test_eval_store_is_one_tiered_store_in_a_fresh_namespace(redis_url: str) -> None:
+    from kvcomm.store import TieredStore
+
+    factory = _eval_store_factory(("memory://", f"{redis_url}?namespace=mine"))
+    first, second = factory(), factory()
+    try:
+        assert isinstance(first, TieredStore) and len(first.tiers) == 2
+        assert first.namespace.startswith("eval-") and first.namespace != second.namespace
+        assert {t.namespace for t in first.tiers} == {first.namespace}
+    finally:
+        for store in (first, second):
+            store.clear()
+            store.close()
+
+
+def test_store_commands_take_repeated_store_urls(redis_url: str) -> None:
+    url = f"{redis_url}?namespace=cli{uuid.uuid4().hex[:8]}"
+    res = CliRunner().invoke(main, ["store", "stats", "--store", "memory://", "--store", url, "--json"])
+    assert res.exit_code == 0, res.output
+    assert [t["kind"] for t in json.loads(res.output)["tiers"]] == ["memory", "redis"]
+

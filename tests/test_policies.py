@@ -1,0 +1,40 @@
+"""kvcomm.policies: the table is the one list of policies, and every entry is usable."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcomm.config import POLICIES, KVCommConfig
+from kvcomm.errors import ConfigError
+from kvcomm.policies import POLICIES as TABLE
+from kvcomm.policies import Plan, policy
+
+
+def test_config_validates_against_the_table() -> None:
+    assert POLICIES == tuple(TABLE)
+    for name in TABLE:
+        assert KVCommConfig(policy=name).policy == name
+    with pytest.raises(ConfigError, match="policy='nope'"):
+        KVCommConfig(policy="nope")
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+def test_every_policy_plans_a_mode(name) -> None:
+    entry = policy(name)
+    assert entry.name == name and entry.description
+    if name == "kvcomm":
+        pytest.skip("kvcomm plans through the planner (tests/test_planner.py)")
+    plan = entry.plan(None, None, [object(), object()])  # type: ignore[arg-type]
+    assert isinstance(plan, Plan) and plan.mode in ("dense", "prefix", "reuse")
+    if plan.mode == "reuse":
+        assert plan.anchors == [None, None]
+
+
+def test_recompute_ratios_come_from_the_config() -> None:
+    config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1)
+    assert policy("cacheblend").recompute_ratio(config) == 0.2
+    assert policy("kvcomm").recompute_ratio(config) == 0.1
+    assert policy("naive").recompute_ratio(config) == 0.0
+    assert policy("kvcomm").corrects and not policy("naive").corrects
+    with pytest.raises(KeyError, match="unknown policy"):
+        policy("nope")
