@@ -53,9 +53,14 @@ class AnchorPool:
         self._uses = str(PoolKey(model, slot, "uses"))
         self._seq = str(PoolKey(model, slot, "seq"))
 
-    def anchors(self) -> list[AnchorInfo]:
-        members = self.store.pool_read(self._members)
-        uses = self.store.pool_read(self._uses)
+    @property
+    def map_keys(self) -> tuple[str, str]:
+        """The store keys of the pool's members and uses maps (to read many pools in one batch)."""
+        return self._members, self._uses
+
+    def anchors(self, maps: tuple[dict[str, str], dict[str, str]] | None = None) -> list[AnchorInfo]:
+        """The anchors, oldest first; ``maps``: the members and uses maps when already read."""
+        members, uses = maps if maps is not None else self.store.pool_read_many(self.map_keys)
         out = []
         for h, val in members.items():
             try:

@@ -1,9 +1,12 @@
-"""The CacheBlend baseline: reuse moved KV, recompute the tokens that deviate most.
+"""Selective recompute: after the KV is assembled, recompute some reused tokens for real.
 
-Selection follows CacheBlend: the real layer-1 values of the whole prompt are computed (a
-forward stopped after layer 1, 2/L of a prefill) and compared with the reused ones; the top
-``ratio`` of reused tokens by L2 deviation, plus the last prompt token, are recomputed through
-the full model over the reused KV of the others, with an explicit position-aware mask.
+The selected tokens, plus the last prompt token, run through the full model over the reused
+KV of the others, with an explicit position-aware mask. Selections:
+
+- CacheBlend's (:func:`deviation_selection`): the real layer-1 values of the whole prompt are
+  computed (a forward stopped after layer 1, 2/L of a prefill) and compared with the reused
+  ones; the top ``ratio`` of reused tokens by L2 deviation;
+- spans (:func:`span_selection`): EPIC's first k tokens of every moved piece, the query.
 """
 
 from __future__ import annotations
@@ -40,30 +43,46 @@ def real_values_at_layer(model: Any, ids: list[int], layer: int = 1) -> torch.Te
     return cache.layers[layer].values[0]
 
 
+def deviation_selection(model: Any, ids: list[int], block: KVBlock, exact_prefix: int, ratio: float) -> torch.Tensor:
+    """CacheBlend's choice: the ``ratio`` of reused tokens whose layer-1 values deviate most.
+
+    Positions (sorted, < P-1) among ids[exact_prefix:-1]; a 2-layer forward over the prompt.
+    """
+    P = len(ids)
+    n_reused = P - 1 - exact_prefix
+    k = min(n_reused, math.ceil(ratio * n_reused)) if n_reused > 0 else 0
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=block.k.device)
+    layer = 1 if block.k.shape[0] > 1 else 0
+    dev_tok = layer_deviation(block.v[layer], real_values_at_layer(model, ids[:-1], layer))
+    dev_tok[:exact_prefix] = -1.0  # the fixed prefix is exact, never worth recomputing
+    return torch.topk(dev_tok, k).indices.sort().values
+
+
+def span_selection(spans: list[tuple[int, int]], limit: int, device: torch.device) -> torch.Tensor:
+    """Every position of the ``[start, end)`` spans below ``limit``, sorted and unique."""
+    marks = torch.zeros(limit, dtype=torch.bool, device=device)
+    for start, end in spans:
+        marks[max(0, start) : min(limit, end)] = True
+    return marks.nonzero().flatten()
+
+
 @torch.inference_mode()
 def selective_recompute(
-    model: Any, ids: list[int], block: KVBlock, exact_prefix: int, ratio: float
+    model: Any, ids: list[int], block: KVBlock, selected: torch.Tensor
 ) -> tuple[torch.Tensor, Any, int]:
-    """Recompute the most deviating tokens of ``block`` (covering ids[:-1]) and the last token.
+    """Recompute the tokens ``selected`` (sorted positions < P-1) of ``block`` (covering ids[:-1])
+    and the last token, each attending to the reused KV of the others before it.
 
     Returns (last logits, cache, number of recomputed tokens). The returned cache holds every
     prompt token (order in the cache does not matter: positions live in the rotated keys).
     """
     P = len(ids)
-    n_reused = P - 1 - exact_prefix
-    k = min(n_reused, math.ceil(ratio * n_reused)) if n_reused > 0 else 0
     dev = block.k.device
-    if k > 0:
-        layer = 1 if block.k.shape[0] > 1 else 0
-        dev_tok = layer_deviation(block.v[layer], real_values_at_layer(model, ids[:-1], layer))
-        dev_tok[:exact_prefix] = -1.0  # the fixed prefix is exact, never worth recomputing
-        selected = torch.topk(dev_tok, k).indices.sort().values
-    else:
-        selected = torch.empty(0, dtype=torch.long, device=dev)
     keep = torch.ones(P - 1, dtype=torch.bool, device=dev)
     keep[selected] = False
     kept_pos = torch.arange(P - 1, device=dev)[keep]
-    query_pos = torch.cat([selected, torch.tensor([P - 1], device=dev)])
+    query_pos = torch.cat([selected.to(dev), torch.tensor([P - 1], device=dev)])
     cache = cache_from_block(KVBlock(block.k[:, :, keep], block.v[:, :, keep]), model.config)
     # query i sees kept tokens before it and recomputed tokens up to itself
     kv_pos = torch.cat([kept_pos, query_pos])

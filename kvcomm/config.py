@@ -52,14 +52,31 @@ class KVCommConfig:
         "producer", "an agent answer's base KV: 'producer' (its KV in the producer's context, free) or "
         "'prefill' (prefilled alone like user input, one extra prefill of the answer)"
     )
+    correction_top_p: float = _field(
+        1.0, "the correction reads only the anchors inside this mass of the weights (their weights "
+        "renormalised); 1: every anchor (CPU path; the Triton kernels read every anchor)"
+    )
+    correction_top_k: int = _field(0, "and at most this many anchors per piece; 0: no limit")
+    delta_dtype: str = _field(
+        "model", "precision anchors' deltas are stored and read in: 'model' (the KV's dtype) or 'bfloat16' "
+        "(half the bytes of float32; the correction accumulates in float32)"
+    )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     recompute_ratio: float = _field(
         0.0, "kvcomm: also recompute this fraction of the corrected tokens, those whose layer-1 values "
         "deviate most (CacheBlend's selection, one 2-layer pass over the prompt); 0: only the last token"
     )
+    recompute_boundary: int = _field(
+        0, "kvcomm: also recompute the first this-many tokens of every moved piece (EPIC's boundary recompute)"
+    )
+    recompute_query: bool = _field(
+        False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
+    )
+    epic_tokens: int = _field(16, "epic: tokens recomputed at the start of every moved piece (EPIC's k)")
     sink_text: str = _field(
         "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "
-        "template's text before a user message (after a generic system prompt)"
+        "template's text before a user message (after a generic system prompt); 'context': that plus the "
+        "text every registered agent puts right before the slot (its real left context); else the text itself"
     )
     max_new_tokens: int = _field(64, "default number of generated tokens per call")
     device: str = _field("auto", "torch device for the engine ('auto' = cuda when available)")
@@ -89,10 +106,18 @@ class KVCommConfig:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if self.tau <= 0:
             raise ConfigError(f"tau={self.tau} must be > 0")
+        if not 0 < self.correction_top_p <= 1:
+            raise ConfigError(f"correction_top_p={self.correction_top_p} must be in (0, 1]")
+        if self.correction_top_k < 0:
+            raise ConfigError(f"correction_top_k={self.correction_top_k} must be >= 0")
         if not 0 <= self.cacheblend_ratio <= 1:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if not 0 <= self.recompute_ratio <= 1:
             raise ConfigError(f"recompute_ratio={self.recompute_ratio} must be in [0, 1]")
+        if self.recompute_boundary < 0:
+            raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
+        if self.epic_tokens < 0:
+            raise ConfigError(f"epic_tokens={self.epic_tokens} must be >= 0")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.correction_graphs < 0:
@@ -103,6 +128,8 @@ class KVCommConfig:
             raise ConfigError(f"min_anchor_coverage={self.min_anchor_coverage} must be in (0, 1]")
         if self.answer_base not in ANSWER_BASES:
             raise ConfigError(f"answer_base={self.answer_base!r} must be one of {', '.join(ANSWER_BASES)}")
+        if self.delta_dtype not in ("model", "bfloat16"):
+            raise ConfigError(f"delta_dtype={self.delta_dtype!r} must be 'model' or 'bfloat16'")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"kernels={self.kernels!r} must be auto, triton or torch")
 

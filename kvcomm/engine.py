@@ -11,12 +11,13 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvcomm.cacheblend import deviation_selection, selective_recompute, span_selection
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
@@ -28,7 +29,7 @@ from kvcomm.planner import Planner
 from kvcomm.policies import Plan, policy
 from kvcomm.prompt import AgentPrompt, Content
 from kvcomm.rope import model_inv_freq, shift_keys
-from kvcomm.template import Template, chat_prefix, slot_kind
+from kvcomm.template import Template, chat_prefix, common_suffix, slot_kind
 
 if TYPE_CHECKING:
     from kvcomm.store import KVEntry, KVStore
@@ -121,11 +122,9 @@ class KVCommEngine:
         self.records: list[CallRecord] = []
         self.last_prompt_ids: list[int] = []
         self.fast = FastPath(model, self.config)
-        sink = chat_prefix(tokenizer) if self.config.sink_text == "chat" else self.config.sink_text
-        self._sink = self._encode(sink)
-        # a content's base KV depends on the sink: contents published under another sink are
-        # other entries (same store, same namespace, no mixing of incomparable bases)
-        self._content_salt = f"|sink:{_hash_ids(self._sink)[:8]}"
+        sink = self.config.sink_text
+        self._chat_prefix = chat_prefix(tokenizer) if sink in ("chat", "context") else sink
+        self._sinks: dict[str, list[int]] = {}  # per slot, fixed at its first publish
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
         if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
@@ -166,9 +165,21 @@ class KVCommEngine:
     # -- contents -------------------------------------------------------------------------
     @_serialized
     def publish(
-        self, slot: str, text: str | None = None, *, ids: list[int] | None = None, kv: KVBlock | KVEntry | None = None
+        self,
+        slot: str,
+        text: str | None = None,
+        *,
+        ids: list[int] | None = None,
+        kv: KVBlock | KVEntry | None = None,
+        context: Sequence[int] | None = None,
     ) -> Content:
         """Publish a slot's content: its base KV, and (kvcomm) the shareability test.
+
+        A content is identified by its token ids, its slot, and where its base KV was computed:
+        behind the engine's sink when the engine prefills it (``kv`` None), else in ``context``
+        (the token ids of the prompt that produced it, e.g. an answer's producer prompt) or, when
+        no context is given, by a digest of the KV itself. KV computed in one context is never
+        served for another, and only the same content in the same context is ever "exact".
 
         ``kv`` may be a :class:`KVBlock` at positions 0..T-1 or a ``KVEntry`` from a store,
         which must carry this engine's model fingerprint.
@@ -179,8 +190,6 @@ class KVCommEngine:
             ids = self._encode(text)
         if not ids:
             raise SlotError(f"content for slot {slot!r} is empty")
-        content_hash = _hash_ids(ids, slot + self._content_salt)
-        key = ContentKey(self.model_id, content_hash)
         if kv is not None and not isinstance(kv, KVBlock):
             if kv.fingerprint != self.fingerprint:
                 raise FingerprintMismatchError(
@@ -188,12 +197,22 @@ class KVCommEngine:
                     f"this engine runs {self.fingerprint[:16]}"
                 )
             kv = KVBlock(kv.tensors["k"], kv.tensors["v"])
+        if kv is not None and kv.length != len(ids):
+            raise SlotError(f"publish({slot!r}): KV of {kv.length} tokens for {len(ids)} token ids")
+        sink = self._sink_ids(slot)
+        # a content's base KV depends on the sink: contents published under another sink are
+        # other entries (same store, same namespace, no mixing of incomparable bases)
+        origin = f"|sink:{_hash_ids(sink)[:8]}"
+        if kv is not None:
+            origin += f"|ctx:{_hash_ids(context)}" if context is not None else f"|kv:{_kv_digest(kv)}"
+        content_hash = _hash_ids(ids, slot + origin)
+        key = ContentKey(self.model_id, content_hash)
         stored = self.planner.fetch(key, length=len(ids))
         if stored is not None:
             return Content(slot, tuple(ids), content_hash, stored)
         if kv is None:
-            _, cache = prefill(self.model, self._sink + list(ids))
-            sink_len = len(self._sink)
+            _, cache = prefill(self.model, sink + list(ids))
+            sink_len = len(sink)
             raw = block_from_cache(cache, sink_len)
             kv = KVBlock(shift_keys(raw.k, -sink_len, self.inv_freq), raw.v)
         content = Content(slot, tuple(ids), content_hash, kv)
@@ -308,9 +327,13 @@ class KVCommEngine:
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
         pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
         static = self.config.fast_path and not self._recomputes()
+        t_stack = time.perf_counter()
         self.fast.stack_anchors(plan.anchors)
+        rec.stack_ms = (time.perf_counter() - t_stack) * 1e3
+        timings: dict[str, float] = {}
         block = self.fast.assemble(pieces, prompt_len - 1, self.inv_freq, correct=self.policy.corrects,
-                                   capacity=prompt_len + n_new if static else None)
+                                   capacity=prompt_len + n_new if static else None, timings=timings)
+        rec.weights_ms, rec.apply_ms = timings.get("weights", 0.0), timings.get("apply", 0.0)
         rec.anchors_matched = sum(len(found) for found in plan.anchors if found is not None)
         rec.bytes_moved = block.nbytes
         _sync(self.model.device)
@@ -318,10 +341,8 @@ class KVCommEngine:
         rec.correct_ms = (t_corr - t_fetch) * 1e3
         cache: Any
         if self._recomputes():
-            from kvcomm.cacheblend import selective_recompute
-
-            ratio = self.policy.recompute_ratio(self.config)
-            logits, cache, n_recomputed = selective_recompute(self.model, ids, block, len(prompt.segments[0]), ratio)
+            selected = self._recompute_selection(prompt, ids, block, seg_starts, slot_starts)
+            logits, cache, n_recomputed = selective_recompute(self.model, ids, block, selected)
         elif static:
             logits, cache = self.fast.first_token(ids[-1], prompt_len - 1)
             n_recomputed = 1
@@ -347,12 +368,44 @@ class KVCommEngine:
                 prefill(self.model, answer[-1:], start=prompt_len + n - 1, cache=cache)
         raw = block_from_cache(cache, prompt_len, prompt_len + n)
         kv = KVBlock(shift_keys(raw.k, -prompt_len, self.inv_freq), raw.v)
-        self.latest[slot] = self.publish(slot, ids=answer, kv=kv)
+        # the answer's KV belongs to this prompt: the same tokens after another prompt are another content
+        self.latest[slot] = self.publish(slot, ids=answer, kv=kv, context=self.last_prompt_ids)
+
+    def _recompute_selection(self, prompt: AgentPrompt, ids: list[int], block: KVBlock, seg_starts: list[int],
+                             slot_starts: list[int]) -> torch.Tensor:
+        """The reused positions (< P-1) the policy recomputes besides the last token."""
+        want = self.policy.recompute(self.config)
+        last = len(ids) - 1
+        device = block.k.device
+        parts = [deviation_selection(self.model, ids, block, len(prompt.segments[0]), want.ratio)]
+        spans: list[tuple[int, int]] = []
+        if want.boundary > 0:  # every moved piece: each slot content and the segment after it
+            spans += [(start, start + want.boundary) for start in (*slot_starts, *seg_starts[1:])]
+        if want.query:
+            spans.append((seg_starts[-1], last))
+        parts.append(span_selection(spans, last, device))
+        return torch.cat(parts).unique(sorted=True)
 
     # -- helpers ----------------------------------------------------------------------------
     def _recomputes(self) -> bool:
-        """Whether reuse calls recompute selected tokens (cacheblend; kvcomm with recompute_ratio)."""
-        return self.policy.recompute_ratio(self.config) > 0
+        """Whether reuse calls recompute selected tokens (cacheblend, epic; kvcomm's recompute knobs)."""
+        return self.policy.recompute(self.config).any
+
+    def _sink_ids(self, slot: str) -> list[int]:
+        """What a content of ``slot`` is prefilled behind (and dropped from) to get its base KV.
+
+        ``sink_text="chat"``: the chat template's text before a user message's content;
+        ``"context"``: that, plus the fixed text every registered agent puts right before the
+        slot in its message (e.g. ``Task:\n``), so the base is computed behind the slot's real
+        left context. Fixed per slot at its first publish (register agents first).
+        """
+        if slot not in self._sinks:
+            text = self._chat_prefix
+            if self.config.sink_text == "context":
+                before = [a.template.text_before(slot) for a in self.agents.values() if slot in a.slots]
+                text += common_suffix(before)
+            self._sinks[slot] = self._encode(text)
+        return self._sinks[slot]
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
@@ -362,10 +415,35 @@ class KVCommEngine:
         """Forget the latest answers (start a new request); anchors and templates stay."""
         self.latest.clear()
 
+    # -- message-segment mode ------------------------------------------------------------------
+    def chat(self, system_prompt: str | None, messages: Sequence[Any], **kwargs: Any) -> Result:
+        """One call of the agent ``system_prompt`` on a message list; every message a shared segment.
 
-def _hash_ids(ids: list[int] | tuple[int, ...], salt: str = "") -> str:
+        ``messages`` are ``{"role", "content"}`` dicts (roles system, user, assistant, tool). No
+        template to write: the one a call needs is derived and registered (at most
+        ``max_message_slots`` per agent), an AI message this engine produced brings its producer's
+        KV, and a conversation that continues the agent's earlier call reuses it exactly (mode
+        ``prefix``). Keyword arguments: see :func:`kvcomm.chat.chat` (``agent``, ``tools``,
+        ``max_new_tokens``, ``stop``, ``message_id``, ``on_token``, ``forced_ids``...).
+        """
+        from kvcomm.chat import chat
+
+        return chat(self, system_prompt, messages, Result, **kwargs)
+
+
+def _hash_ids(ids: Sequence[int], salt: str = "") -> str:
     h = hashlib.blake2b(salt.encode(), digest_size=12)
     h.update(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _kv_digest(kv: KVBlock) -> str:
+    """A content id of a KV block: its shape and an evenly strided sample of its keys and values."""
+    h = hashlib.blake2b(str(tuple(kv.k.shape)).encode(), digest_size=12)
+    for t in (kv.k, kv.v):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
 

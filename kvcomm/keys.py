@@ -9,14 +9,21 @@ namespace never read each other's KV::
     <model>:content:<hash>              ContentKey   a slot content's base KV (positions 0..T-1)
     <model>:delta:<hash>:<agent>        DeltaKey     one agent's deviations of an anchor (ph, pf)
     <model>:tmpl:<agent>:<hash>         TemplateKey  an agent's template prefilled once
-    <model>:pool:<slot>                 PoolKey      anchor pool members: hash -> "length,seq"
-    <model>:uses:<slot>                 PoolKey      anchor use counts (the LFU statistic)
-    <model>:poolseq:<slot>              PoolKey      the pool's creation counter
+    <model>:pool:{<model>:<slot>}       PoolKey      anchor pool members: hash -> "length,seq"
+    <model>:uses:{<model>:<slot>}       PoolKey      anchor use counts (the LFU statistic)
+    <model>:poolseq:{<model>:<slot>}    PoolKey      the pool's creation counter
     <model>:metrics                     MetricsKey   the engine's call records
+    ~chunk:{<gen>.<i>}:<entry key>      ChunkKey     part i of an entry stored in chunks (store internal)
 
 ``<hash>`` is a content hash (:func:`kvcomm.engine` hashes token ids with the slot and the sink
 that produced the base KV); slot and agent names may contain ``:`` (``agent:coder``).
 Build keys with these types and :func:`parse_key`; never format or split key strings elsewhere.
+
+Redis Cluster places a key by the hash of its first ``{...}`` part (its hash tag) when it has one.
+The three maps of one anchor pool share the tag ``{<model>:<slot>}``, so they live on one shard and
+a pool's state is read and changed there as a whole; entries (contents, deltas, templates, and the
+chunks of large entries, each tagged by its own write and index) carry no common tag and spread over
+the shards.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ _NAME = re.compile(r"^\S+$")
 PoolPart = Literal["members", "uses", "seq"]
 _POOL_KINDS: dict[str, PoolPart] = {"pool": "members", "uses": "uses", "poolseq": "seq"}
 _POOL_TAGS: dict[PoolPart, str] = {v: k for k, v in _POOL_KINDS.items()}
+#: how every chunk key starts (a relative key that no other key type can start with)
+CHUNK_PREFIX = "~chunk:"
+_CHUNK = re.compile(r"^~chunk:\{([0-9a-f]{8,64})\.(0|[1-9][0-9]{0,8})\}:(\S+)$")
 
 
 def namespace_prefix(namespace: str) -> str:
@@ -132,8 +142,13 @@ class PoolKey:
     def kind(self) -> str:
         return _POOL_TAGS[self.part]
 
+    @property
+    def hash_tag(self) -> str:
+        """The Redis Cluster hash tag the three maps of this pool share (they live on one shard)."""
+        return f"{{{self.model}:{self.slot}}}"
+
     def __str__(self) -> str:
-        return f"{self.model}:{self.kind}:{self.slot}"
+        return f"{self.model}:{self.kind}:{self.hash_tag}"
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,33 @@ class MetricsKey:
         return f"{self.model}:metrics"
 
 
-StoreKey = ContentKey | DeltaKey | TemplateKey | PoolKey | MetricsKey
+@dataclass(frozen=True)
+class ChunkKey:
+    """Part ``index`` of the entry under ``entry`` when a store writes it in chunks (store internal).
+
+    ``generation`` names one write of the entry (hex), so chunks of two writes never mix; the hash
+    tag ``{<generation>.<index>}`` spreads the chunks of one entry over a cluster's shards.
+    """
+
+    entry: str
+    generation: str
+    index: int
+    kind: ClassVar[str] = "chunk"
+
+    def __post_init__(self) -> None:
+        _check("entry key", self.entry)
+        if self.entry.startswith(CHUNK_PREFIX):
+            raise KeyFormatError(f"bad entry key {self.entry!r} in a chunk key: it is a chunk key itself")
+        if not (isinstance(self.generation, str) and 8 <= len(self.generation) <= 64 and _HEX.match(self.generation)):
+            raise KeyFormatError(f"bad chunk generation {self.generation!r}: 8-64 hex digits")
+        if not isinstance(self.index, int) or isinstance(self.index, bool) or not 0 <= self.index < 10**9:
+            raise KeyFormatError(f"bad chunk index {self.index!r}")
+
+    def __str__(self) -> str:
+        return f"{CHUNK_PREFIX}{{{self.generation}.{self.index}}}:{self.entry}"
+
+
+StoreKey = ContentKey | DeltaKey | TemplateKey | PoolKey | MetricsKey | ChunkKey
 
 
 def parse_key(text: str) -> StoreKey:
@@ -159,6 +200,11 @@ def parse_key(text: str) -> StoreKey:
     Raises:
         KeyFormatError: ``text`` is not a key kvcomm writes.
     """
+    if text.startswith(CHUNK_PREFIX):
+        m = _CHUNK.match(text)
+        if not m:
+            raise KeyFormatError(f"store key {text!r}: not a chunk key ~chunk:{{<gen>.<i>}}:<entry>")
+        return ChunkKey(m.group(3), m.group(1), int(m.group(2)))
     model, sep, rest = text.partition(":")
     kind, sep2, tail = rest.partition(":")
     if not sep:
@@ -176,8 +222,16 @@ def parse_key(text: str) -> StoreKey:
         agent, _, digest = tail.rpartition(":")
         return TemplateKey(model, agent, digest)
     if kind in _POOL_KINDS:
-        return PoolKey(model, tail, _POOL_KINDS[kind])
+        tag = f"{{{model}:"
+        if not (tail.startswith(tag) and tail.endswith("}")) or len(tail) <= len(tag) + 1:
+            raise KeyFormatError(f"store key {text!r}: a pool key ends in {{<model>:<slot>}}")
+        return PoolKey(model, tail[len(tag) : -1], _POOL_KINDS[kind])
     raise KeyFormatError(f"store key {text!r}: unknown kind {kind!r}")
+
+
+def is_chunk_key(text: str) -> bool:
+    """Whether a relative key names a chunk of a larger entry (stores hide these from listings)."""
+    return text.startswith(CHUNK_PREFIX)
 
 
 def is_metrics_key(text: str) -> bool:
@@ -189,12 +243,15 @@ def is_metrics_key(text: str) -> bool:
 
 
 __all__ = [
+    "CHUNK_PREFIX",
+    "ChunkKey",
     "ContentKey",
     "DeltaKey",
     "MetricsKey",
     "PoolKey",
     "StoreKey",
     "TemplateKey",
+    "is_chunk_key",
     "is_metrics_key",
     "model_id",
     "namespace_prefix",

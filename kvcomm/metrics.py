@@ -27,7 +27,10 @@ class CallRecord:
     new_tokens: int = 0
     ttft_ms: float = 0.0
     fetch_ms: float = 0.0
-    correct_ms: float = 0.0  # rotate + correct
+    correct_ms: float = 0.0  # rotate + correct (stack + weights + apply, and moving uncorrected pieces)
+    stack_ms: float = 0.0  # of which: stacking anchors for the kernels (Triton path only)
+    weights_ms: float = 0.0  # of which: anchor weights (CPU path; 0 where the kernels run)
+    apply_ms: float = 0.0  # of which: adding the weighted deltas and rotating (CPU path)
     first_token_ms: float = 0.0  # the forward that yields the first output token
     decode_ms: float = 0.0
     publish_ms: float = 0.0  # base KV of new inputs (off the TTFT path)

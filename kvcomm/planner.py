@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcomm.anchors import AnchorPool, ShareDecision
+from kvcomm.anchors import AnchorInfo, AnchorPool, ShareDecision
 from kvcomm.config import KVCommConfig
 from kvcomm.keys import ContentKey, DeltaKey, StoreKey
 from kvcomm.kv import KVBlock, block_from_cache
@@ -78,42 +78,85 @@ class Planner:
         """Whether an anchor this long may stand in for a content of ``length`` tokens."""
         return anchor_length >= length * self.config.min_anchor_coverage
 
-    def fetch(self, key: StoreKey, *, length: int | None = None) -> KVBlock | None:
-        """A stored KV block on the model's device; None when missing or not ``length`` tokens long."""
-        entry = self.store.get(str(key), fingerprint=self.fingerprint)
+    def fetch(self, key: StoreKey, *, length: int | None = None, entry: KVEntry | None = None) -> KVBlock | None:
+        """A stored KV block on the model's device; None when missing or not ``length`` tokens long.
+
+        ``entry``: the entry already read (by :meth:`prefetch`) instead of asking the store.
+        """
+        if entry is None:
+            entry = self.store.get(str(key), fingerprint=self.fingerprint)
         if entry is None or (length is not None and entry.tensors["k"].shape[2] != length):
             return None
         return KVBlock(entry.tensors["k"].to(self.device), entry.tensors["v"].to(self.device))
 
+    def pool_anchors(self, slots: list[str]) -> dict[str, list[AnchorInfo]]:
+        """The anchors of every slot's pool, read in one batch (one round trip to a Redis store)."""
+        pools = [self.pool(slot) for slot in dict.fromkeys(slots)]
+        maps = self.store.pool_read_many([key for pool in pools for key in pool.map_keys])
+        return {pool.slot: pool.anchors((maps[2 * i], maps[2 * i + 1])) for i, pool in enumerate(pools)}
+
+    def wanted(self, content: Content, anchors: list[AnchorInfo]) -> tuple[bool, list[str]]:
+        """``(exact, hashes)``: whether ``content`` is an anchor itself, and the anchors a plan for
+        it reads (itself, or every anchor long enough to stand in for it)."""
+        if any(info.content_hash == content.hash for info in anchors):
+            return True, [content.hash]
+        return False, [info.content_hash for info in anchors if self.covers(info.length, content.length)]
+
+    def anchor_keys(self, agent: str, hashes: list[str]) -> list[str]:
+        """The store keys :meth:`slot_anchors` reads: each anchor's deltas for ``agent`` and its base KV."""
+        return [str(key) for h in hashes for key in (DeltaKey(self.model, h, agent), self.content_key(h))]
+
+    def prefetch(self, agent: str, contents: list[Content], pools: dict[str, list[AnchorInfo]]
+                 ) -> dict[str, KVEntry | None]:
+        """Every entry a call's plan reads (each slot's anchors' deltas for ``agent`` and their base
+        KV), fetched as one batch: one pipelined round trip to a Redis store (one per shard of a
+        cluster, all at once), the memory tier of a tiered store answering first."""
+        keys = list(dict.fromkeys(key for content in contents
+                                  for key in self.anchor_keys(agent, self.wanted(content, pools[content.slot])[1])))
+        return dict(zip(keys, self.store.get_many(keys, fingerprint=self.fingerprint), strict=True))
+
     def plan_with_anchors(self, agent: AgentPrompt, contents: list[Content]) -> Plan:
-        """KVCOMM's plan: per slot, the anchors with this agent's deltas; dense where one lacks them."""
+        """KVCOMM's plan: per slot, the anchors with this agent's deltas; dense where one lacks them.
+
+        Reads the store twice, whatever the number of slots and anchors: every pool's state in one
+        batch, then every delta and base KV the plan needs in another (:meth:`prefetch`).
+        """
+        pools = self.pool_anchors([content.slot for content in contents])
+        fetched = self.prefetch(agent.name, contents, pools)
         plan = Plan("reuse")
         for i, content in enumerate(contents):
-            anchors = self.pool(content.slot).anchors()
-            if any(info.content_hash == content.hash for info in anchors):
-                found = self.slot_anchors(agent.name, [content.hash], exact=True)
+            exact, hashes = self.wanted(content, pools[content.slot])
+            found = self.slot_anchors(agent.name, hashes, exact=exact, fetched=fetched)
+            if exact:
                 plan.slot_state[content.slot] = "exact" if found else "new-anchor"
                 if not found:
                     plan.mode = "dense"
                     plan.record_slots.append(i)
                 plan.anchors.append(found)
                 continue
-            usable = [info.content_hash for info in anchors if self.covers(info.length, content.length)]
-            found = self.slot_anchors(agent.name, usable, exact=False)
             plan.slot_state[content.slot] = f"shared({len(found) if found else 0})"
             if found is None:
                 plan.mode = "dense"
             plan.anchors.append(found)
         return plan
 
-    def slot_anchors(self, agent: str, hashes: list[str], *, exact: bool) -> SlotAnchors | None:
-        """The anchors among ``hashes`` with this agent's deltas and their bases; None if none."""
+    def slot_anchors(self, agent: str, hashes: list[str], *, exact: bool,
+                     fetched: dict[str, KVEntry | None] | None = None) -> SlotAnchors | None:
+        """The anchors among ``hashes`` with this agent's deltas and their bases; None if none.
+
+        ``fetched``: entries already read by :meth:`prefetch`; else they are read here, in one batch.
+        """
+        if fetched is None:
+            keys = self.anchor_keys(agent, hashes)
+            fetched = dict(zip(keys, self.store.get_many(keys, fingerprint=self.fingerprint), strict=True))
         found = SlotAnchors([], [], [], exact=exact)
         for content_hash in hashes:
-            delta = self.store.get(str(DeltaKey(self.model, content_hash, agent)), fingerprint=self.fingerprint)
+            delta = fetched.get(str(DeltaKey(self.model, content_hash, agent)))
             if delta is None:
                 continue
-            base = self.fetch(self.content_key(content_hash))
+            key = self.content_key(content_hash)
+            entry = fetched.get(str(key))
+            base = self.fetch(key, entry=entry) if entry is not None else None
             if base is None:
                 continue
             t = {name: tensor.to(self.device) for name, tensor in delta.tensors.items()}
@@ -154,7 +197,10 @@ class Planner:
             seg_k = key_delta(real.k[:, :, p : p + m], seg.k, p - registered, self.inv_freq)
             seg_v = real.v[:, :, p : p + m] - seg.v
             # stored under the format's names: ph = the placeholder (slot), pf = the following segment
-            entry = self.entry({"ph.k": slot_k, "ph.v": slot_v, "pf.k": seg_k, "pf.v": seg_v},
+            deltas = {"ph.k": slot_k, "ph.v": slot_v, "pf.k": seg_k, "pf.v": seg_v}
+            if self.config.delta_dtype == "bfloat16":
+                deltas = {name: t.to(torch.bfloat16) for name, t in deltas.items()}
+            entry = self.entry(deltas,
                                {"ph_shift": q, "pf_shift": p - registered, "agent": agent.name, "slot": content.slot})
             self.store.put(str(DeltaKey(self.model, content.hash, agent.name)), entry)
 

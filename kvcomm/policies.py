@@ -37,6 +37,32 @@ PlanFn = Callable[[Any, Any, list[Any]], Plan]
 
 
 @dataclass(frozen=True)
+class Recompute:
+    """Which reused tokens a reuse call recomputes (over the others' reused KV) besides the last.
+
+    Attributes:
+        ratio: CacheBlend's selection: this fraction of the reused tokens, those whose layer-1
+            values deviate most from a real layer-1 pass (one 2-layer forward over the prompt).
+        boundary: EPIC's LegoLink: the first ``boundary`` tokens of every moved piece (each slot
+            content and each text segment after one), where the attention-sink damage sits.
+        query: the last text segment (the template's tail: the instruction and the generation
+            prompt) entirely: the tokens right before the answer.
+    """
+
+    ratio: float = 0.0
+    boundary: int = 0
+    query: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.ratio > 0 or self.boundary > 0 or self.query
+
+
+def _no_recompute(config: Any) -> Recompute:
+    return Recompute()
+
+
+@dataclass(frozen=True)
 class Policy:
     """One reuse policy.
 
@@ -45,8 +71,8 @@ class Policy:
         plan: how a call is planned (see the module docstring).
         corrects: the reuse path adds the anchors' estimated deviations (KVCOMM's correction).
         admits_anchors: publishing a content runs the shareability test (it may become an anchor).
-        recompute_ratio: the fraction of reused tokens recomputed after the KV is assembled
-            (CacheBlend's selection by layer-1 value deviation); 0: only the last prompt token.
+        recompute: what a reuse call recomputes after the KV is assembled (:class:`Recompute`,
+            from the config); nothing: only the last prompt token.
         description: one line for ``--help`` and the README.
     """
 
@@ -55,7 +81,7 @@ class Policy:
     description: str
     corrects: bool = False
     admits_anchors: bool = False
-    recompute_ratio: Callable[[Any], float] = field(default=lambda config: 0.0)  # (KVCommConfig) -> ratio
+    recompute: Callable[[Any], Recompute] = _no_recompute  # (KVCommConfig) -> Recompute
 
 
 def _dense(planner: Any, agent: Any, contents: list[Any]) -> Plan:
@@ -84,9 +110,13 @@ POLICIES: dict[str, Policy] = {
         Policy("prefix", _prefix, "exact-prefix reuse only (what vLLM / SGLang prefix caching give)"),
         Policy("naive", _move_all, "every shared segment moved (RoPE shift), no correction"),
         Policy("cacheblend", _move_all, "moved, then the cacheblend_ratio most deviating tokens recomputed",
-               recompute_ratio=lambda config: config.cacheblend_ratio),
+               recompute=lambda config: Recompute(ratio=config.cacheblend_ratio)),
+        Policy("epic", _move_all, "moved, then the first epic_tokens of every piece and the query recomputed "
+               "(EPIC's LegoLink)", recompute=lambda config: Recompute(boundary=config.epic_tokens, query=True)),
         Policy("kvcomm", _anchored, "moved and corrected from the anchor pool; dense where no anchor fits",
-               corrects=True, admits_anchors=True, recompute_ratio=lambda config: config.recompute_ratio),
+               corrects=True, admits_anchors=True,
+               recompute=lambda config: Recompute(ratio=config.recompute_ratio, boundary=config.recompute_boundary,
+                                                  query=config.recompute_query)),
     )
 }
 
@@ -99,4 +129,4 @@ def policy(name: str) -> Policy:
         raise KeyError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["POLICIES", "Plan", "Policy", "policy"]
+__all__ = ["POLICIES", "Plan", "Policy", "Recompute", "policy"]

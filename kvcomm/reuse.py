@@ -18,12 +18,15 @@ adds deltas in the anchor's frame: R(shift)(base) + sum w*R(shift_a)(delta).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from kvcomm import deviation
 from kvcomm.config import KVCommConfig
+from kvcomm.deviation import Workspace
 from kvcomm.kv import KVBlock
 from kvcomm.rope import shift_keys
 
@@ -111,16 +114,26 @@ def assemble(
     *,
     correct: bool,
     out: KVBlock | None = None,
+    workspace: Workspace | None = None,
+    timings: dict[str, float] | None = None,
 ) -> KVBlock:
     """Write every piece (moved, and corrected when ``correct``) into one [L, H, total, D] block.
 
     ``out`` may be (strided) views of a preallocated cache buffer: the pieces land there directly.
+    Where the Triton kernels run (CUDA) the anchors are read stacked (:meth:`SlotAnchors.stacks`);
+    elsewhere as a list, through :mod:`kvcomm.deviation` (``workspace``: its scratch, kept by the
+    caller across calls). ``timings`` (CPU only, where no sync is needed to time) accumulates the
+    milliseconds spent on anchor ``weights`` and on ``apply`` (moving, correcting, rotating).
     """
+    from kvcomm.kernels.dispatch import use_triton
+
     first = pieces[0].src
     L, H, _, D = first.k.shape
     if out is None:
         out = KVBlock(torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device),
                       torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device))
+    stacked = use_triton(None, first.k)
+    ws = workspace or Workspace()
     for piece in pieces:
         n = min(piece.src.length, total - piece.start)
         if n <= 0:
@@ -140,7 +153,10 @@ def assemble(
             rest.k.copy_(shift_keys(src.k[:, :, longest:], piece.shift, inv_freq))
             rest.v.copy_(src.v[:, :, longest:])
             n, src, dst = longest, src.slice(0, longest), dst.slice(0, longest)
-        _correct_stacked(piece, anchors, src, dst, inv_freq, config)
+        if stacked:
+            _correct_stacked(piece, anchors, src, dst, inv_freq, config)
+        else:
+            _correct_listed(piece, anchors, src, dst, inv_freq, config, ws, timings)
     return out
 
 
@@ -183,6 +199,56 @@ def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBl
     apply_correction(src.k, deltas_k, wk, inv_freq=inv_freq, delta_pos=piece.shift, rotate_deltas=rotate,
                      skip_layers=skip, out=dst.k)
     apply_correction(src.v, deltas_v, wv, inv_freq=None, skip_layers=skip, out=dst.v)
+
+
+def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
+                    config: KVCommConfig, ws: Workspace, timings: dict[str, float] | None = None) -> None:
+    """One piece on the CPU: the anchors read one by one (:mod:`kvcomm.deviation`), no stacking."""
+    t0 = time.perf_counter()
+    L, H, n, D = src.k.shape
+    skip = 0 if config.correct_first_layer else 1
+    if piece.kind == "slot":
+        deltas, shifts = anchors.slot_deltas, anchors.slot_shifts
+        if anchors.exact:
+            wk = wv = torch.ones(1, n, device=src.k.device, dtype=torch.float32)
+        else:  # each base's first n tokens (zeros past a shorter anchor's end, as stacked)
+            bases_k, bases_v = [b.k for b in anchors.base], [b.v for b in anchors.base]
+            # keyed by the content's own tensors (src is a view of them, new on every call)
+            wk = ws.weights.get(f"slot.k{n}:{config.tau}", [piece.src.k, *bases_k],
+                                lambda: deviation.token_weights(src.k, bases_k, config.tau, ws))
+            wv = ws.weights.get(f"slot.v{n}:{config.tau}", [piece.src.v, *bases_v],
+                                lambda: deviation.token_weights(src.v, bases_v, config.tau, ws))
+    else:
+        deltas, shifts = anchors.segment_deltas, anchors.segment_shifts
+        if anchors.exact:
+            wk = wv = torch.ones(1, L, H, D, device=src.k.device, dtype=torch.float32)
+        else:  # the content's last t tokens against each anchor's last t tokens
+            content = piece.content
+            assert content is not None
+            tail = min(content.length, *(b.length for b in anchors.base))
+            ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
+            bases_k, bases_v = [b.k for b in anchors.base], [b.v for b in anchors.base]
+            wk = ws.weights.get(f"seg.k{tail}:{config.tau}", [content.k, *bases_k],
+                                lambda: deviation.channel_weights(ck, bases_k, config.tau, ws))
+            wv = ws.weights.get(f"seg.v{tail}:{config.tau}", [content.v, *bases_v],
+                                lambda: deviation.channel_weights(cv, bases_v, config.tau, ws))
+    keep_k, wk = deviation.keep_top(wk, config.correction_top_p, config.correction_top_k)
+    keep_v, wv = deviation.keep_top(wv, config.correction_top_p, config.correction_top_k)
+    t1 = time.perf_counter()
+    rerotate = config.rerotate_key_deltas
+    for dst_t, src_t, keep, w, rotated in ((dst.k, src.k, keep_k, wk, True), (dst.v, src.v, keep_v, wv, False)):
+        chosen = [(deltas[a].k if rotated else deltas[a].v) for a in keep]
+        # float32 accumulation: straight into the destination where it is float32
+        acc = dst_t if dst_t.dtype == torch.float32 else ws.take("acc", tuple(dst_t.shape), dst_t.device)
+        deviation.correct_into(
+            acc, src_t, chosen, w, skip_layers=skip, shift=piece.shift if rotated else 0,
+            inv_freq=inv_freq if rotated else None,
+            delta_shifts=[shifts[a] for a in keep] if rotated and not rerotate else None, ws=ws)
+        if acc is not dst_t:
+            dst_t.copy_(acc)
+    if timings is not None:
+        timings["weights"] = timings.get("weights", 0.0) + (t1 - t0) * 1e3
+        timings["apply"] = timings.get("apply", 0.0) + (time.perf_counter() - t1) * 1e3
 
 
 def key_delta(real_k: torch.Tensor, base_k: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

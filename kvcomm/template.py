@@ -101,6 +101,24 @@ class Template:
                                 "generation prompt normally provides it)")
         return RenderedTemplate(slots=tuple(order), segment_ids=tuple(segments), segment_texts=tuple(texts))
 
+    def text_before(self, slot: str) -> str:
+        """The fixed text right before ``slot`` inside its message: from the message's start or
+        the previous slot in it (literal braces resolved). "" when the slot opens its message."""
+        for _, content in self.messages:
+            text = ""
+            for chunk in _split_literal_braces(content):
+                if not isinstance(chunk, str):
+                    text += chunk[0]
+                    continue
+                pos = 0
+                for m in _SLOT.finditer(chunk):
+                    text += chunk[pos : m.start()]
+                    if m.group(1) == slot:
+                        return text
+                    text, pos = "", m.end()
+                text += chunk[pos:]
+        raise TemplateError(f"template has no slot {slot!r}")
+
     def fill(self, values: Mapping[str, str]) -> list[dict[str, str]]:
         """The messages with every slot replaced by its text (for a plain, reuse-free call)."""
         missing = [s for s in self.slots if s not in values]
@@ -154,6 +172,17 @@ def slot_kind(slot: str) -> str:
 
 
 GENERIC_SYSTEM = "You are a helpful assistant."
+
+
+def common_suffix(texts: Sequence[str]) -> str:
+    """The longest string every text ends with."""
+    if not texts:
+        return ""
+    first = texts[0]
+    n = 0
+    while n < len(first) and all(len(t) > n and t[-1 - n] == first[-1 - n] for t in texts):
+        n += 1
+    return first[len(first) - n :]
 
 
 def chat_prefix(tokenizer: Any, system: str = GENERIC_SYSTEM) -> str:

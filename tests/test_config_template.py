@@ -84,3 +84,16 @@ def test_readme_documents_every_config_field(repo_root):
     readme = (repo_root / "README.md").read_text()
     for name, _default, env, _doc in config_table():
         assert f"| `{name}` |" in readme and env in readme, name
+
+
+def test_text_before_a_slot_and_common_suffix() -> None:
+    from kvcomm.template import common_suffix
+
+    t = Template.from_system_user("sys", "Task:\n{question}\n\nPlanner said:\n{agent:planner}\nGo {{now}}.")
+    assert t.text_before("question") == "Task:\n"
+    assert t.text_before("agent:planner") == "\n\nPlanner said:\n"
+    assert Template("{question} tail").text_before("question") == ""
+    with pytest.raises(TemplateError, match="no slot 'nope'"):
+        t.text_before("nope")
+    assert common_suffix(["a.Task:\n", "b.Task:\n", "xTask:\n"]) == "Task:\n"
+    assert common_suffix(["abc"]) == "abc" and common_suffix([]) == "" and common_suffix(["ab", "cd"]) == ""

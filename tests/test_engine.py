@@ -146,6 +146,58 @@ def test_kvcomm_recompute_ratio(smollm2):
         KVCommConfig(recompute_ratio=1.5)
 
 
+def test_epic_recomputing_whole_pieces_gives_dense_logits(smollm2):
+    """epic with k >= every piece's length recomputes everything after the exact prefix: dense."""
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q3}, max_new_tokens=6, return_logits=True)
+    eng = make_engine(smollm2, policy="epic", epic_tokens=10_000)
+    eng.register_agent("planner", PLANNER)
+    got = eng.generate("planner", {"question": Q3}, max_new_tokens=6, return_logits=True)
+    fixed = len(eng.agents["planner"].segments[0])
+    assert got.mode == "reuse" and got.record.recomputed_tokens == got.record.prompt_tokens - fixed
+    assert got.token_ids == ref.token_ids
+    assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-3)
+    small = make_engine(smollm2, policy="epic", epic_tokens=2)
+    small.register_agent("planner", PLANNER)
+    out = small.generate("planner", {"question": Q3}, max_new_tokens=2)
+    tail = len(small.agents["planner"].segments[-1])
+    # 2 tokens of the question, 2 of the segment after it (the query), the whole query, the last token
+    assert out.record.recomputed_tokens == 2 + tail
+
+
+def test_answers_are_keyed_by_the_context_that_produced_them(smollm2):
+    """Token-identical answers to different questions are different contents: the consumer reads
+    the KV its own producer computed, and never reports an "exact" slot it did not earn."""
+    forced = smollm2.tokenizer("1. Look it up. 2. Answer.", add_special_tokens=False).input_ids
+    eng = make_engine(smollm2, gamma=1.0)
+    for name, tmpl in (("planner", PLANNER), ("solver", SOLVER)):
+        eng.register_agent(name, tmpl)
+    produced = []
+    for q in (Q1, Q2, Q3, Q1):
+        eng.reset_answers()
+        eng.generate("planner", {"question": q}, forced_ids=forced, max_new_tokens=len(forced))
+        answer = eng.latest["agent:planner"]
+        assert list(answer.ids) == forced  # the same tokens every time
+        produced.append(answer)
+        solver = eng.generate("solver", {"question": q}, max_new_tokens=2)
+        # the solver was handed this request's answer, never another request's KV
+        assert eng.latest["agent:planner"] is answer
+        if q != Q1 or len(produced) == 1:
+            assert solver.record.slots.get("agent:planner") != "exact", solver.record.slots
+    first, second, third, again = produced
+    assert len({first.hash, second.hash, third.hash}) == 3
+    assert not torch.allclose(first.kv.v, second.kv.v)  # another context, another KV
+    # the same answer in the same context (Q1 again, same engine state for the planner) is the same content
+    assert again.hash == first.hash
+    # a fresh engine computing request 2 alone gets the KV this engine served for it
+    alone = make_engine(smollm2, gamma=1.0)
+    alone.register_agent("planner", PLANNER)
+    alone.generate("planner", {"question": Q2}, forced_ids=forced, max_new_tokens=len(forced))
+    torch.testing.assert_close(alone.latest["agent:planner"].kv.k, second.kv.k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone.latest["agent:planner"].kv.v, second.kv.v, atol=1e-4, rtol=1e-4)
+
+
 def test_prefix_policy_reuses_system_prompt_exactly(smollm2):
     eng = make_engine(smollm2, policy="prefix")
     eng.register_agent("planner", PLANNER)

@@ -7,7 +7,7 @@ import pytest
 from kvcomm.config import POLICIES, KVCommConfig
 from kvcomm.errors import ConfigError
 from kvcomm.policies import POLICIES as TABLE
-from kvcomm.policies import Plan, policy
+from kvcomm.policies import Plan, Recompute, policy
 
 
 def test_config_validates_against_the_table() -> None:
@@ -30,11 +30,12 @@ def test_every_policy_plans_a_mode(name) -> None:
         assert plan.anchors == [None, None]
 
 
-def test_recompute_ratios_come_from_the_config() -> None:
-    config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1)
-    assert policy("cacheblend").recompute_ratio(config) == 0.2
-    assert policy("kvcomm").recompute_ratio(config) == 0.1
-    assert policy("naive").recompute_ratio(config) == 0.0
+def test_recompute_selections_come_from_the_config() -> None:
+    config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1, recompute_boundary=3, epic_tokens=8)
+    assert policy("cacheblend").recompute(config) == Recompute(ratio=0.2)
+    assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3)
+    assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
+    assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any
     assert policy("kvcomm").corrects and not policy("naive").corrects
     with pytest.raises(KeyError, match="unknown policy"):
         policy("nope")

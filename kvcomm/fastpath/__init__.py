@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from kvcomm.config import KVCommConfig
+from kvcomm.deviation import Workspace
 from kvcomm.fastpath.stacks import StackCache
 from kvcomm.fastpath.static_cache import StaticPromptCache
+from kvcomm.kernels.dispatch import use_triton
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, SlotAnchors, assemble
 
@@ -39,28 +41,32 @@ class FastPath:
         self.model = model
         self.config = config
         self.anchor_stacks = StackCache(config.anchor_cache_bytes)
+        self.workspace = Workspace()  # the CPU correction's scratch, reused across calls
         self.buffer: StaticPromptCache | None = None
 
     def stack_anchors(self, anchors: list[SlotAnchors | None]) -> None:
-        """Stack each slot's anchors once per set of stored tensors (then served from the cache)."""
+        """Where the Triton kernels run: stack each slot's anchors once per set of stored tensors
+        (then served from the cache). The CPU path reads anchors as a list: nothing to stack."""
         for slot_anchors in anchors:
-            if slot_anchors is not None:
+            if slot_anchors is not None and use_triton(None, slot_anchors.slot_deltas[0].k):
                 slot_anchors.stacks(self.anchor_stacks.stack)
 
     def assemble(self, pieces: list[Piece], total: int, inv_freq: torch.Tensor, *, correct: bool,
-                 capacity: int | None) -> KVBlock:
+                 capacity: int | None, timings: dict[str, float] | None = None) -> KVBlock:
         """:func:`kvcomm.reuse.assemble` of ``total`` tokens.
 
         With ``capacity`` (the most tokens the call will hold) the KV lands in the static buffer,
         through a captured graph where one applies; with None it is a fresh block.
         """
         if capacity is None:
-            return assemble(pieces, total, inv_freq, self.config, correct=correct)
+            return assemble(pieces, total, inv_freq, self.config, correct=correct, workspace=self.workspace,
+                            timings=timings)
         buf = self._buffer(capacity)
         out = buf.prompt_views(total)
         if buf.correction is not None:  # CUDA: replayed where the layout repeats
             return buf.correction.run(pieces, total, inv_freq, self.config, correct=correct, out=out)
-        return assemble(pieces, total, inv_freq, self.config, correct=correct, out=out)
+        return assemble(pieces, total, inv_freq, self.config, correct=correct, out=out, workspace=self.workspace,
+                        timings=timings)
 
     def first_token(self, token: int, position: int) -> tuple[torch.Tensor, StaticPromptCache]:
         """The forward of the last prompt token over the buffer ``assemble`` just filled."""

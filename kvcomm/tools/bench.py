@@ -246,6 +246,9 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
                 "ttft_p50_ms": p50,
                 "fetch_ms": statistics.fmean(x.fetch_ms for x in recs),
                 "correct_ms": statistics.fmean(x.correct_ms for x in recs),
+                "stack_ms": statistics.fmean(x.stack_ms for x in recs),
+                "weights_ms": statistics.fmean(x.weights_ms for x in recs),
+                "apply_ms": statistics.fmean(x.apply_ms for x in recs),
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
                 "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
             })
@@ -263,6 +266,9 @@ TTFT_COLUMNS = [
     ("ttft_p50_ms", "TTFT p50 ms", ".2f"),
     ("fetch_ms", "fetch ms", ".2f"),
     ("correct_ms", "shift+corr ms", ".2f"),
+    ("stack_ms", "stack ms", ".2f"),
+    ("weights_ms", "weights ms", ".2f"),
+    ("apply_ms", "apply ms", ".2f"),
     ("first_token_ms", "1st tok ms", ".2f"),
     ("speedup", "dense/policy", ".2f"),
 ]

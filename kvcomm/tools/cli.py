@@ -93,7 +93,21 @@ def _open_store(urls: tuple[str, ...]) -> Any:
 
 
 _PROCESS_COUNTERS = {"hits", "misses", "puts", "put_failures", "bytes_read", "bytes_written", "faults", "promotions",
-                     "evictions"}
+                     "evictions", "round_trips", "buffers"}
+_SHARD_COLUMNS = (("node", "shard", "<"), ("keys", "keys", ">"), ("entries", "entries", ">"), ("chunks", "chunks", ">"),
+                  ("entry_bytes", "entry bytes", ">"), ("used_memory", "used memory", ">"),
+                  ("maxmemory", "maxmemory", ">"), ("maxmemory_policy", "policy", "<"))
+
+
+def _shard_table(shards: list[dict[str, Any]]) -> list[str]:
+    """``kvcomm store stats``: one row per server (each shard of a cluster) of the namespace's keys and bytes."""
+    rows = [[str(row.get(name, row.get("error", "")) if name != "node" else row["node"]) for name, _, _ in _SHARD_COLUMNS]
+            for row in shards]
+    widths = [max(len(head), *(len(r[i]) for r in rows)) for i, (_, head, _) in enumerate(_SHARD_COLUMNS)]
+    line = "  ".join(f"{head:{align}{w}}" for (_, head, align), w in zip(_SHARD_COLUMNS, widths, strict=True))
+    body = ["  ".join(f"{v:{align}{w}}" for v, (_, _, align), w in zip(r, _SHARD_COLUMNS, widths, strict=True))
+            for r in rows]
+    return [line.rstrip(), "-" * len(line.rstrip()), *(b.rstrip() for b in body)]
 
 
 @main.group()
@@ -121,10 +135,14 @@ def store_stats(urls: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     for name, value in info.items():
-        if name != "tiers":
+        if name not in ("tiers", "shards"):
             click.echo(f"{name:12} {value}")
     for i, tier in enumerate(info.get("tiers", [])):
         click.echo(f"tier {i:<7} {tier['kind']} {tier.get('url') or tier.get('device')}")
+    if info.get("shards"):
+        click.echo("")
+        for line in _shard_table(info["shards"]):
+            click.echo(line)
 
 
 @store.command("ls")
@@ -270,12 +288,44 @@ def _eval_store_factory(urls: tuple[str, ...]) -> Any:
     return factory
 
 
-@main.command("eval", epilog=_config_epilog("--policies, --gamma, --variant and --max-new-tokens set the rows' fields over them"))
+_EVAL_HELP = """Fidelity of every policy against full prefill on real tasks, teacher-forced.
+
+\b
+    kvcomm eval --n 40                                  # the 4-agent DAG over HumanEval prompts
+    kvcomm eval --n 40 --upstream exact --plot eval.png
+    kvcomm eval --workload rag --n 40 --json rag.json   # the RAG pipeline, free-running + teacher-forced
+
+Every row (dense, each policy, each --gamma/--variant/--store row) decodes the dense run's
+answer tokens. The first table gives each row's figures over its own calls; the paired tables
+give every row's figures over the same calls, the ones the kvcomm row served from reused KV
+(the first non-dense row's when there is no kvcomm row), with bootstrap 95% intervals over calls
+and each row's difference from that row. --json also holds one row per call.
+
+--upstream own (default): each policy's engine feeds downstream agents the answer KV its own
+producer computed, what a deployment sees. --upstream exact: every policy gets the dense
+producer's answer KV, so each call shows its own error only.
+
+--workload rag runs the RAG pipeline (retrieve -> expert -> critic -> final, over the standard
+library's docstrings, as examples/rag_pipeline.py) twice: free-running under every row (hit
+rate against dense's, final answers that differ from dense's) and teacher-forced on its three
+agents (the fidelity tables). --agents does not apply to it.
+"""
+
+
+@main.command("eval", help=_EVAL_HELP, epilog=_config_epilog(
+    "--policies, --gamma, --variant and --max-new-tokens set the rows' fields over them"))
 @click.option("--model", default="smollm2-135m", show_default=True, help="model name or path")
-@click.option("--n", "n_requests", default=40, show_default=True, type=click.IntRange(1, 164), help="requests")
-@click.option("--agents", "n_agents", default=4, show_default=True, type=click.IntRange(2, 6))
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 512))
+@click.option("--workload", type=click.Choice(["dag", "rag"]), default="dag", show_default=True,
+              help="dag: a fully connected DAG of --agents agents over HumanEval prompts; rag: the RAG pipeline")
+@click.option("--n", "n_requests", default=40, show_default=True, type=click.IntRange(1, 164),
+              help="requests (rag: at most its number of questions)")
+@click.option("--agents", "n_agents", default=4, show_default=True, type=click.IntRange(2, 6),
+              help="agents in the DAG (dag workload only)")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 512),
+              help="tokens per agent call (rag: 48 unless given, as the example)")
 @click.option("--policies", default="dense,prefix,naive,cacheblend,kvcomm", show_default=True)
+@click.option("--upstream", type=click.Choice(["own", "exact"]), default="own", show_default=True,
+              help="upstream answers' KV: each policy's own producer's, or the dense producer's")
 @click.option("--gamma", "gammas", multiple=True, type=float, help="extra kvcomm rows with these gammas")
 @click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
               help="an extra row: kvcomm with these config fields changed, e.g. answer_base=prefill")
@@ -283,19 +333,39 @@ def _eval_store_factory(urls: tuple[str, ...]) -> Any:
               help="also a kvcomm row whose entries go through this store (repeat for tiers, fastest first; "
                    "e.g. redis://...?codec=int8), in a fresh namespace")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results as JSON here")
-def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, policies: str,
-             gammas: tuple[float, ...], variants: tuple[str, ...], store_urls: tuple[str, ...],
-             json_path: str | None) -> None:
-    """Fidelity of every policy against full prefill on real tasks (HumanEval prompts)."""
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="draw reuse-call TTFT speed-up against reuse-call first-token agreement, one point per row, "
+                   "with the Pareto frontier, to this PNG")
+@click.pass_context
+def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_agents: int, max_new_tokens: int,
+             policies: str, upstream: str, gammas: tuple[float, ...], variants: tuple[str, ...],
+             store_urls: tuple[str, ...], json_path: str | None, plot_path: str | None) -> None:
     from kvcomm.config import POLICIES, KVCommConfig
-    from kvcomm.metrics import format_table
     from kvcomm.models import load_model
-    from kvcomm.tools.evaluation import AGENT_COLUMNS, EVAL_COLUMNS, run_eval
+    from kvcomm.tools.evaluation import render, run_eval
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
     bad = [p for p in chosen if p not in POLICIES]
     if bad:
         raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})")
+    if not chosen:
+        raise click.BadParameter(f"no policy given (choose from {', '.join(POLICIES)})", param_hint="--policies")
+    if plot_path and not plot_path.lower().endswith(".png"):
+        raise click.BadParameter(f"{plot_path!r}: the plot is a PNG, give a file name ending in .png",
+                                 param_hint="--plot")
+    given = {name for name in ("n_agents", "max_new_tokens")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if workload == "rag":
+        from kvcomm.tools.rag import QUESTIONS
+
+        if "n_agents" in given:
+            raise click.BadParameter("the rag workload has its own three agents (expert, critic, final)",
+                                     param_hint="--agents")
+        if n_requests > len(QUESTIONS):
+            raise click.BadParameter(f"{n_requests}: the rag workload has {len(QUESTIONS)} questions",
+                                     param_hint="--n")
+        if "max_new_tokens" not in given:
+            max_new_tokens = 48
     base = KVCommConfig.from_env()
     extra = {f"kvcomm g={g:g}": base.replace(policy="kvcomm", gamma=g) for g in gammas}
     for text in variants:  # checked before the model loads: a typo fails in a second, not a minute
@@ -311,17 +381,24 @@ def eval_cmd(model: str, n_requests: int, n_agents: int, max_new_tokens: int, po
         label = "kvcomm @store"
         extra[label] = base.replace(policy="kvcomm")
         factories[label] = _eval_store_factory(store_urls)
-    out = run_eval(loaded.model, loaded.tokenizer, fingerprint=loaded.fingerprint, policies=chosen,
-                   n_requests=n_requests, n_agents=n_agents, max_new_tokens=max_new_tokens, configs=extra,
-                   exact_tokens=min(32, max_new_tokens), base_config=base,
-                   store_factories=factories)
-    cols = [(k if k != "exact_32_pct" else f"exact_{out['exact_tokens']}_pct",
-             h if k != "exact_32_pct" else f"exact@{out['exact_tokens']} %", f) for k, h, f in EVAL_COLUMNS]
-    click.echo(f"\n{out['requests']} requests x {len(out['agents'])} agents ({' -> '.join(out['agents'])}), "
-               f"{max_new_tokens} new tokens, teacher-forced on the dense answers")
-    click.echo(format_table(out["rows"], cols))
-    click.echo("\nper agent, reuse-mode calls only")
-    click.echo(format_table(out["by_agent"], AGENT_COLUMNS))
+    common: dict[str, Any] = {
+        "fingerprint": loaded.fingerprint, "policies": chosen, "n_requests": n_requests,
+        "max_new_tokens": max_new_tokens, "configs": extra, "exact_tokens": min(32, max_new_tokens),
+        "base_config": base, "store_factories": factories, "upstream": upstream}
+    if workload == "rag":
+        from kvcomm.tools.rag_eval import render_task, run_rag_eval
+
+        out = run_rag_eval(loaded.model, loaded.tokenizer, **common)
+        click.echo(render_task(out["task"]))
+        click.echo("\nRAG agents, teacher-forced (the same passages and questions):")
+    else:
+        out = run_eval(loaded.model, loaded.tokenizer, n_agents=n_agents, **common)
+    click.echo(render(out))
+    if plot_path:
+        from kvcomm.tools.eval_plot import plot
+
+        out["plot"] = str(plot(out, plot_path))
+        click.echo(f"\nplot: {out['plot']}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)

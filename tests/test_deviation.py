@@ -1,0 +1,138 @@
+"""The CPU correction (kvcomm.deviation, anchors read as a list) equals the kernels' references
+(anchors stacked), piece by piece, and never stacks anchors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcomm import reuse
+from kvcomm.config import KVCommConfig
+from kvcomm.deviation import Workspace, keep_top
+from kvcomm.kv import KVBlock
+from kvcomm.reuse import Piece, SlotAnchors, _correct_listed, _correct_stacked
+
+L, H, D = 3, 2, 16
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _kv(T: int, dtype: torch.dtype = torch.float32) -> KVBlock:
+    return KVBlock(torch.randn(L, H, T, D).to(dtype), torch.randn(L, H, T, D).to(dtype))
+
+
+def _anchors(lengths: list[int], seg: int, dtype: torch.dtype, exact: bool = False) -> SlotAnchors:
+    # bases near each other, deltas small: the regime the correction works in
+    return SlotAnchors([_kv(n, dtype) for n in lengths], [_kv(n, dtype) for n in lengths],
+                       [_kv(seg, dtype) for _ in lengths], [5 + i for i in range(len(lengths))],
+                       [2 - i for i in range(len(lengths))], exact=exact)
+
+
+def _both(piece: Piece, anchors: SlotAnchors, n: int, config: KVCommConfig, dtype: torch.dtype):
+    src = piece.src.slice(0, n)
+    want = KVBlock(torch.zeros(L, H, n, D, dtype=dtype), torch.zeros(L, H, n, D, dtype=dtype))
+    got = KVBlock(torch.zeros(L, H, n, D, dtype=dtype), torch.zeros(L, H, n, D, dtype=dtype))
+    _correct_stacked(piece, anchors, src, want, INV_FREQ, config)
+    _correct_listed(piece, anchors, src, got, INV_FREQ, config, Workspace())
+    return want, got
+
+
+CASES = [  # (kind, content length, anchor lengths, exact)
+    ("slot", 7, [7, 7, 7], False),
+    ("slot", 7, [9, 7, 12], False),  # longer anchors: their first 7 tokens
+    ("slot", 7, [7], True),
+    ("seg", 5, [7, 7], False),
+    ("seg", 5, [9, 7, 11], False),  # ragged: each anchor's own last tokens
+    ("seg", 5, [7], True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rerotate", [True, False])
+@pytest.mark.parametrize(("kind", "T", "lengths", "exact"), CASES)
+def test_listed_equals_stacked(kind, T, lengths, exact, rerotate, dtype) -> None:
+    config = KVCommConfig(rerotate_key_deltas=rerotate)
+    seg_len = 6
+    anchors = _anchors(lengths, seg_len, dtype, exact)
+    content = _kv(T, dtype)
+    if kind == "slot":
+        piece, n = Piece(10, content, 10, anchors, "slot"), T
+    else:
+        piece, n = Piece(10 + T, _kv(seg_len, dtype), 4, anchors, "seg", content), seg_len
+    want, got = _both(piece, anchors, n, config, dtype)
+    torch.testing.assert_close(got.k, want.k, **TOL[dtype])
+    torch.testing.assert_close(got.v, want.v, **TOL[dtype])
+
+
+def test_shorter_anchors_under_partial_coverage_match_the_padded_stack() -> None:
+    config = KVCommConfig(min_anchor_coverage=0.5)
+    anchors = _anchors([5, 8], 4, torch.float32)
+    piece = Piece(3, _kv(8), 3, anchors, "slot")
+    want, got = _both(piece, anchors, 8, config, torch.float32)
+    torch.testing.assert_close(got.k, want.k, **TOL[torch.float32])
+    torch.testing.assert_close(got.v, want.v, **TOL[torch.float32])
+
+
+def test_assemble_on_cpu_never_stacks_anchors(monkeypatch) -> None:
+    """A new combination of anchors costs nothing extra: the CPU path reads them where they are."""
+    def no_stacking(*args, **kwargs):
+        raise AssertionError("anchors were stacked on the CPU path")
+
+    monkeypatch.setattr(reuse, "pad_stack", no_stacking)
+    pool = [_kv(6) for _ in range(4)]
+    deltas = [_kv(6) for _ in range(4)]
+    segs = [_kv(3) for _ in range(4)]
+    content = _kv(6)
+    for combo in ([0, 1], [1, 2, 3], [3, 0], [2]):  # every call a new combination
+        anchors = SlotAnchors([pool[i] for i in combo], [deltas[i] for i in combo], [segs[i] for i in combo],
+                              [4] * len(combo), [0] * len(combo))
+        pieces = [Piece(0, _kv(4), 0), Piece(4, content, 4, anchors, "slot"), Piece(10, _kv(3), 0, anchors, "seg", content)]
+        out = reuse.assemble(pieces, 13, INV_FREQ, KVCommConfig(), correct=True)
+        assert out.k.shape == (L, H, 13, D) and torch.isfinite(out.k).all()
+        assert anchors.stacked is None
+
+
+def test_keep_top_renormalises_the_kept_mass() -> None:
+    w = torch.tensor([[0.7, 0.6], [0.2, 0.3], [0.1, 0.1]])  # [A=3, n=2], columns sum to 1
+    keep, kept = keep_top(w, top_p=0.8, top_k=0)
+    assert keep == [0, 1]
+    torch.testing.assert_close(kept.sum(dim=0), torch.ones(2))
+    keep, kept = keep_top(w, top_p=1.0, top_k=1)
+    assert keep == [0] and torch.equal(kept, torch.ones(1, 2))
+    keep, kept = keep_top(w, top_p=1.0, top_k=0)
+    assert keep == [0, 1, 2] and torch.equal(kept, w)
+
+
+def test_top_k_one_applies_the_heaviest_anchor_alone() -> None:
+    config = KVCommConfig(correction_top_k=1)
+    anchors = _anchors([6, 6], 4, torch.float32)
+    content = anchors.base[0].slice(0, 6)  # identical to anchor 0: nearly all weight there
+    piece = Piece(2, KVBlock(content.k.clone(), content.v.clone()), 2, anchors, "slot")
+    got = KVBlock(torch.zeros(L, H, 6, D), torch.zeros(L, H, 6, D))
+    _correct_listed(piece, anchors, piece.src, got, INV_FREQ, config, Workspace())
+    want_v = content.v.clone()
+    want_v[1:] += anchors.slot_deltas[0].v[1:]  # layer 0 uncorrected
+    torch.testing.assert_close(got.v, want_v)
+
+
+def test_weights_are_computed_once_per_content_and_anchor_set() -> None:
+    """A second agent reading the same content over the same anchors reuses the first one's
+    weights; an edited or different content recomputes them."""
+    ws = Workspace()
+    anchors = _anchors([6, 6, 6], 4, torch.float32)
+    content = _kv(6)
+    config = KVCommConfig()
+    out = KVBlock(torch.zeros(L, H, 6, D), torch.zeros(L, H, 6, D))
+    piece = Piece(2, content, 2, anchors, "slot")
+    _correct_listed(piece, anchors, content.slice(0, 6), out, INV_FREQ, config, ws)
+    first = out.k.clone()
+    _correct_listed(piece, anchors, content.slice(0, 6), out, INV_FREQ, config, ws)
+    assert ws.weights.hits == 2 and torch.equal(out.k, first)  # keys and values
+    content.k.add_(0.5)  # edited in place: its version moved, the weights are recomputed
+    _correct_listed(piece, anchors, content.slice(0, 6), out, INV_FREQ, config, ws)
+    assert ws.weights.hits == 3  # only the values' weights matched
