@@ -8,6 +8,10 @@ the final answer names the function the question is about::
 
     python examples/rag_pipeline.py --n 10 --policy dense,kvcomm
 
+The pipeline itself (corpus, BM25, the three agents, the graph) lives in
+:mod:`kvcomm.tools.rag`, which ``kvcomm eval --workload rag`` runs too; this script runs it once
+per policy and writes the run directory.
+
 Why fixed-size chunks: kvcomm can stand a new passage in for anchors at least as long as it
 (the deviation of position t is only known where the anchor has a token t). Passages of one
 length make every earlier passage a candidate anchor; passages of random lengths would keep
@@ -16,173 +20,34 @@ turning the longest one seen so far into a new anchor, and that call into a full
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import math
-import re
-from collections import Counter
 from typing import Any
 
 from _common import load, parser, run
-from langgraph.graph import END, START, StateGraph
 
-from kvcomm import Result, Template
-from kvcomm.agents import KVCommState, share_context
-
-MODULES = ["json", "os.path", "re", "collections", "itertools", "functools", "string", "textwrap", "math",
-           "statistics", "random", "shutil", "csv", "heapq", "bisect", "glob", "base64", "hashlib", "zlib"]
-QUESTIONS = [  # (question, the function the answer should name)
-    ("How do I turn a JSON string into a Python object?", "loads"),
-    ("How can I join two parts of a file path?", "join"),
-    ("Which function finds all matches of a regular expression in a string?", "findall"),
-    ("How do I count how often each item occurs in a list?", "Counter"),
-    ("How can I chain several iterables into one?", "chain"),
-    ("How do I cache the results of an expensive function?", "lru_cache"),
-    ("How can I wrap a long paragraph to a fixed line width?", "wrap"),
-    ("How do I compute the greatest common divisor of two integers?", "gcd"),
-    ("How do I compute the median of a list of numbers?", "median"),
-    ("How can I pick a random element from a list?", "choice"),
-    ("How do I copy a whole directory tree?", "copytree"),
-    ("How do I read rows from a CSV file?", "reader"),
-    ("How can I get the n smallest items of a list?", "nsmallest"),
-    ("How do I insert into a sorted list and keep it sorted?", "insort"),
-    ("How do I list the files that match a wildcard pattern?", "glob"),
-    ("How do I encode bytes as base64?", "b64encode"),
-    ("How can I compute the SHA-256 hash of some bytes?", "sha256"),
-    ("How do I compress bytes with zlib?", "compress"),
-    ("How can I check whether a path points to an existing file?", "isfile"),
-    ("How do I split a string with a regular expression?", "split"),
-]
-
-EXPERT = Template.from_system_user(
-    "You are a Python expert. Answer from the documentation given.",
-    "Documentation:\n{doc:1}\n{doc:2}\nQuestion:\n{question}\nName the function to use and show one line of code.",
-)
-CRITIC = Template.from_system_user(
-    "You review answers about Python for mistakes.",
-    "Documentation:\n{doc:1}\nQuestion:\n{question}\nProposed answer:\n{agent:expert}\nIs it right? Say why briefly.",
-)
-FINAL = Template.from_system_user(
-    "You write the final answer for the user.",
-    "Question:\n{question}\nExpert:\n{agent:expert}\nReview:\n{agent:critic}\nGive the final answer in one sentence.",
+from kvcomm.tools.rag import (  # noqa: F401  (re-exported: the example's names, as before)
+    BM25,
+    CRITIC,
+    EXPERT,
+    FINAL,
+    MODULES,
+    QUESTIONS,
+    State,
+    build_graph,
+    chunk,
+    corpus,
+    critic,
+    documents,
+    expert,
+    final,
+    is_hit,
 )
 
-
-def documents() -> list[str]:
-    """One text per documented public function or class of MODULES: its summary paragraph."""
-    out = []
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        for attr, obj in sorted(vars(mod).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            out.append(f"{name}.{attr}: {' '.join(doc.split(chr(10) * 2)[0].split())}")
-    return out
-
-
-def chunk(text: str, tokenizer: Any, size: int) -> list[str]:
-    """``text`` cut into consecutive passages that each encode to exactly ``size`` tokens.
-
-    A window of ``size`` token ids does not always survive decode → encode unchanged (BPE may
-    merge or split differently at the cut), so where it does not, the window's end moves by one
-    or two tokens until the decoded text re-encodes to ``size`` tokens; the rare window that
-    never does is skipped. The tail shorter than ``size`` is dropped.
-    """
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    out, start = [], 0
-    while start + size <= len(ids):
-        end = start + size
-        for cut in (end, end - 1, end + 1, end - 2, end + 2):
-            piece = tokenizer.decode(ids[start:cut]).strip()
-            if cut <= len(ids) and len(tokenizer(piece, add_special_tokens=False).input_ids) == size:
-                out.append(piece)
-                end = cut
-                break
-        start = end
-    return out
-
-
-def corpus(tokenizer: Any, size: int) -> list[str]:
-    """Each module's documents, one after another, cut into passages of ``size`` tokens."""
-    by_module: dict[str, list[str]] = {}
-    for doc in documents():
-        by_module.setdefault(doc.split(".", 1)[0], []).append(doc)
-    return [p for docs in by_module.values() for p in chunk("\n".join(docs), tokenizer, size)]
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
-
-
-class BM25:
-    """Okapi BM25 over a list of passages (k1=1.5, b=0.75)."""
-
-    def __init__(self, docs: list[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self.docs, self.k1, self.b = docs, k1, b
-        self.tfs = [Counter(_tokens(d)) for d in docs]
-        self.lens = [sum(tf.values()) for tf in self.tfs]
-        self.avg = sum(self.lens) / max(1, len(docs))
-        df = Counter(t for tf in self.tfs for t in tf)
-        self.idf = {t: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for t, n in df.items()}
-
-    def top(self, query: str, k: int) -> list[str]:
-        q = _tokens(query)
-
-        def score(i: int) -> float:
-            tf, norm = self.tfs[i], self.k1 * (1 - self.b + self.b * self.lens[i] / self.avg)
-            return sum(self.idf.get(t, 0.0) * tf[t] * (self.k1 + 1) / (tf[t] + norm) for t in q if t in tf)
-
-        best = sorted(range(len(self.docs)), key=score, reverse=True)[:k]
-        return [self.docs[i] for i in best]
-
-
-class State(KVCommState, total=False):
-    question: str
-    doc_1: str
-    doc_2: str
-    expert_answer: str
-    critic_answer: str
-    final_answer: str
-
-
-@share_context(agent="expert", template=EXPERT)
-def expert(state: State, result: Result) -> None:
-    return None
-
-
-@share_context(agent="critic", template=CRITIC)
-def critic(state: State, result: Result) -> None:
-    return None
-
-
-@share_context(agent="final", template=FINAL)
-def final(state: State, result: Result) -> None:
-    return None
-
-
-def build_graph(index: BM25) -> Any:
-    def retrieve(state: State) -> dict[str, str]:
-        doc_1, doc_2 = index.top(state["question"], 2)
-        return {"doc_1": doc_1, "doc_2": doc_2}
-
-    g = StateGraph(State)
-    g.add_node("retrieve", retrieve)
-    for node in (expert, critic, final):
-        g.add_node(node)
-    g.add_edge(START, "retrieve")
-    g.add_edge("retrieve", "expert")
-    g.add_edge("expert", "critic")
-    g.add_edge("critic", "final")
-    g.add_edge("final", END)
-    return g.compile()
+DEFAULT_N = 20  # the first 20 questions (kvcomm eval --workload rag uses more of them)
 
 
 def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
     p = parser("rag_pipeline", "RAG over standard-library docstrings: expert → critic → final",
-               n=len(QUESTIONS), max_new_tokens=48)
+               n=DEFAULT_N, max_new_tokens=48)
     p.add_argument("--chunk-tokens", type=int, default=48, help="tokens per passage (default %(default)s)")
     args = p.parse_args(argv)
     if args.chunk_tokens < 8:
@@ -191,7 +56,7 @@ def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
     graph = build_graph(BM25(corpus(loaded.tokenizer, args.chunk_tokens)))
     items = QUESTIONS[: args.n]
     return run(args, "rag_pipeline", graph, items, lambda q: {"question": q[0]},
-               lambda q, s: q[1].lower() in s["final_answer"].lower(), "hit", loaded)
+               lambda q, s: is_hit(q[1], s["final_answer"]), "hit", loaded)
 
 
 if __name__ == "__main__":

@@ -302,9 +302,10 @@ class KVCommEngine:
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()
-        step = cache.step if isinstance(cache, StaticPromptCache) else None
+        static = isinstance(cache, StaticPromptCache)
         out_ids, step_logits = greedy_decode(self.model, cache, logits, prompt_len, n_new, self.eos_ids,
-                                             forced=forced_ids, step=step)
+                                             forced=forced_ids, step=cache.step if static else None,
+                                             many=cache.forward_many if static else None)
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
             self._publish_answer(agent, answer, cache, prompt_len)

@@ -66,15 +66,20 @@ def greedy_decode(
     *,
     forced: list[int] | None = None,
     step: Callable[[int, int], torch.Tensor] | None = None,
+    many: Callable[[list[int], int], torch.Tensor] | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding from the first token's logits.
 
     Returns the generated ids (EOS included if produced) and each step's logits. With
     ``forced`` the given tokens are fed instead of the argmax (teacher forcing), so logits of
-    two caches can be compared token by token. ``step(token, position) -> logits`` replaces the
-    plain forward over ``cache`` (the static fast path).
+    two caches can be compared token by token; all forced tokens but the last run as one forward
+    (each sees the ones before it, as in a step-by-step decode). ``step(token, position) -> logits``
+    and ``many(tokens, position) -> logits [n, V]`` replace the plain forwards over ``cache`` (the
+    static fast path).
     """
     dev = model.device
+    if forced is not None:
+        return _forced_decode(model, cache, first_logits, start_pos, forced[:max_new_tokens], many)
     ids: list[int] = []
     logits = [first_logits]
     nxt = int(first_logits.argmax())  # host sync: the token decides whether we stop
@@ -97,3 +102,21 @@ def greedy_decode(
         logits.append(last)
         nxt = int(last.argmax())
     return ids, logits
+
+
+def _forced_decode(model: Any, cache: Any, first_logits: torch.Tensor, start_pos: int, forced: list[int],
+                   many: Callable[[list[int], int], torch.Tensor] | None) -> tuple[list[int], list[torch.Tensor]]:
+    """Teacher forcing in one forward: the logits after each of ``forced[:-1]``."""
+    ids = list(forced)
+    if len(ids) < 2:
+        return ids, [first_logits]
+    feed = ids[:-1]
+    if many is not None:
+        rest = many(feed, start_pos)
+    else:
+        dev = model.device
+        out = model(input_ids=torch.tensor([feed], device=dev),
+                    position_ids=torch.arange(start_pos, start_pos + len(feed), device=dev).unsqueeze(0),
+                    cache=cache, use_cache=True)
+        rest = out.logits[0].float()
+    return ids, [first_logits, *rest.unbind(0)]

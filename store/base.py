@@ -8,6 +8,7 @@ import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 from kvcomm.errors import StoreError, StoreFaultWarning
@@ -65,12 +66,14 @@ def _caller_level() -> int:
 
 
 class StoreStats:
-    """Thread-safe counters: hits, misses, puts, bytes moved and faults per kind."""
+    """Thread-safe counters: hits, misses, puts, bytes moved, faults per kind, and the request/response
+    exchanges with servers (``round_trips``; a batch sent to three shards at once counts three)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.hits = self.misses = self.puts = self.put_failures = 0
         self.bytes_read = self.bytes_written = 0
+        self.round_trips = 0
         self.faults = dict.fromkeys(FAULT_KINDS, 0)
 
     def hit(self, nbytes: int) -> None:
@@ -95,6 +98,10 @@ class StoreStats:
         with self._lock:
             self.faults[kind] += 1
 
+    def round_trip(self, n: int = 1) -> None:
+        with self._lock:
+            self.round_trips += n
+
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -104,6 +111,7 @@ class StoreStats:
                 "put_failures": self.put_failures,
                 "bytes_read": self.bytes_read,
                 "bytes_written": self.bytes_written,
+                "round_trips": self.round_trips,
                 "faults": dict(self.faults),
             }
 
@@ -146,6 +154,14 @@ class KVStore(ABC):
                 as ``fingerprint_mismatch``). Comparison is exact: ``""`` only matches ``""``.
         """
 
+    def get_many(self, keys: Sequence[str], *, fingerprint: str | None = None) -> list[KVEntry | None]:
+        """The entries under ``keys`` (None for each miss or fault), in order, as one batch.
+
+        Stores that talk to a server answer in one pipelined round trip (one per shard, all sent
+        at once); this default asks :meth:`get` for each key. Faults count per key, as in ``get``.
+        """
+        return [self.get(key, fingerprint=fingerprint) for key in keys]
+
     @abstractmethod
     def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
         """Store ``entry`` under ``key`` atomically (a reader sees the old or the new entry).
@@ -183,6 +199,10 @@ class KVStore(ABC):
     def pool_read(self, key: str) -> dict[str, str]:
         """Every field of the map under ``key`` ({} when missing or on a fault)."""
 
+    def pool_read_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        """:meth:`pool_read` of several maps as one batch (one round trip on a server)."""
+        return [self.pool_read(key) for key in keys]
+
     @abstractmethod
     def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
         """Set fields of the map under ``key`` (values are stored as strings); False on a fault."""
@@ -208,8 +228,8 @@ class KVStore(ABC):
     def ping(self) -> None:  # noqa: B027 - optional hook
         """Raise StoreError if the store cannot be reached (for CLIs; the hot path never raises)."""
 
-    def usage(self) -> dict[str, int]:
-        """What this namespace holds: ``keys`` and ``entry_bytes``."""
+    def usage(self) -> dict[str, Any]:
+        """What this namespace holds: ``keys`` and ``entry_bytes`` (a server store: per shard too)."""
         return {"keys": len(self.scan())}
 
     def stats(self) -> dict[str, Any]:

@@ -1,11 +1,16 @@
-"""RedisStore: entries, counters and records in a (shared) Redis, on redis-py.
+"""RedisStore: entries, counters and records in a (shared) Redis server or Redis Cluster, on redis-py.
 
 Security (see also :mod:`kvcomm.store.security` and :mod:`kvcomm.store.codec`): credentials and
-TLS come from the URL (``redis://user:pass@host:6379/0``, ``rediss://...?ssl_ca_certs=ca.pem``)
-or redis-py keyword arguments; the password is redacted from every message, warning, ``repr`` and
-``stats()``. With a secret, entries are signed and only signed entries are accepted. Reads are
-bounded per entry (``max_entry_bytes``, enforced by ``GETRANGE`` before the value crosses the
-wire) and, optionally, in total (``max_fetch_bytes`` per ``fetch_window`` seconds).
+TLS come from the URL (``redis://user:pass@host:6379/0``, ``rediss://...?ssl_ca_certs=ca.pem``,
+``redis+cluster://user:pass@h1:7000,h2:7000``) or redis-py keyword arguments; the password is
+redacted from every message, warning, ``repr`` and ``stats()``. With a secret, entries are signed
+and only signed entries are accepted. Reads are bounded per entry (``max_entry_bytes``, enforced by
+``GETRANGE`` before the value crosses the wire) and, optionally, in total (``max_fetch_bytes`` per
+``fetch_window`` seconds).
+
+Speed (:mod:`kvcomm.store.wire`, :mod:`kvcomm.store.buffers`): reads of entries go out as one
+pipelined batch per server (every shard of a cluster at once), and each reply is received
+straight into a reused buffer that the decoded tensors then view, without further copies.
 """
 
 from __future__ import annotations
@@ -13,28 +18,36 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis
 import torch
 from redis.backoff import NoBackoff
+from redis.exceptions import AskError, MovedError
 from redis.retry import Retry
 
 from kvcomm.errors import EntryFormatError, StoreError
-from kvcomm.keys import namespace_prefix
+from kvcomm.keys import is_chunk_key, namespace_prefix, parse_key
+from kvcomm.store import chunks
 from kvcomm.store.base import KVStore, check_key
+from kvcomm.store.buffers import BufferPool, writable
 from kvcomm.store.codec import DEFAULT_MAX_ENTRY_BYTES, MAGIC, decode, encode, is_signed
 from kvcomm.store.entry import KVEntry
+from kvcomm.store.nodes import Cluster, Node, SingleServer, Topology, TopologyError
 from kvcomm.store.security import redact, resolve_secret, scrub
 from kvcomm.store.spec import RedisSpec
 from kvcomm.store.url import DEFAULT_REDIS_URL, redis_spec
+from kvcomm.store.wire import Batch, Reply
 
 T = TypeVar("T")
 
 DEFAULT_URL = DEFAULT_REDIS_URL
 _SCAN_COUNT = 1000
 _AUTH_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+_REDIRECTS = ("MOVED ", "ASK ")
 
 __all__ = ["DEFAULT_URL", "RedisStore", "redact"]
 
@@ -43,20 +56,39 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+@dataclass
+class _Read:
+    """One value read by a batch: its length, the buffer it went into, or why it failed."""
+
+    length: int = 0
+    buffer: bytearray | torch.Tensor | None = None
+    fault: tuple[str, str] | None = None
+    redirect: bool = False
+
+    def blob(self) -> memoryview | torch.Tensor:
+        assert self.buffer is not None
+        if isinstance(self.buffer, torch.Tensor):
+            return self.buffer[: self.length]
+        return memoryview(self.buffer)[: self.length]
+
+
 class RedisStore(KVStore):
-    """A store on one Redis server (or anything speaking its protocol), shared across processes.
+    """A store on one Redis server or a Redis Cluster, shared across processes and hosts.
 
     Each entry is one Redis string written by one ``SET`` (header and payload in one value), so a
-    reader sees the old or the new entry, never half of one. Entries are read with ``GETRANGE``
-    capped at ``max_entry_bytes`` + 1, so an oversize value is never transferred whole. The
-    anchor-pool maps are Redis hashes (``pool_increment`` is ``HINCRBY``), records are
-    ``RPUSH``-ed JSON: both atomic across processes.
+    reader sees the old or the new entry, never half of one. An entry larger than ``chunk_bytes``
+    is written as chunk keys and then a manifest under its key (:mod:`kvcomm.store.chunks`); on a
+    cluster the chunks spread over the shards. Entries are read with ``GETRANGE`` capped at
+    ``max_entry_bytes`` + 1, so an oversize value is never transferred whole; :meth:`get_many`
+    reads many in one pipelined round trip per server. The anchor-pool maps are Redis hashes
+    (``pool_increment`` is ``HINCRBY``), records are ``RPUSH``-ed JSON: both atomic across processes.
 
     Every Redis error degrades (``get`` -> None, ``put`` -> False, ``pool_increment`` -> None, ...)
     with one :class:`~kvcomm.errors.StoreFaultWarning` per fault kind and a counter; refused
-    credentials and ACL denials count as ``auth``. After a connection or auth fault the store
-    skips Redis for ``retry_after`` seconds (a dead server costs nothing per call), then
-    reconnects by itself. Construction does not connect unless ``check=True``; :meth:`ping` does.
+    credentials and ACL denials count as ``auth``. After a connection or auth fault the server
+    (on a cluster: that shard only) is skipped for ``retry_after`` seconds, so a dead server costs
+    nothing per call while the other shards keep serving; then it is tried again. Construction
+    does not connect unless ``check=True``; :meth:`ping` does.
 
     ``RedisStore(url, **options)`` and ``RedisStore.from_spec(spec)`` build the same store: the
     first parses ``url`` into a :class:`~kvcomm.store.spec.RedisSpec`
@@ -66,26 +98,31 @@ class RedisStore(KVStore):
     Args:
         url: a connection URL: ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS;
             redis-py's ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` ...
-            as query parameters or keywords) or ``unix://``; kvcomm's options are the keywords
-            below. None: the Redis URL of :func:`~kvcomm.store.url.store_urls_from_env`.
+            as query parameters or keywords), ``unix://``, or a Redis Cluster:
+            ``redis+cluster://[user:pass@]host:port[,host:port...]`` (``rediss+cluster://`` with
+            TLS); kvcomm's options are the keywords below. None: the Redis URL of
+            :func:`~kvcomm.store.url.store_urls_from_env`.
         namespace: keys live under ``kvcomm:<namespace>:``; the namespace is also in every MAC.
         ttl: default seconds to live of an entry (None or 0: no expiry); counters never expire.
         codec: ``"raw"`` (bit exact) or ``"int8"`` (K per channel, V per token; ~half of bf16).
-        device: where decoded tensors are placed (int8 is dequantized there).
+        device: where decoded tensors are placed (int8 is dequantized there; for a CUDA device
+            replies are received into pinned memory and copied asynchronously).
         max_entry_bytes: larger entries are neither written nor read (fault ``oversize``).
         max_fetch_bytes: if set, at most this many entry bytes are read per ``fetch_window``
             seconds (a fixed window per store object, shared by its threads); a get that would
             go over is a miss (fault ``budget``) and reads at most the budget left.
         fetch_window: seconds after which the fetch budget resets.
+        chunk_bytes: encoded entries larger than this are stored in chunks of this size.
+        buffer_bytes: bytes of receive buffers kept for reuse (0: a new buffer per read).
         secret: HMAC-SHA256 key (str or bytes, >= 16 bytes) that signs every entry written and
             must have signed every entry read; None: ``$KVCOMM_STORE_KEY``; ``""``: unsigned.
         check: ping at construction and raise :class:`~kvcomm.errors.StoreError` (one line,
             password redacted) if the server is unreachable or refuses the credentials.
         socket_timeout, socket_connect_timeout: seconds before a call fails as ``timeout``.
-        socket_read_size: bytes per socket read; large values read faster with a large buffer.
-        retry_after: seconds to skip Redis after a connection fault or timeout.
-        **redis_kwargs: passed to ``redis.Redis.from_url`` (``username``, ``password``, TLS
-            options, ...).
+        socket_read_size: bytes per socket read of redis-py's own parser (small replies).
+        retry_after: seconds to skip a server after a connection fault or timeout.
+        **redis_kwargs: passed to ``redis.Redis.from_url`` / ``RedisCluster`` (``username``,
+            ``password``, TLS options, ...).
     """
 
     kind = "redis"
@@ -101,6 +138,8 @@ class RedisStore(KVStore):
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
         max_fetch_bytes: int | None = None,
         fetch_window: float = 1.0,
+        chunk_bytes: int | None = None,
+        buffer_bytes: int | None = None,
         secret: str | bytes | None = None,
         check: bool = False,
         socket_timeout: float = 5.0,
@@ -109,6 +148,7 @@ class RedisStore(KVStore):
         retry_after: float = 1.0,
         **redis_kwargs: Any,
     ) -> None:
+        sizes = {k: v for k, v in (("chunk_bytes", chunk_bytes), ("buffer_bytes", buffer_bytes)) if v is not None}
         spec = redis_spec(
             url,
             namespace=namespace,
@@ -123,6 +163,7 @@ class RedisStore(KVStore):
             socket_connect_timeout=socket_connect_timeout,
             socket_read_size=socket_read_size,
             client_kwargs=redis_kwargs,
+            **sizes,
         )
         self._open(spec, secret=secret, check=check)
 
@@ -137,6 +178,7 @@ class RedisStore(KVStore):
         """Set up from a spec, trusted as is: every field was checked when it was built."""
         KVStore.__init__(self, spec.namespace)
         self.spec = spec
+        self.kind = "redis-cluster" if spec.cluster else "redis"
         self._secrets = list(spec.secrets)
         self._secret = resolve_secret(secret)
         self.url = spec.display_url  # the password stays in the connection pool only
@@ -146,33 +188,45 @@ class RedisStore(KVStore):
         self.max_entry_bytes = spec.max_entry_bytes
         self.max_fetch_bytes = spec.max_fetch_bytes
         self.fetch_window = spec.fetch_window
+        self.chunk_bytes = spec.chunk_bytes
         self.retry_after = spec.retry_after
         self._prefix = namespace_prefix(spec.namespace)
-        self._degraded = False
-        self._skip_until = 0.0
+        self._buffers = BufferPool(spec.buffer_bytes, pin=self.device.type == "cuda")
         self._budget_lock = threading.Lock()
         self._window_start = time.monotonic()
         self._fetched = 0
-        client_kwargs = {k: v for k, v in spec.client_kwargs.items() if k != "decode_responses"}  # values are bytes
+        self._topology_skip_until = 0.0
+        client_kwargs: dict[str, Any] = {k: v for k, v in spec.client_kwargs.items() if k != "decode_responses"}
+        # RESP2 unless asked otherwise: no push messages between replies (redis-py 8 defaults to RESP3)
+        client_kwargs.setdefault("protocol", 2)
+        timeouts = {"socket_timeout": spec.socket_timeout, "socket_connect_timeout": spec.socket_connect_timeout,
+                    "socket_read_size": spec.socket_read_size}
+        self.topology: Topology
         try:
-            self.client = redis.Redis.from_url(
-                spec.url,
-                socket_timeout=spec.socket_timeout,
-                socket_connect_timeout=spec.socket_connect_timeout,
-                socket_read_size=spec.socket_read_size,
-                # one immediate retry re-dials a connection the server dropped (restart);
-                # timeouts are not retried, they would only double the wait
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                **client_kwargs,
-            )
+            if spec.cluster:
+                self.topology = Cluster(spec, {**timeouts, **client_kwargs})
+            else:
+                client = redis.Redis.from_url(
+                    spec.url, **timeouts,
+                    # one immediate retry re-dials a connection the server dropped (restart);
+                    # timeouts are not retried, they would only double the wait
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                    **client_kwargs,
+                )
+                self.topology = SingleServer(self.url, client)
         except (ValueError, TypeError) as exc:
             raise StoreError(self._scrub(f"bad Redis URL {self.url!r}: {exc}")) from None
         if check:
             try:
                 self.ping()
             except BaseException:
-                self.client.close()
+                self.topology.close()
                 raise
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client: ``redis.Redis`` for one server, ``RedisCluster`` for a cluster."""
+        return self.topology.client if isinstance(self.topology, Cluster) else self.topology.primaries()[0].client
 
     @property
     def signed(self) -> bool:
@@ -188,35 +242,606 @@ class RedisStore(KVStore):
     def _full(self, key: str) -> str:
         return self._prefix + check_key(key)
 
-    def _call(self, what: str, fn: Callable[[], T], default: T) -> T:
-        """Run one Redis operation; any Redis error becomes a counted, warned fault -> default."""
-        if self._degraded and time.monotonic() < self._skip_until:
-            self._fault("unreachable", f"{self.url} failed moments ago; skipping {what}")
+    # -- faults: per server ----------------------------------------------------------------------
+    def _node_fault(self, node: Node, exc: BaseException, what: str) -> tuple[str, str]:
+        """Classify an exception of a command on ``node``: the fault kind and its message; a
+        connection-level fault marks the node to be skipped for ``retry_after`` seconds."""
+        where = f"{what} on {node.name if self.topology.cluster else self.url}"
+        if isinstance(exc, _AUTH_ERRORS):
+            kind, message = "auth", f"{where}: credentials refused: {type(exc).__name__}: {exc}"
+        elif isinstance(exc, redis.exceptions.NoPermissionError):
+            return "auth", f"{where}: the ACL forbids it: {exc}"
+        elif isinstance(exc, redis.TimeoutError):
+            kind, message = "timeout", f"{where}: {exc}"
+        elif isinstance(exc, redis.ConnectionError):
+            kind, message = "unreachable", f"{where}: {exc}"
+        elif isinstance(exc, (MovedError, AskError)):
+            self.topology.stale()
+            return "server_error", f"{where}: the cluster moved the key ({type(exc).__name__}: {exc})"
+        else:
+            return "server_error", f"{where}: {type(exc).__name__}: {exc}"
+        node.degraded = True
+        node.skip_until = time.monotonic() + self.retry_after
+        self.topology.stale()  # a failover moves the dead primary's slots: read the map again
+        return kind, message
+
+    def _node_ok(self, node: Node) -> None:
+        if node.degraded:  # recovered: the next outage warns again (once every shard is back)
+            node.degraded = False
+            if not self.topology.degraded:
+                self._rearm("unreachable", "timeout", "auth")
+
+    def _skipped(self, node: Node, what: str) -> tuple[str, str] | None:
+        if node.degraded and time.monotonic() < node.skip_until:
+            return "unreachable", f"{node.name if self.topology.cluster else self.url} failed moments ago; skipping {what}"
+        return None
+
+    def _topology_fault(self, exc: BaseException, what: str) -> None:
+        self._topology_skip_until = time.monotonic() + self.retry_after
+        self._fault("unreachable", f"{what} on {self.url}: cannot map keys to cluster nodes: {type(exc).__name__}: {exc}")
+
+    def _route(self, full_keys: Sequence[str], what: str) -> dict[Node, list[int]] | None:
+        """Indices of ``full_keys`` per node; None (fault counted) if the cluster cannot be mapped."""
+        if time.monotonic() < self._topology_skip_until:
+            self._fault("unreachable", f"{self.url}: the cluster was unreachable moments ago; skipping {what}")
+            return None
+        try:
+            groups: dict[Node, list[int]] = defaultdict(list)
+            for i, full in enumerate(full_keys):
+                groups[self.topology.node_for(full)].append(i)
+            return groups
+        except (TopologyError, redis.RedisError) as exc:
+            self._topology_fault(exc, what)
+            return None
+
+    def _primaries(self, what: str) -> list[Node]:
+        if time.monotonic() < self._topology_skip_until:
+            self._fault("unreachable", f"{self.url}: the cluster was unreachable moments ago; skipping {what}")
+            return []
+        try:
+            return self.topology.primaries()
+        except (TopologyError, redis.RedisError) as exc:
+            self._topology_fault(exc, what)
+            return []
+
+    def _run(self, node: Node, what: str, fn: Callable[[redis.Redis], T], default: T) -> T:
+        """Run one operation on one node; any Redis error becomes a counted, warned fault -> default."""
+        skipped = self._skipped(node, what)
+        if skipped:
+            self._fault(*skipped)
             return default
         try:
-            result = fn()
-        except _AUTH_ERRORS as exc:
-            self._connection_fault("auth", f"{what} on {self.url}: credentials refused: {type(exc).__name__}: {exc}")
-        except redis.exceptions.NoPermissionError as exc:
-            self._fault("auth", f"{what} on {self.url}: the ACL forbids it: {exc}")
-        except redis.TimeoutError as exc:
-            self._connection_fault("timeout", f"{what} on {self.url}: {exc}")
-        except redis.ConnectionError as exc:
-            self._connection_fault("unreachable", f"{what} on {self.url}: {exc}")
-        except redis.RedisError as exc:
-            self._fault("server_error", f"{what} on {self.url}: {type(exc).__name__}: {exc}")
-        else:
-            if self._degraded:  # recovered: the next outage warns again
-                self._degraded = False
-                self._rearm("unreachable", "timeout", "auth")
+            self.counters.round_trip()
+            result = fn(node.client)
+        except (redis.RedisError, TopologyError) as exc:
+            self._fault(*self._node_fault(node, exc, what))
+            return default
+        self._node_ok(node)
+        return result
+
+    def _on_key(self, full: str, what: str, fn: Callable[[redis.Redis], T], default: T) -> T:
+        """:meth:`_run` on the node holding ``full`` (a ``MOVED`` reply: the map is read again, once)."""
+        for attempt in (0, 1):
+            groups = self._route([full], what)
+            if groups is None:
+                return default
+            node = next(iter(groups))
+            skipped = self._skipped(node, what)
+            if skipped:
+                self._fault(*skipped)
+                return default
+            try:
+                self.counters.round_trip()
+                result = fn(node.client)
+            except (MovedError, AskError) as exc:
+                self.topology.stale()
+                if attempt == 0:
+                    continue
+                self._fault(*self._node_fault(node, exc, what))
+                return default
+            except (redis.RedisError, TopologyError) as exc:
+                self._fault(*self._node_fault(node, exc, what))
+                return default
+            self._node_ok(node)
             return result
         return default
 
-    def _connection_fault(self, kind: str, message: str) -> None:
-        self._degraded = True
-        self._skip_until = time.monotonic() + self.retry_after
-        self._fault(kind, message)
+    # -- batches: one pipelined round trip per server, all servers at once --------------------------
+    def _exchange(self, work: dict[Node, tuple[list[tuple[Any, ...]], list[Any]]], what: str
+                  ) -> dict[Node, list[Reply] | tuple[str, str]]:
+        """Send each node its commands (all nodes first), then read every node's replies.
 
+        Returns each node's replies, or the fault (kind, message) that cost it all of them. A
+        connection the server dropped is re-dialled once (idempotent commands only come here).
+        """
+        out: dict[Node, list[Reply] | tuple[str, str]] = {}
+        sent: dict[Node, Batch] = {}
+        for node, (commands, sinks) in work.items():
+            skipped = self._skipped(node, what)
+            if skipped:
+                out[node] = skipped
+                continue
+            batch = Batch(node.client, commands, sinks)
+            try:
+                batch.send()
+                sent[node] = batch
+            except redis.RedisError as exc:
+                out[node] = self._retry_or_fault(node, commands, sinks, exc, what)
+        self.counters.round_trip(len(sent))
+        for node, batch in sent.items():
+            try:
+                out[node] = batch.read()
+                self._node_ok(node)
+            except redis.RedisError as exc:
+                out[node] = self._retry_or_fault(node, batch.commands, batch.sinks, exc, what)
+        return out
+
+    def _retry_or_fault(self, node: Node, commands: list[tuple[Any, ...]], sinks: list[Any], exc: BaseException,
+                        what: str) -> list[Reply] | tuple[str, str]:
+        if type(exc) is redis.ConnectionError:  # not a timeout or refused credentials
+            try:
+                self.counters.round_trip()
+                batch = Batch(node.client, commands, sinks)
+                batch.send()
+                replies = batch.read()
+                self._node_ok(node)
+                return replies
+            except redis.RedisError as again:
+                exc = again
+        return self._node_fault(node, exc, what)
+
+    def _reply_fault(self, node: Node, reply: Reply, what: str) -> tuple[str, str]:
+        where = f"{what} on {node.name if self.topology.cluster else self.url}"
+        if reply.error.startswith("NOPERM"):
+            return "auth", f"{where}: the ACL forbids it: {reply.error}"
+        return "server_error", f"{where}: {reply.error}"
+
+    def _read_values(self, fulls: Sequence[str], caps: Sequence[int], what: str,
+                     sink: Callable[[int, int], memoryview | None] | None = None) -> list[_Read]:
+        """``GETRANGE full 0 cap`` of every key in one batch per server; each value is received into
+        ``sink(i, n)`` (default: a pooled buffer, or dropped when longer than its cap)."""
+        reads = [_Read() for _ in fulls]
+
+        def pooled(i: int, n: int) -> memoryview | None:
+            if n == 0 or n > caps[i]:
+                return None
+            buf = self._buffers.take(n)
+            reads[i].buffer = buf
+            return writable(buf)[:n]
+
+        todo = list(range(len(fulls)))
+        for attempt in (0, 1):  # a MOVED or ASK reply: read the slot map again and retry those keys
+            groups = self._route([fulls[i] for i in todo], what)
+            if groups is None:
+                for i in todo:
+                    reads[i].fault = ("unreachable", "skipped")
+                return reads
+            work: dict[Node, tuple[list[tuple[Any, ...]], list[Any]]] = {}
+            for node, members in groups.items():
+                idx = [todo[j] for j in members]
+                commands: list[tuple[Any, ...]] = [("GETRANGE", fulls[i], 0, caps[i]) for i in idx]
+                sinks = [(lambda n, i=i: (sink or pooled)(i, n)) for i in idx]
+                work[node] = (commands, sinks)
+            results = self._exchange(work, what)
+            retry = []
+            for node in work:
+                idx = [todo[j] for j in groups[node]]
+                result = results[node]
+                for pos, i in enumerate(idx):
+                    if isinstance(result, tuple):
+                        reads[i].fault = result
+                        continue
+                    reply = result[pos]
+                    if reply.kind == "bulk":
+                        reads[i].length = reply.length
+                    elif reply.kind == "error" and reply.error.startswith(_REDIRECTS):
+                        self.topology.stale()
+                        reads[i].fault = ("server_error", f"{what}: the cluster moved the key: {reply.error}")
+                        retry.append(i)
+                    elif reply.kind == "error":
+                        reads[i].fault = self._reply_fault(node, reply, what)
+            if not retry or attempt:
+                break
+            for i in retry:
+                reads[i] = _Read()
+            todo = retry
+        return reads
+
+    # -- entries -------------------------------------------------------------------------------
+    def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
+        check_key(key)
+        cap = self._budget_left()
+        if cap <= 0:
+            self._fault("budget", f"GET {key!r}: the fetch budget of {self.max_fetch_bytes} bytes per "
+                                  f"{self.fetch_window:g} s is spent")
+            self.counters.miss()
+            return None
+        return self._get_entries([key], fingerprint, cap)[0]
+
+    def get_many(self, keys: Sequence[str], *, fingerprint: str | None = None) -> list[KVEntry | None]:
+        """The entries under ``keys`` in one pipelined round trip per server (chunked entries: one
+        more for their chunks). With a fetch budget, one key at a time (the budget is exact)."""
+        keys = list(keys)
+        for key in keys:
+            check_key(key)
+        if self.max_fetch_bytes is not None:
+            return [self.get(key, fingerprint=fingerprint) for key in keys]
+        return self._get_entries(keys, fingerprint, self.max_entry_bytes) if keys else []
+
+    def _get_entries(self, keys: list[str], fingerprint: str | None, cap: int) -> list[KVEntry | None]:
+        fulls = [self._prefix + key for key in keys]
+        what = f"GET {keys[0]!r}" if len(keys) == 1 else f"GET of {len(keys)} keys"
+        reads = self._read_values(fulls, [cap] * len(keys), what)
+        out: list[KVEntry | None] = [None] * len(keys)
+        sizes = [read.length for read in reads]
+        manifests: dict[int, chunks.Manifest] = {}
+        for i, (key, read) in enumerate(zip(keys, reads, strict=True)):
+            if read.fault is not None:
+                self._fault(*read.fault)
+                continue
+            if read.length == 0:  # a missing key
+                continue
+            self._charge(read.length)
+            if read.length > cap and cap < self.max_entry_bytes:
+                self._fault("budget", f"GET {key!r}: the value is larger than the {cap} bytes left of the fetch "
+                                      f"budget ({self.max_fetch_bytes} bytes per {self.fetch_window:g} s)")
+                continue
+            if read.buffer is not None and chunks.is_manifest(read.blob()[:4]):
+                try:
+                    manifest = chunks.parse(read.blob(), max_total=self.max_entry_bytes)
+                except EntryFormatError as exc:
+                    self._fault(exc.kind, f"entry {key!r}: {exc}")
+                    continue
+                if manifest.total > cap:
+                    self._fault("budget", f"GET {key!r}: the chunked entry of {manifest.total} bytes is larger than "
+                                          f"the {cap} bytes left of the fetch budget")
+                    continue
+                manifests[i] = manifest
+                continue
+            out[i] = self._decode(key, read, fingerprint)
+        if manifests:
+            for i, read in self._read_chunked({i: (keys[i], m) for i, m in manifests.items()}).items():
+                if read.fault is not None:
+                    self._fault(*read.fault)
+                    continue
+                self._charge(read.length)
+                sizes[i] = read.length
+                out[i] = self._decode(keys[i], read, fingerprint)
+        for entry, size in zip(out, sizes, strict=True):
+            if entry is None:
+                self.counters.miss()
+            else:
+                self.counters.hit(size)
+        return out
+
+    def _decode(self, key: str, read: _Read, fingerprint: str | None) -> KVEntry | None:
+        if read.buffer is None:  # longer than max_entry_bytes: dropped unread
+            self._fault("oversize", f"entry {key!r}: value of more than {self.max_entry_bytes} bytes is over "
+                                    f"max_entry_bytes")
+            return None
+        try:
+            entry = decode(read.blob(), namespace=self.namespace, key=key, fingerprint=fingerprint,
+                           max_entry_bytes=self.max_entry_bytes, device=self.device, secret=self._secret, owned=True)
+        except EntryFormatError as exc:
+            self._fault(exc.kind, f"entry {key!r}: {exc}")
+            return None
+        if self.device.type == "cuda":  # the copies from the pinned buffer are done before it is reused
+            torch.cuda.current_stream(self.device).synchronize()
+        return entry
+
+    def _read_chunked(self, wanted: dict[int, tuple[str, chunks.Manifest]]) -> dict[int, _Read]:
+        """Every chunk of every manifest in one batch per server, each into its place in one buffer."""
+        out = {i: _Read(length=m.total, buffer=self._buffers.take(m.total)) for i, (_, m) in wanted.items()}
+        fulls, caps, places = [], [], []
+        for i, (key, manifest) in wanted.items():
+            for c in range(manifest.count):
+                start, stop = manifest.span(c)
+                fulls.append(self._prefix + manifest.key(key, c))
+                caps.append(stop - start)  # GETRANGE 0 cap: one byte more than a chunk may hold
+                places.append((i, start, stop, c))
+
+        def into(j: int, n: int) -> memoryview | None:
+            i, start, stop, _ = places[j]
+            buffer = out[i].buffer
+            return writable(buffer)[start:stop] if buffer is not None and n == stop - start else None
+
+        reads = self._read_values(fulls, caps, f"GET chunks of {len(wanted)} entries", sink=into)
+        for (i, start, stop, c), read in zip(places, reads, strict=True):
+            if out[i].fault is not None:
+                continue
+            key, manifest = wanted[i]
+            where = f"entry {key!r}: chunk {c} of {manifest.count}"
+            if read.fault is not None:
+                out[i].fault = (read.fault[0], f"{where}: {read.fault[1]}")
+            elif read.length == 0:
+                out[i].fault = ("truncated", f"{where} is missing (evicted or expired)")
+            elif read.length != stop - start:
+                kind = "truncated" if read.length < stop - start else "corrupt"
+                out[i].fault = (kind, f"{where} holds {read.length} bytes, the manifest says {stop - start}")
+        for read in out.values():
+            if read.fault is not None:
+                read.buffer = None
+        return out
+
+    def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
+        full = self._full(key)
+        if entry.nbytes > 2 * self.max_entry_bytes:  # skip quantizing what cannot fit anyway
+            return self._reject(key, entry.nbytes)
+        blob = encode(entry, namespace=self.namespace, key=key, codec=self.codec, secret=self._secret)
+        if len(blob) > self.max_entry_bytes:
+            return self._reject(key, len(blob))
+        ttl = self.ttl if ttl is None else ttl
+        px = max(1, int(ttl * 1000)) if ttl else None
+        manifest = None
+        if len(blob) > self.chunk_bytes:
+            manifest = chunks.plan(len(blob), self.chunk_bytes, blob[:8])
+            if not self._put_chunks(key, manifest, memoryview(blob), px):
+                self.counters.put_failed()
+                return False
+        value = manifest.encode() if manifest is not None else blob
+        old = self._on_key(full, f"SET {key!r}", lambda c: self._swap(c, full, value, px), None)
+        if old is None:
+            if manifest is not None:
+                self._unlink(self._chunk_fulls(key, manifest), f"UNLINK chunks of {key!r}")
+            self.counters.put_failed()
+            return False
+        self._drop_old_chunks(key, old, keep=manifest)
+        self.counters.put(len(blob))
+        return True
+
+    @staticmethod
+    def _swap(client: redis.Redis, full: str, value: bytes | bytearray, px: int | None) -> bytes:
+        """Set ``full`` and return the start of its old value (a manifest names chunks to drop)."""
+        pipe = client.pipeline(transaction=True)
+        pipe.getrange(full, 0, chunks.MANIFEST_MAX_BYTES - 1)
+        pipe.set(full, value, px=px)
+        head, _ = pipe.execute()
+        return cast(bytes, head)
+
+    def _chunk_fulls(self, key: str, manifest: chunks.Manifest) -> list[str]:
+        return [self._prefix + k for k in manifest.keys(key)]
+
+    def _drop_old_chunks(self, key: str, head: bytes, keep: chunks.Manifest | None = None) -> None:
+        if not chunks.is_manifest(head):
+            return
+        try:
+            old = chunks.parse(head, max_total=1 << 62)
+        except EntryFormatError:
+            return
+        if keep is None or old.generation != keep.generation:
+            self._unlink(self._chunk_fulls(key, old), f"UNLINK old chunks of {key!r}")
+
+    def _put_chunks(self, key: str, manifest: chunks.Manifest, view: memoryview, px: int | None) -> bool:
+        """Write every chunk (one batch per server, all at once); False (and none left) on a fault."""
+        fulls = self._chunk_fulls(key, manifest)
+        what = f"SET chunks of {key!r}"
+        groups = self._route(fulls, what)
+        if groups is None:
+            return False
+        expiry: tuple[Any, ...] = ("PX", px) if px else ()
+        work: dict[Node, tuple[list[tuple[Any, ...]], list[Any]]] = {}
+        for node, idx in groups.items():
+            commands: list[tuple[Any, ...]] = []
+            for c in idx:
+                start, stop = manifest.span(c)
+                commands.append(("SET", fulls[c], view[start:stop], *expiry))
+            work[node] = (commands, [None] * len(commands))
+        ok = True
+        for node, result in self._exchange(work, what).items():
+            if isinstance(result, tuple):
+                self._fault(*result)
+                ok = False
+                continue
+            for reply in result:
+                if reply.kind == "error":
+                    self._fault(*self._reply_fault(node, reply, what))
+                    ok = False
+                    break
+        if not ok:
+            self._unlink(fulls, f"UNLINK chunks of {key!r}")
+        return ok
+
+    def _unlink(self, fulls: list[str], what: str) -> int:
+        """UNLINK keys, one command per key (a cluster may hold them on different shards), best effort."""
+        groups = self._route(fulls, what)
+        removed = 0
+        for node, idx in (groups or {}).items():
+            def run(client: redis.Redis, idx: list[int] = idx) -> int:
+                pipe = client.pipeline(transaction=False)
+                for i in idx:
+                    pipe.unlink(fulls[i])
+                return sum(int(n) for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
+            removed += self._run(node, what, run, 0)
+        return removed
+
+    def _reject(self, key: str, nbytes: int) -> bool:
+        self._fault("oversize", f"entry {key!r} of {nbytes} bytes is over max_entry_bytes={self.max_entry_bytes}")
+        self.counters.put_failed()
+        self.delete(key)  # drop the stale one
+        return False
+
+    def delete(self, key: str) -> bool:
+        full = self._full(key)
+
+        def run(client: redis.Redis) -> tuple[bytes, int]:
+            pipe = client.pipeline(transaction=True)
+            pipe.getrange(full, 0, chunks.MANIFEST_MAX_BYTES - 1)
+            pipe.unlink(full)
+            head, n = pipe.execute()
+            return cast(bytes, head), int(n)
+
+        head, removed = self._on_key(full, f"UNLINK {key!r}", run, (b"", 0))
+        self._drop_old_chunks(key, head)
+        return bool(removed)
+
+    def contains(self, key: str) -> bool:
+        full = self._full(key)
+        return bool(self._on_key(full, f"EXISTS {key!r}", lambda c: c.exists(full), 0))
+
+    def _scan_node(self, node: Node, pattern: str) -> list[bytes]:
+        none: list[bytes] = []
+        return self._run(node, "SCAN", lambda c: list(c.scan_iter(match=pattern, count=_SCAN_COUNT)), none)
+
+    def scan(self, prefix: str = "") -> list[str]:
+        pattern = _glob_escape(self._prefix + prefix) + "*"
+        n = len(self._prefix)
+        keys = [k.decode("utf-8", "replace")[n:] for node in self._primaries("SCAN")
+                for k in self._scan_node(node, pattern)]
+        return sorted(k for k in keys if not is_chunk_key(k))
+
+    def clear(self, prefix: str = "") -> int:
+        pattern = _glob_escape(self._prefix + prefix) + "*"
+        n = len(self._prefix)
+        removed = 0
+        for node in self._primaries("clear"):
+            keys = self._scan_node(node, pattern)
+            names = [k.decode("utf-8", "replace") for k in keys]
+            gone = self._unlink_on(node, names, "clear")
+            removed += sum(1 for name, ok in zip(names, gone, strict=True) if ok and not is_chunk_key(name[n:]))
+        if prefix:  # the chunks of the entries just removed (their keys start with the chunk prefix)
+            orphans = []
+            for node in self._primaries("clear"):
+                for k in self._scan_node(node, _glob_escape(self._prefix + "~chunk:") + "*"):
+                    rel = k.decode("utf-8", "replace")[n:]
+                    try:
+                        entry = getattr(parse_key(rel), "entry", "")
+                    except StoreError:
+                        continue
+                    if entry.startswith(prefix):
+                        orphans.append(self._prefix + rel)
+            self._unlink(orphans, "clear")
+        return removed
+
+    def _unlink_on(self, node: Node, names: list[str], what: str) -> list[bool]:
+        def run(client: redis.Redis) -> list[bool]:
+            out: list[bool] = []
+            for i in range(0, len(names), 500):
+                pipe = client.pipeline(transaction=False)
+                for name in names[i : i + 500]:
+                    pipe.unlink(name)
+                out += [n == 1 for n in pipe.execute(raise_on_error=False)]
+            return out
+
+        return self._run(node, what, run, [False] * len(names)) if names else []
+
+    # -- anchor-pool state (Redis hashes) and records (Redis lists) ---------------------------------
+    def pool_read(self, key: str) -> dict[str, str]:
+        full = self._full(key)
+        empty: dict[bytes, bytes] = {}
+        raw = self._on_key(full, f"HGETALL {key!r}", lambda c: cast("dict[bytes, bytes]", c.hgetall(full)), empty)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def pool_read_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        """``HGETALL`` of every map in one pipelined round trip per server."""
+        fulls = [self._full(key) for key in keys]
+        out: list[dict[str, str]] = [{} for _ in fulls]
+        what = f"HGETALL of {len(fulls)} maps"
+        groups = self._route(fulls, what) if fulls else {}
+        if not groups:
+            return out
+        work = {node: ([("HGETALL", fulls[i]) for i in idx], [None] * len(idx)) for node, idx in groups.items()}
+        for node, result in self._exchange(cast(Any, work), what).items():
+            if isinstance(result, tuple):
+                for _ in groups[node]:
+                    self._fault(*result)
+                continue
+            for i, reply in zip(groups[node], result, strict=True):
+                if reply.kind == "error":
+                    self._fault(*self._reply_fault(node, reply, what))
+                elif isinstance(reply.value, list):
+                    items = reply.value
+                    out[i] = {bytes(items[j]).decode(): bytes(items[j + 1]).decode() for j in range(0, len(items) - 1, 2)}
+        return out
+
+    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
+        full = self._full(key)
+        if not mapping:
+            return True
+        fields: dict[Any, Any] = dict(mapping)  # redis-py's own key/value union
+        return self._on_key(full, f"HSET {key!r}", lambda c: c.hset(full, mapping=fields) is not None, False)
+
+    def pool_remove(self, key: str, *fields: str) -> int:
+        full = self._full(key)
+        if not fields:
+            return 0
+        return int(self._on_key(full, f"HDEL {key!r}", lambda c: c.hdel(full, *fields), 0))
+
+    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
+        full = self._full(key)
+        return self._on_key(full, f"HINCRBY {key!r}", lambda c: int(c.hincrby(full, field, amount)), None)
+
+    def append_record(self, key: str, record: dict[str, Any]) -> bool:
+        full = self._full(key)
+        try:
+            line = json.dumps(record)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"record for {key!r} is not JSON-serializable: {exc}") from None
+        return self._on_key(full, f"RPUSH {key!r}", lambda c: c.rpush(full, line) > 0, False)
+
+    def read_records(self, key: str) -> list[dict[str, Any]]:
+        full = self._full(key)
+        out: list[dict[str, Any]] = []
+        none: list[bytes] = []
+        for line in self._on_key(full, f"LRANGE {key!r}", lambda c: cast("list[bytes]", c.lrange(full, 0, -1)), none):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                self._fault("corrupt", f"record list {key!r} holds a line that is not JSON")
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    # -- housekeeping ------------------------------------------------------------------------------
+    def ping(self) -> None:
+        try:
+            nodes = self.topology.primaries()
+            for node in nodes:
+                node.client.ping()
+        except _AUTH_ERRORS as exc:
+            who = self.spec.client_kwargs.get("username") or _url_user(self.spec.url) or "default"
+            raise StoreError(self._scrub(
+                f"Redis at {self.url} refused the credentials of user {who!r} (wrong or missing password, "
+                f"or a disabled user): {type(exc).__name__}: {exc}"
+            )) from None
+        except (redis.RedisError, TopologyError) as exc:
+            raise StoreError(self._scrub(f"Redis at {self.url} is not reachable: {type(exc).__name__}: {exc}")) from None
+
+    def usage(self) -> dict[str, Any]:
+        """What this namespace holds, in total and per server (``shards``): keys, entries, their
+        bytes, signed and unsigned entries, and each server's memory use and eviction policy."""
+        totals: dict[str, Any] = dict.fromkeys(("keys", "entries", "entry_bytes", "signed_entries",
+                                               "unsigned_entries", "chunks"), 0)
+        shards = []
+        for node in self._primaries("usage"):
+            row = self._run(node, "usage", lambda c: _node_usage(c, self._prefix), None)
+            if row is None:
+                shards.append({"node": node.name, "error": "unreachable"})
+                continue
+            shards.append({"node": node.name, **row})
+            for name in totals:
+                totals[name] += row[name]
+        return {**totals, "shards": shards}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "url": self.url,
+            "codec": self.codec,
+            "ttl": self.ttl,
+            "signed": self.signed,
+            "integrity": "hmac-sha256 (signed)" if self.signed else "checksum only (unsigned)",
+            "max_entry_bytes": self.max_entry_bytes,
+            "max_fetch_bytes": self.max_fetch_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "buffers": self._buffers.stats(),
+        }
+
+    def close(self) -> None:
+        self.topology.close()
+        self._buffers.clear()
+
+    # -- fetch budget ----------------------------------------------------------------------------------
     def _budget_left(self) -> int:
         """Bytes this get may read: max_entry_bytes, or less when the fetch budget is nearly spent."""
         if self.max_fetch_bytes is None:
@@ -232,186 +857,53 @@ class RedisStore(KVStore):
             with self._budget_lock:
                 self._fetched += nbytes
 
-    # -- entries -------------------------------------------------------------------------------
-    def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
-        full = self._full(key)
-        cap = self._budget_left()
-        if cap <= 0:
-            self._fault("budget", f"GET {key!r}: the fetch budget of {self.max_fetch_bytes} bytes per "
-                                  f"{self.fetch_window:g} s is spent")
-            self.counters.miss()
-            return None
-        # GETRANGE end is inclusive: at most cap + 1 bytes ever cross the wire
-        blob = self._call(f"GET {key!r}", lambda: cast("bytes | None", self.client.getrange(full, 0, cap)), None)
-        if blob:
-            self._charge(len(blob))
-        if not blob:  # missing key (b"") or fault (None)
-            self.counters.miss()
-            return None
-        if len(blob) > cap and cap < self.max_entry_bytes:
-            self._fault("budget", f"GET {key!r}: the value is larger than the {cap} bytes left of the fetch "
-                                  f"budget ({self.max_fetch_bytes} bytes per {self.fetch_window:g} s)")
-            self.counters.miss()
-            return None
-        try:
-            entry = decode(
-                blob,
-                namespace=self.namespace,
-                key=key,
-                fingerprint=fingerprint,
-                max_entry_bytes=self.max_entry_bytes,
-                device=self.device,
-                secret=self._secret,
-            )
-        except EntryFormatError as exc:
-            self._fault(exc.kind, f"entry {key!r}: {exc}")
-            self.counters.miss()
-            return None
-        self.counters.hit(len(blob))
-        return entry
 
-    def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
-        full = self._full(key)
-        if entry.nbytes > 2 * self.max_entry_bytes:  # skip quantizing what cannot fit anyway
-            return self._reject(key, entry.nbytes)
-        blob = encode(entry, namespace=self.namespace, key=key, codec=self.codec, secret=self._secret)
-        if len(blob) > self.max_entry_bytes:
-            return self._reject(key, len(blob))
-        ttl = self.ttl if ttl is None else ttl
-        px = max(1, int(ttl * 1000)) if ttl else None
-        if self._call(f"SET {key!r}", lambda: self.client.set(full, blob, px=px), None):
-            self.counters.put(len(blob))
-            return True
-        self.counters.put_failed()
-        return False
+def _url_user(url: str) -> str | None:
+    from urllib.parse import urlsplit
 
-    def _reject(self, key: str, nbytes: int) -> bool:
-        self._fault("oversize", f"entry {key!r} of {nbytes} bytes is over max_entry_bytes={self.max_entry_bytes}")
-        self.counters.put_failed()
-        self._call(f"UNLINK {key!r}", lambda: self.client.unlink(self._full(key)), 0)  # drop the stale one
-        return False
+    try:
+        return urlsplit(url).username or None
+    except ValueError:
+        return None
 
-    def delete(self, key: str) -> bool:
-        full = self._full(key)
-        return bool(self._call(f"UNLINK {key!r}", lambda: self.client.unlink(full), 0))
 
-    def contains(self, key: str) -> bool:
-        full = self._full(key)
-        return bool(self._call(f"EXISTS {key!r}", lambda: self.client.exists(full), 0))
-
-    def _scan_full(self, prefix: str) -> list[bytes]:
-        pattern = _glob_escape(self._prefix + prefix) + "*"
-        return list(self.client.scan_iter(match=pattern, count=_SCAN_COUNT))
-
-    def scan(self, prefix: str = "") -> list[str]:
-        none: list[bytes] = []
-        keys = self._call("SCAN", lambda: self._scan_full(prefix), none)
-        n = len(self._prefix)
-        return sorted(k.decode("utf-8", "replace")[n:] for k in keys)
-
-    def clear(self, prefix: str = "") -> int:
-        def run() -> int:
-            keys, removed = self._scan_full(prefix), 0
-            for i in range(0, len(keys), 500):
-                removed += self.client.unlink(*keys[i : i + 500])
-            return removed
-
-        return self._call("clear", run, 0)
-
-    # -- anchor-pool state (Redis hashes) and records (Redis lists) ---------------------------------
-    def pool_read(self, key: str) -> dict[str, str]:
-        full = self._full(key)
-        empty: dict[bytes, bytes] = {}
-        raw = self._call(f"HGETALL {key!r}", lambda: cast("dict[bytes, bytes]", self.client.hgetall(full)), empty)
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
-        full = self._full(key)
-        if not mapping:
-            return True
-        fields: dict[Any, Any] = dict(mapping)  # redis-py's own key/value union
-        return self._call(f"HSET {key!r}", lambda: self.client.hset(full, mapping=fields) is not None, False)
-
-    def pool_remove(self, key: str, *fields: str) -> int:
-        full = self._full(key)
-        if not fields:
-            return 0
-        return int(self._call(f"HDEL {key!r}", lambda: self.client.hdel(full, *fields), 0))
-
-    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
-        full = self._full(key)
-        return self._call(f"HINCRBY {key!r}", lambda: int(self.client.hincrby(full, field, amount)), None)
-
-    def append_record(self, key: str, record: dict[str, Any]) -> bool:
-        full = self._full(key)
-        try:
-            line = json.dumps(record)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"record for {key!r} is not JSON-serializable: {exc}") from None
-        return self._call(f"RPUSH {key!r}", lambda: self.client.rpush(full, line) > 0, False)
-
-    def read_records(self, key: str) -> list[dict[str, Any]]:
-        full = self._full(key)
-        out: list[dict[str, Any]] = []
-        none: list[bytes] = []
-        for line in self._call(f"LRANGE {key!r}", lambda: cast("list[bytes]", self.client.lrange(full, 0, -1)), none):
+def _node_usage(client: redis.Redis, prefix: str) -> dict[str, Any]:
+    """One server's share of a namespace (SCAN, TYPE, STRLEN and the first bytes of each string)."""
+    keys = list(client.scan_iter(match=_glob_escape(prefix) + "*", count=_SCAN_COUNT))
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.type(k)
+    types = pipe.execute()
+    strings = [k for k, t in zip(keys, types, strict=True) if t == b"string"]
+    for k in strings:
+        pipe.strlen(k)
+        pipe.getrange(k, 0, chunks.MANIFEST_MAX_BYTES - 1)  # magic, version, flags; a manifest whole
+    out = pipe.execute()
+    n = len(prefix)
+    heads, sizes = out[1::2], out[0::2]
+    is_chunk = [is_chunk_key(k.decode("utf-8", "replace")[n:]) for k in strings]
+    entry_heads = []
+    for head, chunk in zip(heads, is_chunk, strict=True):
+        if chunk:
+            continue
+        if chunks.is_manifest(head):
             try:
-                record = json.loads(line)
-            except ValueError:
-                self._fault("corrupt", f"record list {key!r} holds a line that is not JSON")
+                head = chunks.parse(head, max_total=1 << 62).head
+            except EntryFormatError:
                 continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
-
-    # -- housekeeping ------------------------------------------------------------------------------
-    def ping(self) -> None:
-        try:
-            self.client.ping()
-        except _AUTH_ERRORS as exc:
-            who = self.client.connection_pool.connection_kwargs.get("username") or "default"
-            raise StoreError(self._scrub(
-                f"Redis at {self.url} refused the credentials of user {who!r} (wrong or missing password, "
-                f"or a disabled user): {type(exc).__name__}: {exc}"
-            )) from None
-        except redis.RedisError as exc:
-            raise StoreError(self._scrub(f"Redis at {self.url} is not reachable: {type(exc).__name__}: {exc}")) from None
-
-    def usage(self) -> dict[str, int]:
-        def run() -> dict[str, int]:
-            keys = self._scan_full("")
-            pipe = self.client.pipeline(transaction=False)
-            for k in keys:
-                pipe.type(k)
-            types = pipe.execute()
-            strings = [k for k, t in zip(keys, types, strict=True) if t == b"string"]
-            for k in strings:
-                pipe.strlen(k)
-                pipe.getrange(k, 0, 7)  # magic, version, flags: nothing else is read
-            out = pipe.execute()
-            heads = out[1::2]
-            return {
-                "keys": len(keys),
-                "entries": len(strings),
-                "entry_bytes": sum(out[0::2]),
-                "signed_entries": sum(map(is_signed, heads)),
-                "unsigned_entries": sum(h[:4] == MAGIC and not is_signed(h) for h in heads),
-            }
-
-        empty = {"keys": 0, "entries": 0, "entry_bytes": 0, "signed_entries": 0, "unsigned_entries": 0}
-        return self._call("usage", run, empty)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            **super().stats(),
-            "url": self.url,
-            "codec": self.codec,
-            "ttl": self.ttl,
-            "signed": self.signed,
-            "integrity": "hmac-sha256 (signed)" if self.signed else "sha256 checksum only (unsigned)",
-            "max_entry_bytes": self.max_entry_bytes,
-            "max_fetch_bytes": self.max_fetch_bytes,
-        }
-
-    def close(self) -> None:
-        self.client.close()
+        entry_heads.append(head)
+    row: dict[str, Any] = {
+        "keys": len(keys) - sum(is_chunk),
+        "entries": len(entry_heads),
+        "entry_bytes": sum(sizes),
+        "chunks": sum(is_chunk),
+        "signed_entries": sum(map(is_signed, entry_heads)),
+        "unsigned_entries": sum(h[:4] == MAGIC and not is_signed(h) for h in entry_heads),
+    }
+    try:
+        memory = client.info("memory")
+        row.update(used_memory=memory.get("used_memory"), maxmemory=memory.get("maxmemory"),
+                   maxmemory_policy=memory.get("maxmemory_policy"))
+    except redis.RedisError:  # INFO may be forbidden to a namespace's ACL user: the counts still stand
+        pass
+    return row

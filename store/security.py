@@ -57,13 +57,14 @@ def redact(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
-        port = parts.port
+        hosts = parts.netloc.rpartition("@")[2]
+        port = None if "," in hosts else parts.port  # a cluster URL lists several host:port
     except ValueError:
         return "<unparsable url>"
     if password is not None:
         user = parts.username or ""
-        netloc = f"{user}:{REDACTED}@{parts.hostname or ''}" + (f":{port}" if port else "")
-        parts = parts._replace(netloc=netloc)
+        where = hosts if "," in hosts else f"{parts.hostname or ''}" + (f":{port}" if port else "")
+        parts = parts._replace(netloc=f"{user}:{REDACTED}@{where}")
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(name.lower() in SECRET_PARAMS for name, _ in pairs):

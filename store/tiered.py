@@ -15,6 +15,8 @@ class TieredStore(KVStore):
 
     - ``get`` asks each tier in order; a hit in tier ``i`` is copied into tiers ``0..i-1``
       (promotion) and returned from the fastest tier that took it (on its device).
+    - ``get_many`` does the same for a batch: the fastest tier answers what it holds, and only
+      the keys it lacks go, as one batch, to the next tier (one round trip to a Redis tier).
     - ``put`` writes every tier; True if at least one tier stored the entry.
     - ``delete``/``clear`` act on every tier; ``contains``/``scan`` see the union.
     - Anchor-pool state and records live in the **last** tier only: it is the one other
@@ -58,6 +60,29 @@ class TieredStore(KVStore):
         self.counters.miss()
         return None
 
+    def get_many(self, keys: Sequence[str], *, fingerprint: str | None = None) -> list[KVEntry | None]:
+        keys = list(keys)
+        out: list[KVEntry | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for i, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            found = tier.get_many([keys[j] for j in todo], fingerprint=fingerprint)
+            hits = [(j, entry) for j, entry in zip(todo, found, strict=True) if entry is not None]
+            todo = [j for j, entry in zip(todo, found, strict=True) if entry is None]
+            for faster in reversed(self.tiers[:i]):
+                promoted = [j for j, entry in hits if faster.put(keys[j], entry)]
+                self.promotions += len(promoted)
+                again = dict(zip(promoted, faster.get_many([keys[j] for j in promoted], fingerprint=fingerprint),
+                                 strict=True))
+                hits = [(j, again.get(j) or entry) for j, entry in hits]
+            for j, entry in hits:
+                out[j] = entry
+                self.counters.hit(entry.nbytes)
+        for _ in todo:
+            self.counters.miss()
+        return out
+
     def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
         results = [tier.put(key, entry, ttl=ttl) for tier in reversed(self.tiers)]  # shared first
         if any(results):
@@ -84,6 +109,9 @@ class TieredStore(KVStore):
     def pool_read(self, key: str) -> dict[str, str]:
         return self.shared.pool_read(key)
 
+    def pool_read_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        return self.shared.pool_read_many(keys)
+
     def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
         return self.shared.pool_write(key, mapping)
 
@@ -103,7 +131,7 @@ class TieredStore(KVStore):
         for tier in self.tiers:
             tier.ping()
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return self.shared.usage()
 
     def stats(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Store URLs, parsed once into typed specs; the one place that reads store URLs from the environment.
 
 ``memory://?max_bytes=8GiB&device=cuda`` becomes a :class:`~kvcomm.store.spec.MemorySpec`; ``redis://``,
-``rediss://`` (TLS) and ``unix://`` URLs become a :class:`~kvcomm.store.spec.RedisSpec`. Stores
+``rediss://`` (TLS), ``unix://`` and Redis Cluster URLs (``redis+cluster://h1:7000,h2:7000``,
+``rediss+cluster://``) become a :class:`~kvcomm.store.spec.RedisSpec`. Stores
 are built from specs (:func:`kvcomm.store.from_url`, ``MemoryStore.from_spec``,
 ``RedisStore.from_spec``) and trust them: a URL is split and its query parsed here only, and the
 specs check their values (:mod:`kvcomm.store.spec`).
@@ -23,19 +24,20 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from kvcomm.errors import StoreError
 from kvcomm.store.security import ENTRY_KEY_PARAMS, STORE_KEY_ENV, redact, scrub
-from kvcomm.store.spec import DEFAULT_MAX_BYTES, MemorySpec, RedisSpec, StoreSpec
+from kvcomm.store.spec import DEFAULT_MAX_BYTES, MemorySpec, RedisSpec, StoreSpec, host_port
 
 STORE_URL_ENV = "KVCOMM_STORE_URL"
 REDIS_URL_ENV = "KVCOMM_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 MEMORY_SCHEME = "memory"
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
 #: query parameters of memory:// URLs (``prefix``: an alias of ``namespace``)
 MEMORY_PARAMS = ("max_bytes", "device", "namespace", "prefix", "ttl")
 #: kvcomm's own query parameters of Redis URLs
 REDIS_PARAMS = ("namespace", "prefix", "ttl", "codec", "device", "max_entry_bytes", "max_fetch_bytes",
-                "fetch_window", "retry_after")
+                "fetch_window", "retry_after", "chunk_bytes", "buffer_bytes")
 #: query parameters redis-py takes from a URL: its parsed ones plus credentials and TLS files
 REDIS_PY_QUERY_PARAMS = (*URL_QUERY_ARGUMENT_PARSERS, "username", "password", "ssl_cert_reqs", "ssl_ca_certs",
                          "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password")
@@ -44,7 +46,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECAS
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3,
           "ti": 1024**4}
 _SPLIT_RE = re.compile(r",\s*(?=[a-z][a-z0-9+.\-]*://)")
-_SCHEMES_HINT = "use memory://, redis://, rediss:// or unix://"
+_SCHEMES_HINT = "use memory://, redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
 
 
 def store_urls_from_env() -> list[str]:
@@ -123,7 +125,30 @@ def _split(url: str) -> _Split:
     return _Split(url, parts, ours, theirs)
 
 
+def _cluster_nodes(s: _Split) -> tuple[tuple[str, int], ...]:
+    """The ``host:port`` list of a cluster URL (port 6379 where none is given)."""
+    hosts = s.parts.netloc.rpartition("@")[2]
+    nodes = []
+    for item in hosts.split(","):
+        try:
+            one = urlsplit("//" + item.strip())
+            host, port = one.hostname, one.port
+        except ValueError:
+            raise StoreError(f"bad Redis Cluster URL {redact(s.url)!r}: {item.strip()!r} is not host:port "
+                             "(a port is a number in 0-65535)") from None
+        if not host:
+            raise StoreError(f"bad Redis Cluster URL {redact(s.url)!r}: an empty host in its node list "
+                             "(use redis+cluster://host1:7000,host2:7000)")
+        nodes.append((host, port or 6379))
+    if s.parts.path not in ("", "/", "/0"):
+        raise StoreError(f"bad Redis Cluster URL {redact(s.url)!r}: a cluster has only database 0")
+    return tuple(nodes)
+
+
 def _check_redis_location(s: _Split) -> None:
+    if s.parts.scheme.lower() in CLUSTER_SCHEMES:
+        _cluster_nodes(s)
+        return
     if s.parts.scheme.lower() != "unix" and not s.parts.hostname:
         raise StoreError(f"bad Redis URL {redact(s.url)!r}: no host (use redis://host:6379/0)")
     try:
@@ -151,13 +176,30 @@ def _redis_spec(s: _Split, namespace: str) -> RedisSpec:
     for name in ("ttl", "retry_after", "fetch_window"):
         if name in q:
             options[name] = _seconds(q[name], name)
-    for name in ("max_entry_bytes", "max_fetch_bytes"):
+    for name in ("max_entry_bytes", "max_fetch_bytes", "chunk_bytes", "buffer_bytes"):
         if name in q:
             options[name] = parse_size(q[name], name)
     if "device" in q:
         options["device"] = q["device"]
-    connection = urlunsplit(s.parts._replace(query=urlencode(s.theirs)))
-    return RedisSpec(url=connection, **options)
+    return RedisSpec(url=_connection_url(s), **options, **_cluster_options(s))
+
+
+def _connection_url(s: _Split) -> str:
+    """What redis-py connects with: the URL without kvcomm's parameters; for a cluster, its first node."""
+    parts = s.parts._replace(query=urlencode(s.theirs))
+    scheme = parts.scheme.lower()
+    if scheme in CLUSTER_SCHEMES:
+        userinfo = parts.netloc.rpartition("@")[0]
+        first = host_port(*_cluster_nodes(s)[0])
+        parts = parts._replace(scheme=scheme.removesuffix("+cluster"), path="",
+                               netloc=(userinfo + "@" if userinfo else "") + first)
+    return urlunsplit(parts)
+
+
+def _cluster_options(s: _Split) -> dict[str, Any]:
+    if s.parts.scheme.lower() not in CLUSTER_SCHEMES:
+        return {}
+    return {"cluster": True, "nodes": _cluster_nodes(s)}
 
 
 def _spec(s: _Split, namespace: str) -> StoreSpec:
@@ -174,9 +216,12 @@ def parse_store_url(url: str, *, namespace: str = "default") -> StoreSpec:
     """One store URL as its spec.
 
     - ``memory://``: ``max_bytes`` (512MiB, 2GB, bytes), ``device``, ``namespace``, ``ttl``.
-    - ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``: ``namespace``
-      (alias ``prefix``), ``ttl``, ``codec`` (raw, int8), ``device``, ``max_entry_bytes``,
-      ``max_fetch_bytes``, ``fetch_window``, ``retry_after``, plus redis-py's own
+    - ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``, and a Redis
+      Cluster as ``redis+cluster://[user:password@]host:port[,host:port...]`` or
+      ``rediss+cluster://``: ``namespace`` (alias ``prefix``), ``ttl``, ``codec`` (raw, int8),
+      ``device``, ``max_entry_bytes``, ``max_fetch_bytes``, ``fetch_window``, ``retry_after``,
+      ``chunk_bytes`` (entries larger than this are stored in chunks; default 64MiB),
+      ``buffer_bytes`` (receive buffers kept for reuse; default 512MiB), plus redis-py's own
       (``socket_timeout``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``,
       ``ssl_check_hostname``, ...), which stay in the connection URL (``RedisSpec.url``).
 
@@ -225,8 +270,8 @@ def redis_spec(url: str | None = None, *, client_kwargs: Mapping[str, Any] | Non
     try:
         s = _split(url) if url is not None else _redis_from_env()
         if s.parts.scheme.lower() not in REDIS_SCHEMES:
-            raise StoreError(f"RedisStore needs a Redis URL, got {redact(s.url)!r}: use redis://, rediss:// or "
-                             "unix://, or kvcomm.store.from_url for other stores")
+            raise StoreError(f"RedisStore needs a Redis URL, got {redact(s.url)!r}: use redis://, rediss://, "
+                             "unix:// or redis+cluster://, or kvcomm.store.from_url for other stores")
         if s.ours:
             raise StoreError(f"Redis URL {redact(s.url)!r} has parameters redis-py does not take: "
                              f"{', '.join(sorted(s.ours))} (kvcomm's own, such as namespace or ttl, are "
@@ -234,7 +279,8 @@ def redis_spec(url: str | None = None, *, client_kwargs: Mapping[str, Any] | Non
         _check_redis_location(s)
     except StoreError as exc:
         raise StoreError(scrub(str(exc), secrets)) from None
-    return RedisSpec(url=s.url, client_kwargs=dict(client_kwargs or {}), **options)
+    return RedisSpec(url=_connection_url(s) if s.parts.scheme.lower() in CLUSTER_SCHEMES else s.url,
+                     client_kwargs=dict(client_kwargs or {}), **options, **_cluster_options(s))
 
 
 def _redis_from_env() -> _Split:
@@ -247,6 +293,7 @@ def _redis_from_env() -> _Split:
 
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "DEFAULT_REDIS_URL",
     "MemorySpec",
     "REDIS_URL_ENV",

@@ -210,6 +210,31 @@ class StaticPromptCache:
         self._length += 1
         return logits[0, -1].float()
 
+    @torch.inference_mode()
+    def forward_many(self, tokens: list[int], position: int) -> torch.Tensor:
+        """Forward several known tokens at once from ``position`` (== the current length), each
+        seeing the cache and the tokens before it; returns their logits ``[len(tokens), V]``.
+
+        Teacher forcing knows every token in advance, so its decode is one forward, not one per
+        token. Eager (SDPA) always: the captured graph is for one token.
+        """
+        q = len(tokens)
+        if position != self._length or position + q > self.capacity:
+            raise ValueError(f"forward of {q} tokens at {position}, cache holds {self._length} of {self.capacity}")
+        dev = self.k.device
+        mask = torch.full((1, 1, q, self.capacity), self.min, dtype=self.mask.dtype, device=dev)
+        mask[..., :position] = 0
+        mask[0, 0].narrow(1, position, q).copy_(
+            torch.triu(torch.full((q, q), self.min, dtype=self.mask.dtype, device=dev), diagonal=1))
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(position)
+        out = self.model(input_ids=torch.tensor([tokens], device=dev),
+                         position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
+                         attention_mask=mask, cache=self.cache, use_cache=True)
+        self.mask[..., position : position + q] = 0
+        self._length += q
+        return out.logits[0].float()
+
     def _forward(self) -> torch.Tensor:
         if not self.decode_kernel:
             return self._model_call()

@@ -1,0 +1,212 @@
+"""A supervisor and three workers over one message list, with no template written: drop-in reuse.
+
+Four ``create_react_agent`` agents share a LangGraph ``MessagesState``: the supervisor reads the
+conversation and instructs the next worker, the researcher, the analyst and the writer each add
+their message, and the supervisor closes. Every agent puts its own system prompt before the
+same history, the setting KVCOMM is for. The model of all four is ``KVCommChat(engine)``, the
+LangChain chat model, in message-segment mode (:mod:`kvcomm.chat`): each message is a segment
+that every later agent reuses, and the supervisor, called again on the grown history, continues
+its own earlier call (mode ``prefix``)::
+
+    python examples/supervisor_pipeline.py --n 12 --policy dense,kvcomm
+
+The route is fixed (supervisor → researcher → supervisor → analyst → supervisor → writer →
+supervisor): a 135M model does not route reliably by itself, and a fixed route makes both runs
+make the same calls in the same order, so each kvcomm call stands beside its dense twin.
+A task's calls form rounds (the supervisor and a worker); the first round has nothing earlier
+to reuse but the user message, so reuse is reported from the second round on.
+
+Besides the run (records for ``kvcomm report``, per-agent reuse, TTFT of the reuse calls beside
+the same calls under dense), the first-token agreement with dense is measured teacher-forced on
+this message workload, as ``kvcomm eval`` does on its own: every call of the dense run is replayed
+in order through a fresh kvcomm engine, on the dense run's conversation, forced on the dense
+answer's tokens (each agent's upstream messages carry the replay engine's own KV).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import warnings
+from collections import defaultdict
+from typing import Any
+
+from _common import load, make_engine, parser, policies, run_dir, save
+from langchain_core.messages import BaseMessage
+from langgraph.graph import END, START, MessagesState, StateGraph
+
+from kvcomm import KVCommConfig, KVCommEngine
+from kvcomm.agents import KVCommChat
+from kvcomm.agents.chat_model import to_dicts
+from kvcomm.metrics import CallRecord, format_table
+
+with warnings.catch_warnings():  # langgraph 1.x moved it to langchain.agents (not a dependency here)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from langgraph.prebuilt import create_react_agent
+
+EXAMPLE = "supervisor_pipeline"
+SUPERVISOR = ("You are the supervisor of a team of three workers: a researcher, an analyst and a writer. "
+              "Read the conversation and tell the next worker, in one sentence, what to do.")
+WORKERS = {
+    "researcher": "You are the researcher of the team. Give the key facts the task needs, briefly.",
+    "analyst": "You are the analyst of the team. Weigh the facts given so far and draw one conclusion.",
+    "writer": "You are the writer of the team. Write the final answer for the user in two sentences.",
+}
+ROUTE = list(WORKERS)
+PROMPTS = {"supervisor": SUPERVISOR, **WORKERS}
+TASKS = [
+    "Plan a three day trip to Lisbon for a family with two young children.",
+    "Explain why the sky looks blue during the day and red at sunset.",
+    "Compare cats and dogs as pets for a small city apartment.",
+    "Suggest a weekly training plan for a beginner who wants to run ten kilometres.",
+    "Describe how a bill becomes a law in a parliamentary democracy.",
+    "Recommend three ways a small bakery could attract more customers.",
+    "Explain how vaccines train the immune system to fight a virus.",
+    "Outline the pros and cons of working from home for a software team.",
+    "Give advice to a student who wants to learn Spanish in one year.",
+    "Explain how solar panels turn sunlight into electricity at home.",
+    "Propose a simple budget for a university student living alone.",
+    "Describe the causes and the effects of the French Revolution.",
+    "Explain how a search engine ranks pages for a user query.",
+    "Suggest a healthy menu for a vegetarian family for one day.",
+    "Explain what inflation is and how central banks try to control it.",
+    "Plan a small birthday party for a ten year old who loves dinosaurs.",
+]
+
+
+def route(state: MessagesState) -> str:
+    """After the supervisor: the first worker that has not spoken yet, else the end."""
+    spoken = {m.name for m in state["messages"] if m.type == "ai"}
+    return next((w for w in ROUTE if w not in spoken), END)
+
+
+def build_graph(model: KVCommChat) -> Any:
+    """The supervisor and the workers, each a ``create_react_agent`` (no tools) over ``MessagesState``."""
+    g = StateGraph(MessagesState)
+    for name, prompt in PROMPTS.items():
+        g.add_node(name, create_react_agent(model, tools=[], prompt=prompt, name=name))
+    g.add_edge(START, "supervisor")
+    g.add_conditional_edges("supervisor", route, [*ROUTE, END])
+    for worker in ROUTE:
+        g.add_edge(worker, "supervisor")
+    return g.compile()
+
+
+def run_policy(loaded: Any, policy: str, args: Any, tasks: list[str]) -> tuple[KVCommEngine, list[list[BaseMessage]]]:
+    from tqdm import tqdm
+
+    engine = make_engine(loaded, policy, args.store, EXAMPLE, args.max_new_tokens)
+    graph = build_graph(KVCommChat(engine=engine))
+    conversations = []
+    for task in tqdm(tasks, desc=f"{policy:>10}", unit="task"):
+        conversations.append(graph.invoke({"messages": [("user", task)]})["messages"])
+    return engine, conversations
+
+
+def calls_of(conversation: list[BaseMessage]) -> list[tuple[str, list[BaseMessage], BaseMessage]]:
+    """(agent, the messages it read, its answer) per call, in call order."""
+    return [(m.name or "", conversation[:i], m) for i, m in enumerate(conversation) if m.type == "ai"]
+
+
+def label(rec: CallRecord) -> str:
+    return rec.agent.rpartition("#")[0] or rec.agent  # message-mode templates are <agent>#<slots>
+
+
+def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]]:
+    """Per agent and overall: prompt tokens served from reused KV, all calls and from round 2 on."""
+    groups: dict[str, list[tuple[int, CallRecord]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[label(r)].append((i % per_task, r))
+        groups["ALL"].append((i % per_task, r))
+    rows = []
+    for name, items in groups.items():
+        later = [r for j, r in items if j >= 2]  # calls 0-1 are round 1 (supervisor, first worker)
+        rows.append({"name": name, "calls": len(items),
+                     "modes": " ".join(f"{m}:{sum(r.mode == m for _, r in items)}" for m in ("reuse", "prefix", "dense")
+                                       if any(r.mode == m for _, r in items)),
+                     "reused_pct": _pct([r for _, r in items]), "reused_r2_pct": _pct(later) if later else None})
+    return rows
+
+
+def _pct(records: list[CallRecord]) -> float:
+    return 100.0 * sum(r.reused_tokens for r in records) / max(1, sum(r.prompt_tokens for r in records))
+
+
+def ttft_rows(dense: list[CallRecord], other: list[CallRecord]) -> list[dict[str, Any]]:
+    """Each reuse / prefix call beside the dense run's same call."""
+    if [d.agent for d in dense] != [o.agent for o in other]:
+        raise RuntimeError("dense and kvcomm runs made their calls in different orders")
+    rows = []
+    for mode in ("reuse", "prefix"):
+        pairs = [(d, o) for d, o in zip(dense, other, strict=True) if o.mode == mode]
+        if pairs:
+            d_ms = statistics.fmean(d.ttft_ms for d, _ in pairs)
+            o_ms = statistics.fmean(o.ttft_ms for _, o in pairs)
+            rows.append({"mode": mode, "calls": len(pairs), "dense_ms": d_ms, "kvcomm_ms": o_ms, "speedup": d_ms / o_ms})
+    return rows
+
+
+def teacher_forced(loaded: Any, args: Any, dense_runs: list[list[BaseMessage]]) -> list[dict[str, Any]]:
+    """First-token agreement with dense, per mode, each dense call replayed forced in a fresh kvcomm engine."""
+    from tqdm import tqdm
+
+    config = KVCommConfig.from_env(policy="kvcomm", max_new_tokens=args.max_new_tokens)
+    replay = KVCommEngine(loaded.model, loaded.tokenizer, config=config, fingerprint=loaded.fingerprint)
+    agree: dict[str, list[bool]] = defaultdict(list)
+    for conversation in tqdm(dense_runs, desc="  teacher-forced", unit="task"):
+        for agent, seen, answer in calls_of(conversation):
+            forced = list(answer.response_metadata["token_ids"])
+            _, history = to_dicts(seen)
+            for m in history:
+                m.pop("id", None)  # the dense engine's ids: the replay finds its own answers by text
+            res = replay.chat(PROMPTS[agent], history, agent=agent, forced_ids=forced, return_logits=True,
+                              max_new_tokens=len(forced))
+            agree[res.mode].append(int(res.logits[0].argmax()) == forced[0])
+    return [{"mode": mode, "calls": len(a), "first_token_pct": 100.0 * sum(a) / len(a)} for mode, a in agree.items()]
+
+
+def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
+    p = parser(EXAMPLE, "a supervisor and three workers over MessagesState, KVCommChat with no template",
+               n=12, max_new_tokens=24)
+    p.add_argument("--no-eval", action="store_true", help="skip the teacher-forced agreement replay")
+    args = p.parse_args(argv)
+    if not 1 <= args.n <= len(TASKS):
+        raise SystemExit(f"error: --n {args.n}: between 1 and {len(TASKS)} tasks")
+    out = run_dir(EXAMPLE, args.run_dir)
+    loaded = loaded or load(args)
+    tasks = TASKS[: args.n]
+    engines, runs = {}, {}
+    for policy in policies(args.policy):
+        engines[policy], runs[policy] = run_policy(loaded, policy, args, tasks)
+        save(engines[policy], out, policy)
+    per_task = 2 * len(ROUTE) + 1
+    summary: dict[str, Any] = {"run_dir": str(out), "tasks": len(tasks), "calls_per_task": per_task}
+    for policy, eng in engines.items():
+        rows = reuse_table(eng.records, per_task)
+        summary[f"reuse_{policy}"] = rows
+        if policy != "dense":
+            print(f"\n{policy}: prompt tokens served from reused KV, per agent")
+            print(format_table(rows, [("name", "agent", "s"), ("calls", "calls", "d"), ("modes", "modes", "s"),
+                                      ("reused_pct", "reused %", ".1f"), ("reused_r2_pct", "from round 2 %", ".1f")]))
+            if "dense" in engines:
+                summary[f"ttft_{policy}"] = ttft_rows(engines["dense"].records, eng.records)
+                print(f"\n{policy}: TTFT of its reuse / prefix calls beside the same calls under dense")
+                print(format_table(summary[f"ttft_{policy}"], [
+                    ("mode", "mode", "s"), ("calls", "calls", "d"), ("dense_ms", "dense TTFT ms", ".1f"),
+                    ("kvcomm_ms", f"{policy} TTFT ms", ".1f"), ("speedup", "speed-up", ".2f")]))
+    if "dense" in runs and not args.no_eval:
+        summary["teacher_forced"] = teacher_forced(loaded, args, runs["dense"])
+        print("\nfirst-token agreement with dense, teacher-forced (kvcomm replay of the dense conversations)")
+        print(format_table(summary["teacher_forced"], [("mode", "mode", "s"), ("calls", "calls", "d"),
+                                                       ("first_token_pct", "1st token = dense %", ".1f")]))
+    outputs = [{"policy": policy, "task": i, "messages": [(m.name or m.type, m.content) for m in conv]}
+               for policy, convs in runs.items() for i, conv in enumerate(convs)]
+    with (out / "outputs.jsonl").open("a") as f:
+        f.writelines(json.dumps(o) + "\n" for o in outputs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nrecords: {out / 'records.jsonl'}   report: kvcomm report --run-dir {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
