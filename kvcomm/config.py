@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import ConfigError
+from kvcomm.policies import FIDELITY_LEVELS
 from kvcomm.policies import POLICIES as _POLICY_TABLE
 
 POLICIES = tuple(_POLICY_TABLE)  # names, in the table's order
@@ -62,6 +63,12 @@ class KVCommConfig:
         "(half the bytes of float32; the correction accumulates in float32)"
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
+    fidelity: int = _field(
+        0, "kvcomm's quality knob, 0-3: what a reuse call recomputes after the correction (0: the last "
+        "token, the paper's method; 1: + the query, the template's last segment; 2: + the first 4 tokens of "
+        "every moved piece; 3: + 16 of them and the 10% most deviating tokens); higher agrees with a full "
+        "prefill more often, at a slower first token"
+    )
     recompute_ratio: float = _field(
         0.0, "kvcomm: also recompute this fraction of the corrected tokens, those whose layer-1 values "
         "deviate most (CacheBlend's selection, one 2-layer pass over the prompt); 0: only the last token"
@@ -114,6 +121,8 @@ class KVCommConfig:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if not 0 <= self.recompute_ratio <= 1:
             raise ConfigError(f"recompute_ratio={self.recompute_ratio} must be in [0, 1]")
+        if self.fidelity not in FIDELITY_LEVELS:
+            raise ConfigError(f"fidelity={self.fidelity} must be one of {', '.join(map(str, FIDELITY_LEVELS))}")
         if self.recompute_boundary < 0:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
         if self.epic_tokens < 0:

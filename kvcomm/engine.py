@@ -294,7 +294,8 @@ class KVCommEngine:
             rec.first_token_ms = rec.ttft_ms
 
         prompt_kv = None
-        if return_cache and not self._recomputes():  # a selective recompute's cache is not in prompt order
+        # a selective recompute without the static buffer leaves its cache out of prompt order
+        if return_cache and not (self._recomputes() and not self.config.fast_path):
             prompt_kv = block_from_cache(cache, 0, prompt_len - 1)
         t1 = time.perf_counter()
         if plan.record_slots:
@@ -327,7 +328,7 @@ class KVCommEngine:
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
         pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
-        static = self.config.fast_path and not self._recomputes()
+        static = self.config.fast_path
         t_stack = time.perf_counter()
         self.fast.stack_anchors(plan.anchors)
         rec.stack_ms = (time.perf_counter() - t_stack) * 1e3
@@ -343,7 +344,11 @@ class KVCommEngine:
         cache: Any
         if self._recomputes():
             selected = self._recompute_selection(prompt, ids, block, seg_starts, slot_starts)
-            logits, cache, n_recomputed = selective_recompute(self.model, ids, block, selected)
+            n_recomputed = int(selected.numel()) + 1
+            if static:  # written over the reused KV in the static buffer, which stays in prompt order
+                logits, cache = self.fast.recompute(ids, selected)
+            else:
+                logits, cache, _ = selective_recompute(self.model, ids, block, selected)
         elif static:
             logits, cache = self.fast.first_token(ids[-1], prompt_len - 1)
             n_recomputed = 1

@@ -62,6 +62,23 @@ def _no_recompute(config: Any) -> Recompute:
     return Recompute()
 
 
+#: kvcomm's one quality knob (``KVCommConfig.fidelity``): what each level recomputes after the
+#: correction. Higher levels agree with a full prefill more often and cost more per reuse call;
+#: the explicit knobs (recompute_ratio, recompute_boundary, recompute_query) add to the level's.
+FIDELITY_LEVELS: dict[int, Recompute] = {
+    0: Recompute(),  # the paper's method: only the last prompt token
+    1: Recompute(query=True),  # + the template's last segment (the instruction before the answer)
+    2: Recompute(query=True, boundary=4),  # + the first 4 tokens of every moved piece
+    3: Recompute(query=True, boundary=16, ratio=0.1),  # + 16 per piece and CacheBlend's 10% most deviating
+}
+
+
+def _kvcomm_recompute(config: Any) -> Recompute:
+    level = FIDELITY_LEVELS[config.fidelity]
+    return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
+                     query=level.query or config.recompute_query)
+
+
 @dataclass(frozen=True)
 class Policy:
     """One reuse policy.
@@ -115,8 +132,7 @@ POLICIES: dict[str, Policy] = {
                "(EPIC's LegoLink)", recompute=lambda config: Recompute(boundary=config.epic_tokens, query=True)),
         Policy("kvcomm", _anchored, "moved and corrected from the anchor pool; dense where no anchor fits",
                corrects=True, admits_anchors=True,
-               recompute=lambda config: Recompute(ratio=config.recompute_ratio, boundary=config.recompute_boundary,
-                                                  query=config.recompute_query)),
+               recompute=_kvcomm_recompute),
     )
 }
 
@@ -129,4 +145,4 @@ def policy(name: str) -> Policy:
         raise KeyError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["POLICIES", "Plan", "Policy", "Recompute", "policy"]
+__all__ = ["FIDELITY_LEVELS", "POLICIES", "Plan", "Policy", "Recompute", "policy"]

@@ -255,7 +255,8 @@ def test_tiny_models_run_every_policy(smollm2, arch, policy):
             res = eng.generate(agent, {"question": q})
             assert 1 <= len(res.token_ids) <= 4
             modes.append(res.mode)
-    expected = {"dense": {"dense"}, "prefix": {"prefix"}, "naive": {"reuse"}, "cacheblend": {"reuse"}}
+    expected = {"dense": {"dense"}, "prefix": {"prefix"}, "naive": {"reuse"}, "cacheblend": {"reuse"},
+                "epic": {"reuse"}}
     if policy in expected:
         assert set(modes) == expected[policy]
     else:

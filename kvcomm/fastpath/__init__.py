@@ -8,7 +8,8 @@ only slower. The engine calls it through :class:`FastPath` alone:
 - ``assemble(...)``: the moved + corrected prompt KV written straight into the static buffer
   (:class:`~kvcomm.fastpath.static_cache.StaticPromptCache`), replayed from a CUDA graph where
   the layout repeats (:class:`~kvcomm.fastpath.graphs.AssembleGraphs`);
-- ``first_token(...)``: the one-token forward over that buffer (a CUDA graph on CUDA).
+- ``first_token(...)``: the one-token forward over that buffer (a CUDA graph on CUDA), or
+  ``recompute(...)``: a selective recompute over it (scattered tokens written at their positions).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class FastPath:
         assert self.buffer is not None, "assemble(..., capacity=...) fills the buffer first"
         self.buffer.begin(position)
         return self.buffer.step(token, position), self.buffer
+
+    def recompute(self, ids: list[int], selected: torch.Tensor) -> tuple[torch.Tensor, StaticPromptCache]:
+        """Recompute the ``selected`` positions and the last token over the buffer ``assemble``
+        just filled (:meth:`StaticPromptCache.recompute`); the buffer stays in prompt order."""
+        assert self.buffer is not None, "assemble(..., capacity=...) fills the buffer first"
+        return self.buffer.recompute(ids, selected), self.buffer
 
     def _buffer(self, need: int) -> StaticPromptCache:
         """The one static buffer, grown (and its CUDA graph recaptured) when too small."""

@@ -16,6 +16,7 @@ kernels ran during capture, so replays use it too.
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import torch
@@ -87,6 +88,22 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def _scattered_update(owner: StaticPromptCache, original: Any) -> Any:
+    """A cache layer's ``update`` that writes at ``owner._positions`` when they are set (a selective
+    recompute's scattered tokens), else the layer's ``original`` one (contiguous after the length)."""
+
+    def update(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = owner._positions
+        if positions is None:
+            return original(layer, key_states, value_states, *args, **kwargs)
+        layer.keys.index_copy_(2, positions, key_states)
+        layer.values.index_copy_(2, positions, value_states)
+        return layer.keys, layer.values
+
+    return update
+
+
 def _configs(cfg: Any) -> list[Any]:
     """``cfg`` and its sub-configs (text_config, ...), parents first."""
     out = [cfg]
@@ -135,6 +152,8 @@ class StaticPromptCache:
             layer.k_head_dim = layer.v_head_dim = D
             layer.cumulative_length = torch.zeros((), dtype=torch.long, device=dev)
             layer.is_initialized = True
+            layer.update = types.MethodType(_scattered_update(self, type(layer).update), layer)
+        self._positions: torch.Tensor | None = None  # where a selective recompute writes (see recompute)
         self.min = torch.finfo(dtype).min
         self.mask = torch.full((1, 1, 1, capacity), self.min, dtype=dtype, device=dev)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -209,6 +228,35 @@ class StaticPromptCache:
             self.graph, self.graph_failed = None, False  # captured again, without the kernel
         self._length += 1
         return logits[0, -1].float()
+
+    @torch.inference_mode()
+    def recompute(self, ids: list[int], selected: torch.Tensor) -> torch.Tensor:
+        """Recompute the prompt tokens at ``selected`` (sorted positions < P-1) and the last one
+        over the buffer holding the reused KV of ids[:-1]; returns the last token's logits.
+
+        Each recomputed token sees every position up to its own: the reused KV of the others and
+        the new KV of the recomputed ones before it, which is written over the reused KV at its
+        own position (the buffer stays in prompt order, so decoding and the answer's KV carry on
+        as after :meth:`step`). One eager forward of the selected tokens.
+        """
+        P = len(ids)
+        dev = self.k.device
+        positions = torch.cat([selected.to(device=dev, dtype=torch.long), torch.tensor([P - 1], device=dev)])
+        q = int(positions.numel())
+        if P > self.capacity:
+            raise ValueError(f"a prompt of {P} tokens in a cache of {self.capacity}")
+        visible = torch.arange(self.capacity, device=dev).unsqueeze(0) <= positions.unsqueeze(1)  # [q, cap]
+        mask = torch.zeros(1, 1, q, self.capacity, dtype=self.mask.dtype, device=dev)
+        mask[0, 0].masked_fill_(~visible, self.min)
+        tokens = torch.tensor([ids], device=dev)[:, positions]
+        self._positions = positions
+        try:
+            out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask,
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self._positions = None
+        self.begin(P)
+        return out.logits[0, -1].float()
 
     @torch.inference_mode()
     def forward_many(self, tokens: list[int], position: int) -> torch.Tensor:
