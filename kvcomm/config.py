@@ -64,7 +64,7 @@ class KVCommConfig:
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     fidelity: int = _field(
-        0, "kvcomm's quality knob, 0-3: what a reuse call recomputes after the correction (0: the last "
+        2, "kvcomm's quality knob, 0-3: what a reuse call recomputes after the correction (0: the last "
         "token, the paper's method; 1: + the query, the template's last segment; 2: + the first 4 tokens of "
         "every moved piece; 3: + 16 of them and the 10% most deviating tokens); higher agrees with a full "
         "prefill more often, at a slower first token"
