@@ -34,15 +34,12 @@ from typing import Any
 from _common import load, make_engine, parser, policies, run_dir, save
 from langchain_core.messages import BaseMessage
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import create_react_agent
 
 from kvcomm import KVCommConfig, KVCommEngine
 from kvcomm.agents import KVCommChat
 from kvcomm.agents.chat_model import to_dicts
 from kvcomm.metrics import CallRecord, format_table
-
-with warnings.catch_warnings():  # langgraph 1.x moved it to langchain.agents (not a dependency here)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from langgraph.prebuilt import create_react_agent
 
 EXAMPLE = "supervisor_pipeline"
 SUPERVISOR = ("You are the supervisor of a team of three workers: a researcher, an analyst and a writer. "
@@ -84,7 +81,10 @@ def build_graph(model: KVCommChat) -> Any:
     """The supervisor and the workers, each a ``create_react_agent`` (no tools) over ``MessagesState``."""
     g = StateGraph(MessagesState)
     for name, prompt in PROMPTS.items():
-        g.add_node(name, create_react_agent(model, tools=[], prompt=prompt, name=name))
+        with warnings.catch_warnings():  # langgraph 1.x points to langchain.agents (not a dependency here)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            agent = create_react_agent(model, tools=[], prompt=prompt, name=name)
+        g.add_node(name, agent)
     g.add_edge(START, "supervisor")
     g.add_conditional_edges("supervisor", route, [*ROUTE, END])
     for worker in ROUTE:
@@ -117,7 +117,7 @@ def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]
     groups: dict[str, list[tuple[int, CallRecord]]] = defaultdict(list)
     for i, r in enumerate(records):
         groups[label(r)].append((i % per_task, r))
-        groups["ALL"].append((i % per_task, r))
+    groups["ALL"] = [(i % per_task, r) for i, r in enumerate(records)]
     rows = []
     for name, items in groups.items():
         later = [r for j, r in items if j >= 2]  # calls 0-1 are round 1 (supervisor, first worker)

@@ -48,6 +48,7 @@ import functools
 import hashlib
 import math
 import re
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -156,7 +157,8 @@ class ChatSession:
         self.labels: dict[str, str] = {}  # label -> agent identity (digest of its head)
         self.answers: OrderedDict[str, _Answer] = OrderedDict()  # "id:<message id>" / "text:<text>"
         self.continuations: OrderedDict[str, _Continuation] = OrderedDict()
-        self._frames: dict[tuple[int, ...], KVBlock] = {}
+        self._frame: tuple[tuple[int, ...], ...] | None = None  # an assistant message's markers
+        self._frames: dict[tuple[int, ...], KVBlock] = {}  # their base KV
         self._texts: OrderedDict[str, str | None] = OrderedDict()
 
     # the templates this session registered (bounded: see the module docstring)
@@ -200,11 +202,12 @@ def _remember(table: OrderedDict[str, Any], key: str, value: Any, limit: int) ->
 
 
 _SESSIONS: weakref.WeakKeyDictionary[Any, ChatSession] = weakref.WeakKeyDictionary()
+_SESSIONS_LOCK = threading.Lock()
 
 
 def session(engine: Any) -> ChatSession:
-    """The engine's :class:`ChatSession` (created on first use)."""
-    with engine.lock:
+    """The engine's :class:`ChatSession` (created on first use, dropped with the engine)."""
+    with _SESSIONS_LOCK:
         if engine not in _SESSIONS:
             _SESSIONS[engine] = ChatSession(engine)
         return _SESSIONS[engine]
@@ -366,6 +369,8 @@ def chat(
         ContextLengthError: the conversation and ``max_new_tokens`` exceed the model's context.
     """
     msgs = normalize(messages)
+    if system_prompt is None and msgs[0]["role"] == "system":  # a leading system message is the agent's
+        system_prompt, msgs = msgs[0]["content"], normalize(msgs[1:])
     n_new = max_new_tokens or engine.config.max_new_tokens
     with engine.lock, torch.inference_mode(False):
         sess = session(engine)
@@ -391,7 +396,8 @@ def chat(
         if answer is not None:  # the AI message that will carry this answer finds its KV by id or text
             if message_id:
                 sess.remember_answer(f"id:{message_id}", answer)
-            sess.remember_answer(f"text:{result.text}", answer)
+            if result.text:
+                sess.remember_answer(f"text:{result.text}", answer)
         return result
 
 
@@ -470,18 +476,17 @@ def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tupl
 
 
 def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """An assistant message's rendering around its content, as token ids; their base KV cached."""
-    tok = engine.tokenizer
-    base = tok.apply_chat_template([_DUMMY_SYSTEM], tokenize=False)
-    one = tok.apply_chat_template([_DUMMY_SYSTEM, {"role": "assistant", "content": _MARK}], tokenize=False)
-    pre_text, _, post_text = one[len(base):].partition(_MARK)
-    frame = []
-    for text in (pre_text, post_text):
-        ids = tuple(tok(text, add_special_tokens=False).input_ids) if text else ()
+    """An assistant message's rendering around its content, as token ids (their base KV cached)."""
+    if sess._frame is None:
+        tok = engine.tokenizer
+        base = tok.apply_chat_template([_DUMMY_SYSTEM], tokenize=False)
+        one = tok.apply_chat_template([_DUMMY_SYSTEM, {"role": "assistant", "content": _MARK}], tokenize=False)
+        pre, _, post = str(one)[len(str(base)):].partition(_MARK)
+        sess._frame = tuple(tuple(tok(t, add_special_tokens=False).input_ids) if t else () for t in (pre, post))
+    for ids in sess._frame:
         if ids and ids not in sess._frames:
             sess._frames[ids] = engine.publish("msg:frame", ids=list(ids)).kv
-        frame.append(ids)
-    return frame[0], frame[1]
+    return sess._frame[0], sess._frame[1]
 
 
 def _fold(engine: Any, contents: list[Content]) -> Content:
@@ -529,15 +534,20 @@ def _continue(call: _Call, stopper: _Stopper, result_type: Callable[..., Any]) -
     engine.last_prompt_ids = list(ids)
     engine.records.append(rec)
     engine.store.append_record(str(MetricsKey(engine.model_id)), rec.to_dict())
-    fed = len(ids) + len(out) - 1  # the last token was sampled, never fed
-    block = block_from_cache(cache, 0, fed)
-    sess.remember_continuation(call.identity, _Continuation(tuple(ids) + tuple(out[:-1]), len(ids), block))
     answer_ids = tuple(t for t in out if t not in engine.eos_ids)
+    end = len(ids) + len(answer_ids)
+    if answer_ids and cache.get_seq_length() < end:  # the last token was sampled, never fed
+        prefill(model, list(answer_ids[-1:]), start=end - 1, cache=cache)
+    block = block_from_cache(cache, 0, end)
+    sess.remember_continuation(call.identity, _Continuation(tuple(ids) + answer_ids, len(ids), block))
     answer = None
-    if answer_ids and fed > len(ids):
-        n = min(len(answer_ids), fed - len(ids))
-        raw = block.slice(len(ids), len(ids) + n)
-        answer = _Answer(call.label, answer_ids[:n], KVBlock(shift_keys(raw.k, -len(ids), engine.inv_freq), raw.v))
+    if answer_ids:
+        if engine.config.answer_base == "producer":
+            raw = block.slice(len(ids), end)
+            kv = KVBlock(shift_keys(raw.k, -len(ids), engine.inv_freq), raw.v)
+        else:  # as the engine's answers: prefilled alone
+            kv = engine.publish(f"agent:{call.name}", ids=list(answer_ids)).kv
+        answer = _Answer(call.label, answer_ids, kv)
     text = engine.tokenizer.decode(list(answer_ids), skip_special_tokens=True)
     logits_out = step_logits if call.return_logits else None
     return result_type(text, out, "prefix", rec, logits_out, None), answer

@@ -1,9 +1,13 @@
 """kvcomm.store: where KV entries, anchor pools and metrics live (memory, Redis, tiers of both).
 
 ``from_url("memory://?max_bytes=8GiB&device=cuda", "redis://host:6379/0?namespace=team1")``
-gives a TieredStore; every store implements :class:`KVStore` (entries, anchor-pool state,
-records) and degrades faults to misses. URLs are parsed once into specs (:func:`parse_store_url`:
-:class:`MemorySpec`, :class:`RedisSpec`); with no URL, :func:`store_urls_from_env` names the store.
+gives a TieredStore; every store implements :class:`KVStore` (entries, batched ``get_many``,
+anchor-pool state, records) and degrades faults to misses. URLs are parsed once into specs
+(:func:`parse_store_url`: :class:`MemorySpec`, :class:`RedisSpec`); with no URL,
+:func:`store_urls_from_env` names the store. A Redis Cluster is ``redis+cluster://h1:7000,h2:7000``
+(:mod:`kvcomm.store.nodes`); entries larger than ``chunk_bytes`` are stored in chunks
+(:mod:`kvcomm.store.chunks`); replies are read straight into reused buffers
+(:mod:`kvcomm.store.wire`, :mod:`kvcomm.store.buffers`).
 
 Security: Redis credentials and TLS in the URL (``rediss://user:pass@host:6380/0?ssl_ca_certs=ca.pem``,
 or ``$KVCOMM_STORE_URL`` / ``$KVCOMM_REDIS_URL``), redacted everywhere; entries signed with HMAC-SHA256 when a secret is

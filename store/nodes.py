@@ -122,8 +122,8 @@ class Cluster(Topology):
                 )
                 self._stale = False
             elif self._stale:
-                self._stale = False
                 self._client.nodes_manager.initialize()
+                self._stale = False
             return self._client
 
     def _node(self, cnode: ClusterNode) -> Node:

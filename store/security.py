@@ -58,12 +58,13 @@ def redact(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
         hosts = parts.netloc.rpartition("@")[2]
-        port = None if "," in hosts else parts.port  # a cluster URL lists several host:port
+        cluster = "," in hosts or parts.scheme.lower().endswith("+cluster")  # host:port[,host:port...]
+        port = None if cluster else parts.port
     except ValueError:
         return "<unparsable url>"
     if password is not None:
         user = parts.username or ""
-        where = hosts if "," in hosts else f"{parts.hostname or ''}" + (f":{port}" if port else "")
+        where = hosts if cluster else f"{parts.hostname or ''}" + (f":{port}" if port else "")
         parts = parts._replace(netloc=f"{user}:{REDACTED}@{where}")
     if parts.query:
         pairs = parse_qsl(parts.query, keep_blank_values=True)

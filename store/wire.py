@@ -115,10 +115,7 @@ class SocketReader:
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"$":
-            try:
-                n = int(rest)
-            except ValueError:
-                raise redis.exceptions.InvalidResponse(f"bad bulk length {rest[:32]!r}") from None
+            n = _int(rest)
             if n < 0:
                 return Reply("nil")
             dest = sink(n) if sink is not None else None
@@ -133,13 +130,13 @@ class SocketReader:
         if kind == b"-":
             return Reply("error", error=rest.decode("utf-8", "replace"))
         if kind == b":":
-            return Reply("value", value=int(rest))
+            return Reply("value", value=_int(rest))
         if kind == b"+":
             return Reply("value", value=rest.decode("utf-8", "replace"))
         if kind == b"_":
             return Reply("nil")
         if kind in (b"*", b"~", b"%", b">", b"|"):  # array, set, map (2n items), push, attribute
-            n = int(rest) * (2 if kind in (b"%", b"|") else 1)
+            n = _int(rest) * (2 if kind in (b"%", b"|") else 1)
             if n < 0:
                 return Reply("nil")
             items = [self.read(_keep) for _ in range(n)]
@@ -151,12 +148,19 @@ class SocketReader:
         if kind in (b"#", b",", b"("):  # boolean, double, big number
             return Reply("value", value=rest.decode("utf-8", "replace"))
         if kind == b"!":  # blob error
-            n = int(rest)
+            n = _int(rest)
             message = bytearray(n)
             self._into(memoryview(message))
             self._skip(2)
             return Reply("error", error=message.decode("utf-8", "replace"))
         raise redis.exceptions.InvalidResponse(f"unexpected reply type {kind!r} in a kvcomm batch")
+
+
+def _int(text: bytes) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise redis.exceptions.InvalidResponse(f"bad length or integer {text[:32]!r} in a reply") from None
 
 
 def raw_capable(client: redis.Redis) -> bool:
@@ -171,8 +175,8 @@ class Batch:
     ``send()`` takes a connection from the client's pool and writes every command; ``read()``
     reads every reply (bulk payloads into ``sinks[i]``) and returns the connection. Between the
     two the caller may send batches to other servers, so that all of them work at once. A client
-    whose replies cannot be read here (RESP3, client-side caching) runs the batch as a redis-py
-    pipeline in ``read()`` instead, and its bulk replies are copied into the sinks.
+    whose replies cannot be read here (client-side caching) runs the batch as a redis-py pipeline
+    in ``read()`` instead, and its bulk replies are copied into the sinks.
     """
 
     def __init__(self, client: redis.Redis, commands: Sequence[tuple[Any, ...]], sinks: Sequence[Sink | None]) -> None:

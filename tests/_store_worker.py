@@ -1,8 +1,10 @@
 """One OS process of tests/test_store_engine.py: a planner -> solver pipeline on a shared Redis.
 
-Usage: ``python tests/_store_worker.py '<json spec>'`` with the spec keys
+Usage: ``python tests/_store_worker.py '<json spec>'`` (or :func:`run_worker` from a test) with the
+spec keys
 
-- ``url``: the Redis URL, ``namespace``: the store namespace shared by the processes;
+- ``url``: the Redis URL (one server or ``redis+cluster://``), ``namespace``: the store namespace
+  shared by the processes;
 - ``questions``: one request per question (planner, then solver with the planner's answer);
 - ``max_new_tokens``; ``threads``: torch's thread count, the test process's own (the same
   kernels give the same float results in every process);
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,17 @@ def run_pipeline(eng: KVCommEngine, questions: list[str], *, max_new_tokens: int
             calls.append({"request": i, "agent": name, "mode": res.mode, "ids": list(res.token_ids),
                           "slots": dict(res.record.slots)})
     return calls
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run this file as a new OS process (torch's thread count: this process's) and return its report."""
+    spec = {**spec, "threads": torch.get_num_threads()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(Path(__file__)), json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
 
 
 def main(argv: list[str]) -> int:

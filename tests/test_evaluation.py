@@ -229,3 +229,14 @@ def test_eval_command_prints_the_paired_table_and_writes_json_and_plot(smollm2, 
     out = json.loads(js.read_text())
     assert out["upstream"] == "exact" and out["paired"]["reference"] == "naive" and out["plot"] == str(png)
     assert len(out["calls"]) == 2 * 1 * 2 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_render_says_why_nothing_is_paired():
+    from kvcomm.tools.eval_stats import paired_figures, render_paired
+
+    calls = [{"request": 0, "agent": "a", "policy": p, "mode": "dense", "first_token_agree": True, "exact": True,
+              "tf_agree": 1.0, "kl_first": 0.0, "kl_mean": 0.0, "ttft_ms": 5.0} for p in ("kvcomm", "dense")]
+    text = render_paired(paired_figures(calls, ["kvcomm", "dense"], exact_tokens=2), 2)
+    assert "every row over the same 0 calls" in text and "the kvcomm row served no call in reuse mode" in text
+    only_dense = render_paired(paired_figures(calls[1:], ["dense"], exact_tokens=2), 2)
+    assert "there is no row but dense" in only_dense

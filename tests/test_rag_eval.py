@@ -28,24 +28,24 @@ def test_rag_workload_is_the_pipelines_agents_and_retrieved_passages(smollm2):
 
 def test_run_rag_eval_reports_hit_rates_against_dense_and_teacher_forced_fidelity(smollm2):
     out = run_rag_eval(smollm2.model, smollm2.tokenizer, fingerprint=smollm2.fingerprint, policies=["naive"],
-                       n_requests=2, max_new_tokens=3, exact_tokens=3, progress=False, resamples=200)
+                       n_requests=1, max_new_tokens=3, exact_tokens=3, progress=False, resamples=200)
     # teacher-forced part: run_eval's result on the RAG agents
-    assert out["workload"] == "rag" and out["agents"] == ["expert", "critic", "final"] and out["requests"] == 2
+    assert out["workload"] == "rag" and out["agents"] == ["expert", "critic", "final"] and out["requests"] == 1
     assert [r["policy"] for r in out["rows"]] == ["naive", "dense"] and out["paired"]["reference"] == "naive"
-    assert len(out["calls"]) == 2 * 2 * 3
+    assert len(out["calls"]) == 2 * 1 * 3
     # task part: the free-running pipeline
     task = out["task"]
     rows = {r["policy"]: r for r in task["rows"]}
-    assert list(rows) == ["naive", "dense"] and task["requests"] == 2
+    assert list(rows) == ["naive", "dense"] and task["requests"] == 1
     dense, naive = rows["dense"], rows["naive"]
     assert dense["final_differs"] == 0 and dense["hit_rate_diff_vs_dense"] == 0 and dense["call_reuse_pct"] == 0
-    assert naive["dense_hit_rate"] == dense["hit_rate"] and 0 <= naive["final_differs"] <= 2
+    assert naive["dense_hit_rate"] == dense["hit_rate"] and 0 <= naive["final_differs"] <= 1
     assert naive["hit_rate"] - dense["hit_rate"] == pytest.approx(naive["hit_rate_diff_vs_dense"])
     assert naive["hits"] - dense["hits"] == naive["hits_gained"] - naive["hits_lost"]
     assert naive["call_reuse_pct"] == 100.0 and naive["speedup_reuse_calls"] > 0 and naive["errors"] == 0
-    assert len(task["calls"]) == 2 * 2 * 3 and {c["agent"] for c in task["calls"]} == {"expert", "critic", "final"}
+    assert len(task["calls"]) == 2 * 1 * 3 and {c["agent"] for c in task["calls"]} == {"expert", "critic", "final"}
     assert all(c["same_as_dense"] for c in task["calls"] if c["policy"] == "dense")
-    assert [a["question"] for a in task["answers"]] == [q for q, _ in QUESTIONS[:2]]
+    assert [a["question"] for a in task["answers"]] == [q for q, _ in QUESTIONS[:1]]
     assert all(set(a["final"]) == {"naive", "dense"} for a in task["answers"])
     text = render_task(task)
     assert "RAG pipeline, free-running" in text and "hit − dense" in text and "final differs" in text

@@ -7,29 +7,26 @@
 - issue 9 #3: entries tampered in Redis (flipped byte, swapped values, forged, unsigned) are all
   misses through the engine, whose outputs equal a run on a fresh, empty store;
 - issue 5 #4 (part): the int8 codec under the engine: bytes vs raw, reuse still happens,
-  first-token agreement with raw (printed; the full comparison is ``kvcomm eval``).
+  first-token agreement with raw (printed; the full comparison is ``kvcomm eval``);
+- issue 17 #2: a reuse call with Redis as its only tier reads its anchors in one batched round
+  trip (counted by the store and seen by the server's MONITOR).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
 import torch
-from _store_worker import AGENTS, make_engine, run_pipeline
+from _store_worker import AGENTS, make_engine, run_pipeline, run_worker
 
 from kvcomm.errors import StoreFaultWarning
 from kvcomm.keys import namespace_prefix
 from kvcomm.store import KVEntry, MemoryStore, RedisStore, TieredStore
 from kvcomm.store.codec import encode
 
-WORKER = Path(__file__).with_name("_store_worker.py")
 N_NEW = 6
 # The new request is shorter than the earlier ones: both earlier questions are length-compatible
 # anchors of the `question` slot, so the shareability test can share it instead of adding an anchor.
@@ -82,12 +79,7 @@ def reference(smollm2, redis_url) -> dict:
 
 
 def _worker(spec: dict) -> dict:
-    spec = {**spec, "threads": torch.get_num_threads()}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(spec)
 
 
 # -- issue 5 #1 -------------------------------------------------------------------------------------
@@ -284,3 +276,57 @@ def test_int8_codec_under_the_engine(smollm2, redis_url):
           f"({sum(first[i] for i in reused)}/{len(reused)} calls reusing in both), identical outputs "
           f"{sum(full)}/{len(full)}; modes int8 {[c['mode'] for c in calls]} raw {[c['mode'] for c in raw_calls]}")
     assert full[0]  # the first call is dense: no stored KV is involved
+
+
+# -- issue 17 #2 ------------------------------------------------------------------------------------
+def test_a_reuse_call_reads_its_anchors_in_one_round_trip(smollm2, redis_url):
+    """Redis is the only tier. The plan of a reuse call reads every slot's pool state in one batch
+    and every anchor's deltas and base KV in one more, whatever the number of slots and anchors;
+    read one at a time that was 2 per slot + 2 per anchor."""
+    import threading
+
+    ns = _ns("trips")
+    store = RedisStore(redis_url, namespace=ns)
+    eng = make_engine(smollm2, store, max_new_tokens=N_NEW)
+    run_pipeline(eng, EARLIER, max_new_tokens=N_NEW)  # both questions become anchors with deltas
+    eng.reset_answers()
+    seen: dict = {}
+    plan = eng.planner.plan_with_anchors
+
+    def counted(agent, contents):
+        before = store.stats()["round_trips"]
+        lines: list[str] = []
+        client = redis.Redis.from_url(redis_url)
+        ready = threading.Event()
+
+        def watch() -> None:
+            with client.monitor() as m:
+                ready.set()
+                for event in m.listen():
+                    if "kvcomm-monitor-stop" in event["command"]:
+                        return
+                    if ns in event["command"]:
+                        lines.append(event["command"].split()[0])
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        ready.wait(5)
+        out = plan(agent, contents)
+        seen["round_trips"] = store.stats()["round_trips"] - before
+        client.get("kvcomm-monitor-stop")
+        thread.join(5)
+        client.close()
+        seen["commands"] = lines
+        seen["slots"] = len(contents)
+        return out
+
+    eng.planner.plan_with_anchors = counted
+    res = eng.generate("planner", {"question": NEW})
+    assert res.mode == "reuse" and res.record.slots["question"] == "shared(2)", res.record.slots
+    anchors = res.record.anchors_matched
+    assert seen["round_trips"] == 2, seen  # pools, then entries: one batch each
+    assert seen["commands"] == ["HGETALL"] * 2 * seen["slots"] + ["GETRANGE"] * 2 * anchors, seen
+    print(f"\nreuse call: {seen['slots']} slot(s), {anchors} anchors: {seen['round_trips']} round trips "
+          f"(one at a time: {2 * seen['slots'] + 2 * anchors}); fetch {res.record.fetch_ms:.2f} ms")
+    store.clear()
+    store.close()

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from kvcomm import __version__
-from kvcomm.config import config_table
+from kvcomm.config import POLICIES, config_table
 from kvcomm.errors import KVCommError
 from kvcomm.tools.bench import MODEL_SHAPES
 
@@ -323,7 +323,8 @@ agents (the fidelity tables). --agents does not apply to it.
               help="agents in the DAG (dag workload only)")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 512),
               help="tokens per agent call (rag: 48 unless given, as the example)")
-@click.option("--policies", default="dense,prefix,naive,cacheblend,kvcomm", show_default=True)
+@click.option("--policies", default=",".join(POLICIES), show_default=True,
+              help="comma-separated rows of the policy table (default: all of them)")
 @click.option("--upstream", type=click.Choice(["own", "exact"]), default="own", show_default=True,
               help="upstream answers' KV: each policy's own producer's, or the dense producer's")
 @click.option("--gamma", "gammas", multiple=True, type=float, help="extra kvcomm rows with these gammas")
@@ -340,7 +341,7 @@ agents (the fidelity tables). --agents does not apply to it.
 def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_agents: int, max_new_tokens: int,
              policies: str, upstream: str, gammas: tuple[float, ...], variants: tuple[str, ...],
              store_urls: tuple[str, ...], json_path: str | None, plot_path: str | None) -> None:
-    from kvcomm.config import POLICIES, KVCommConfig
+    from kvcomm.config import KVCommConfig
     from kvcomm.models import load_model
     from kvcomm.tools.evaluation import render, run_eval
 

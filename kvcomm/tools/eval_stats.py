@@ -143,7 +143,8 @@ def render_paired(paired: dict[str, Any], exact_tokens: int) -> str:
     head = (f"\npaired: every row over the same {paired['n']} calls, {paired['basis']}; "
             f"[{100 * boot['level']:g}% bootstrap interval over calls, {boot['resamples']} resamples, seed {boot['seed']}]")
     if not paired["n"]:
-        return head + "\n(no calls to pair)"
+        why = f"the {ref} row served no call in reuse mode" if ref else "there is no row but dense"
+        return head + f"\n(nothing to pair: {why})"
     figs = [("first_token_agree_pct", "1st tok = dense %", ".1f"), (f"exact_{exact_tokens}_pct", f"exact@{exact_tokens} %", ".1f"),
             ("tf_token_agree_pct", "TF agree %", ".1f"), ("kl_first", "KL 1st", ".4f"), ("kl_mean", "KL mean", ".4f")]
 

@@ -219,8 +219,8 @@ def run_eval(
         dense.reset_answers()
         ref: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
         dense_answers: dict[str, tuple[Content, list[int]]] = {}  # slot -> (dense answer, its prompt ids)
-        for name, _ in agents:
-            res = dense.generate(name, dict(fills), return_logits=True, request_id=str(r))
+        for name, tmpl in agents:  # each agent is given the request's fills its template has slots for
+            res = dense.generate(name, _own(fills, tmpl), return_logits=True, request_id=str(r))
             ref[name] = (res.token_ids, res.logits or [])
             calls.append(_call_row(r, name, "dense", res, [True], [0.0], exact_tokens))
             answer = dense.latest.get(f"agent:{name}")
@@ -234,7 +234,7 @@ def run_eval(
             given: dict[str, Content] = {}  # --upstream exact: the dense answers, published in this engine
             for name, tmpl in agents:
                 ids, logits = ref[name]
-                call_fills: dict[str, Any] = dict(fills)
+                call_fills: dict[str, Any] = _own(fills, tmpl)
                 if exact_upstream:
                     call_fills.update({s: given[s] for s in tmpl.slots if s in given})
                 res = eng.generate(name, call_fills, forced_ids=ids, return_logits=True, request_id=str(r),
@@ -304,6 +304,11 @@ def run_eval(
         "paired": paired,
         "calls": calls,
     }
+
+
+def _own(fills: dict[str, str], template: Template) -> dict[str, Any]:
+    """The fills ``template`` has slots for (a workload's request fills every agent's input slots)."""
+    return {slot: value for slot, value in fills.items() if slot in template.slots}
 
 
 def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool], kls: list[float],

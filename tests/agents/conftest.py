@@ -16,8 +16,9 @@ MAX_NEW = 8
 @pytest.fixture
 def make_engine(smollm2) -> Callable[..., KVCommEngine]:
     def make(policy: str = "kvcomm", store: Any = None, **cfg: Any) -> KVCommEngine:
-        config = KVCommConfig(policy=policy, max_new_tokens=MAX_NEW, device="cpu", **cfg)
+        config = KVCommConfig(policy=policy, device="cpu", **{"max_new_tokens": MAX_NEW, **cfg})
         return KVCommEngine(smollm2.model, smollm2.tokenizer, store=store or MemoryStore(), config=config,
                             fingerprint=smollm2.fingerprint)
 
     return make
+

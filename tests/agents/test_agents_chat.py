@@ -10,7 +10,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 import kvcomm.agents
-from kvcomm import SlotError, Template
+from kvcomm import SlotError, Template, TemplateError
 from kvcomm.agents import KVCommChat
 
 SOLVER = Template.from_system_user(
@@ -18,23 +18,23 @@ SOLVER = Template.from_system_user(
 )
 
 
-def test_plain_mode_reports_cache_read_on_the_second_call(make_engine):
+def test_message_mode_reports_cache_read_on_the_second_call(make_engine):
     engine = make_engine("kvcomm")
     chat = KVCommChat(engine=engine)
     msgs = [SystemMessage("You are terse. {Braces} are literal."), HumanMessage("What is the capital of Spain?")]
     first = chat.invoke(msgs)
     usage = first.usage_metadata
-    assert isinstance(first, AIMessage) and first.content
+    assert isinstance(first, AIMessage) and first.content and first.id.startswith("kvcomm-")
     assert usage["input_tokens"] == len(engine.last_prompt_ids) == engine.records[-1].prompt_tokens
     assert usage["output_tokens"] == engine.records[-1].new_tokens > 0
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert usage["input_token_details"]["cache_read"] == 0 and first.response_metadata["mode"] == "dense"
 
-    second = chat.invoke(msgs)
+    second = chat.invoke(msgs)  # the same conversation again: the first call's KV, exactly
     cached = second.usage_metadata["input_token_details"]["cache_read"]
-    assert second.response_metadata["mode"] == "reuse"
-    assert 0 < cached == engine.records[-1].reused_tokens < second.usage_metadata["input_tokens"]
-    assert first.response_metadata["agent"] == second.response_metadata["agent"]  # one agent per prefix
+    assert second.response_metadata["mode"] == "prefix" and second.content == first.content
+    assert 0 < cached == engine.records[-1].reused_tokens == second.usage_metadata["input_tokens"] - 1
+    assert first.response_metadata["agent"] == second.response_metadata["agent"]  # one agent per system prompt
 
 
 def test_agent_mode_with_fills_and_async(make_engine):
@@ -50,9 +50,13 @@ def test_agent_mode_with_fills_and_async(make_engine):
 
 def test_errors_and_stop(make_engine):
     engine = make_engine("dense")
-    with pytest.raises(SlotError, match="ending with a human message"):
-        KVCommChat(engine=engine).invoke([HumanMessage("hi"), AIMessage("hello")])
+    with pytest.raises(SlotError, match="needs a human message"):
+        KVCommChat(engine=engine, agent="solver", template=SOLVER).invoke([AIMessage("hello")], fills={"hint": "x"})
+    with pytest.raises(TemplateError, match="empty message list"):
+        KVCommChat(engine=engine).invoke([SystemMessage("You are terse.")])
     out = KVCommChat(engine=engine, max_new_tokens=6).invoke("Count: one, two, three,", stop=[","])
+    assert "," not in out.content
+    out = KVCommChat(engine=engine, max_tokens=6, stop=[","]).invoke("Count: one, two, three,")
     assert "," not in out.content
 
 

@@ -53,3 +53,23 @@ def test_rag_corpus_is_fixed_size_token_chunks(examples, smollm2):
     assert any("math.gcd" in p for p in index.top("greatest common divisor of two integers", 2))
     with pytest.raises(SystemExit, match="--chunk-tokens 4"):
         rag.main(["--chunk-tokens", "4"], loaded=smollm2)
+
+
+def test_supervisor_pipeline_runs_with_no_template(examples, smollm2, tmp_path, capsys):
+    from kvcomm.tools import report
+
+    module = importlib.import_module("supervisor_pipeline")
+    out = tmp_path / "supervisor"
+    summary = module.main(["--n", "1", "--max-new-tokens", "3", "--run-dir", str(out)], loaded=smollm2)
+    records = read_jsonl(out / "records.jsonl")
+    per_policy = {p: [r for r in records if r.policy == p] for p in ("dense", "kvcomm")}
+    assert len(per_policy["dense"]) == len(per_policy["kvcomm"]) == summary["calls_per_task"]
+    assert [r.agent for r in per_policy["dense"]] == [r.agent for r in per_policy["kvcomm"]]
+    assert {r.agent.rpartition("#")[0] for r in records} == {"supervisor", "researcher", "analyst", "writer"}
+    kvcomm = per_policy["kvcomm"]
+    assert {r.mode for r in kvcomm if r.agent.startswith("supervisor#") and r.agent != "supervisor#1"} == {"prefix"}
+    assert {row["name"] for row in summary["reuse_kvcomm"]} >= {"supervisor", "ALL"}
+    assert any(row["mode"] == "prefix" for row in summary["ttft_kvcomm"])
+    assert sum(row["calls"] for row in summary["teacher_forced"]) == len(kvcomm)
+    text = report.render(report.build(report.load(run_dir=str(out))))
+    assert "supervisor#1" in text and "kvcomm report --run-dir" in capsys.readouterr().out

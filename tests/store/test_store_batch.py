@@ -157,3 +157,40 @@ def test_blake3_and_sha256_entries_both_read(redis_url: str) -> None:
             flipped[6] ^= FLAG_BLAKE3  # the other algorithm's checksum cannot match
             with pytest.raises(Exception, match="checksum|MAC"):
                 decode(bytes(flipped), namespace="n", key="k", secret=secret)
+
+
+def test_socket_reader_replies_straight_into_sinks() -> None:
+    """RESP2 and RESP3 replies from a socket pair: bulk payloads land in the sink's memory, a push
+    message between replies is skipped, garbage and a closed socket are redis errors."""
+    import socket
+
+    from kvcomm.store.wire import SocketReader
+
+    big = bytes(range(256)) * 1024  # 256 KiB: more than the reader's own buffer
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    replies = (b"$" + str(len(big)).encode() + b"\r\n" + big + b"\r\n" + b"$-1\r\n" + b"-NOPERM no\r\n"
+               + b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n" + b"%1\r\n+f\r\n:7\r\n" + b"_\r\n" + b"$3\r\nabc\r\n")
+    writer = threading.Thread(target=b.sendall, args=(replies,))  # more than a socket buffer holds
+    writer.start()
+    try:
+        reader = SocketReader(a)
+        dest = memoryview(bytearray(len(big)))
+        first = reader.read(lambda n: dest if n == len(big) else None)
+        assert first.kind == "bulk" and first.length == len(big) and bytes(dest) == big
+        assert reader.read().kind == "nil"
+        assert reader.read().error == "NOPERM no"
+        assert reader.read().value == ["f", 7]  # the push message before it was skipped
+        assert reader.read().kind == "nil"
+        dropped = reader.read(lambda n: None)
+        assert dropped.kind == "bulk" and dropped.length == 3 and dropped.data is None and reader.pending == 0
+        writer.join(10)
+        b.sendall(b"$x\r\n")
+        with pytest.raises(redis.exceptions.InvalidResponse):
+            reader.read()
+        b.close()
+        with pytest.raises(redis.ConnectionError):
+            SocketReader(a).read()
+    finally:
+        a.close()
+        b.close()

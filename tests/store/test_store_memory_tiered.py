@@ -179,7 +179,8 @@ def test_exported_members() -> None:
 @pytest.mark.parametrize("cls", [MemoryStore, RedisStore, TieredStore])
 def test_every_store_implements_the_whole_interface(cls: type[KVStore]) -> None:
     assert not inspect.isabstract(cls)
-    for name in ("get", "put", "delete", "contains", "scan", "clear", "pool_read", "pool_write", "pool_remove", "pool_increment",
+    for name in ("get", "get_many", "put", "delete", "contains", "scan", "clear", "pool_read", "pool_read_many", "pool_write",
+                 "pool_remove", "pool_increment",
                  "append_record", "read_records", "stats", "close", "ping", "usage"):
         base = inspect.signature(getattr(KVStore, name))
         assert inspect.signature(getattr(cls, name)).parameters.keys() == base.parameters.keys(), (cls, name)

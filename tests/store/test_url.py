@@ -276,3 +276,42 @@ def test_from_url_namespace_overrides_the_urls() -> None:
         store.close()
     with pytest.raises(StoreError, match="bad namespace"):
         from_url("memory://", namespace="a:b")
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------------
+def test_cluster_urls() -> None:
+    spec = parse_store_url("redis+cluster://alice:pw@10.0.0.1:7000,redis-b:7001,[::1]:7002,redis-c/"
+                           "?namespace=team1&chunk_bytes=16MiB&buffer_bytes=0&socket_timeout=3&ttl=60")
+    assert isinstance(spec, RedisSpec) and spec.cluster
+    assert spec.nodes == (("10.0.0.1", 7000), ("redis-b", 7001), ("::1", 7002), ("redis-c", 6379))
+    assert (spec.namespace, spec.chunk_bytes, spec.buffer_bytes, spec.ttl) == ("team1", 16 << 20, 0, 60.0)
+    assert spec.url == "redis://alice:pw@10.0.0.1:7000?socket_timeout=3"  # redis-py's: the first node
+    assert spec.display_url == "redis+cluster://alice:***@10.0.0.1:7000,redis-b:7001,[::1]:7002,redis-c:6379" \
+                               "?socket_timeout=3"
+    assert "pw" in spec.secrets and "pw" not in repr(spec).replace("display_url", "")
+    tls = parse_store_url("rediss+cluster://h1:7000,h2:7000?ssl_ca_certs=/etc/ca.pem")
+    assert tls.cluster and tls.url == "rediss://h1:7000?ssl_ca_certs=%2Fetc%2Fca.pem"
+    assert not parse_store_url("redis://h/0").cluster and parse_store_url("redis://h/0").chunk_bytes == 64 << 20
+    one = redis_spec("redis+cluster://h1:7000,h2:7000", namespace="n")  # RedisStore(url) takes them too
+    assert one.cluster and one.nodes == (("h1", 7000), ("h2", 7000)) and one.url == "redis://h1:7000"
+    store = RedisStore("redis+cluster://127.0.0.1:1,127.0.0.1:2", namespace="n", secret="")  # does not connect
+    assert store.kind == "redis-cluster" and "127.0.0.1:2" in repr(store)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("redis+cluster://h1:7000/1", "only database 0"),
+        ("redis+cluster://h1:7000,h2:port", "'h2:port' is not host:port"),
+        ("redis+cluster://h1:7000,,h2:7000", "empty host"),
+        ("redis+cluster://me:s3cret@h1:99999", r"me:\*\*\*@"),
+        ("redis://h/0?chunk_bytes=100", "chunk_bytes must be an int >= 4096"),
+        ("redis://h/0?buffer_bytes=lots", "bad buffer_bytes"),
+        ("redis+cluster://h1:7000?colour=blue", "unknown parameter 'colour'"),
+    ],
+)
+def test_cluster_url_errors(url: str, match: str) -> None:
+    with pytest.raises(StoreError, match=match) as info:
+        parse_store_url(url)
+    assert "s3cret" not in str(info.value)
