@@ -31,9 +31,13 @@ def test_every_policy_plans_a_mode(name) -> None:
 
 
 def test_recompute_selections_come_from_the_config() -> None:
-    config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1, recompute_boundary=3, epic_tokens=8)
+    config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1, recompute_boundary=3, epic_tokens=8, fidelity=0)
     assert policy("cacheblend").recompute(config) == Recompute(ratio=0.2)
     assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3)
+    # a fidelity level sets kvcomm's recompute; explicit knobs add to it
+    assert policy("kvcomm").recompute(KVCommConfig(fidelity=2)) == Recompute(boundary=4, query=True)
+    assert policy("kvcomm").recompute(config.replace(fidelity=3)) == Recompute(ratio=0.1, boundary=16, query=True)
+    assert not policy("kvcomm").recompute(KVCommConfig(fidelity=0)).any
     assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
     assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any
     assert policy("kvcomm").corrects and not policy("naive").corrects
