@@ -75,7 +75,8 @@ def selective_recompute(
     and the last token, each attending to the reused KV of the others before it.
 
     Returns (last logits, cache, number of recomputed tokens). The returned cache holds every
-    prompt token (order in the cache does not matter: positions live in the rotated keys).
+    prompt token in prompt order (the recomputed ones are moved back to their positions), so the
+    answer's KV, the recorded deltas and ``return_cache`` read it like a prefill's.
     """
     P = len(ids)
     dev = block.k.device
@@ -97,4 +98,10 @@ def selective_recompute(
         use_cache=True,
         logits_to_keep=1,
     )
+    # the forward appended the recomputed tokens after the kept ones: put them back in prompt order
+    # (attention does not care, but everything that slices the cache by position does)
+    order = torch.argsort(kv_pos)
+    for layer in out.cache.layers:
+        layer.keys = layer.keys.index_select(2, order)
+        layer.values = layer.values.index_select(2, order)
     return out.logits[0, -1].float(), out.cache, int(query_pos.numel())

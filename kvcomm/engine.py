@@ -293,10 +293,7 @@ class KVCommEngine:
         if plan.mode != "reuse":
             rec.first_token_ms = rec.ttft_ms
 
-        prompt_kv = None
-        # a selective recompute without the static buffer leaves its cache out of prompt order
-        if return_cache and not (self._recomputes() and not self.config.fast_path):
-            prompt_kv = block_from_cache(cache, 0, prompt_len - 1)
+        prompt_kv = block_from_cache(cache, 0, prompt_len - 1) if return_cache else None
         t1 = time.perf_counter()
         if plan.record_slots:
             self.planner.record_deltas(prompt, contents, cache, seg_starts, slot_starts, plan.record_slots)

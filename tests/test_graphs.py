@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-import kvcomm.engine as engine_module
+import kvcomm.fastpath as fastpath_module
 from kvcomm import KVCommConfig, KVCommEngine, Template
 from kvcomm.fastpath.graphs import AssembleGraphs
 from kvcomm.fastpath.stacks import StackCache
@@ -218,7 +218,7 @@ def test_engine_with_correction_graphs_equals_engine_without(smollm2, monkeypatc
         return eng, out
 
     _, plain = run()
-    monkeypatch.setattr(engine_module, "StaticPromptCache", _EagerGraphCache)
+    monkeypatch.setattr(fastpath_module, "StaticPromptCache", _EagerGraphCache)  # where FastPath builds it
     eng, graphed = run()
     assert eng.fast.buffer.correction is not None and eng.fast.buffer.correction.replays > 0
     # a caller inside torch.inference_mode(): same answers, and the caches still hit (the engine

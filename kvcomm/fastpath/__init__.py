@@ -46,10 +46,12 @@ class FastPath:
         self.buffer: StaticPromptCache | None = None
 
     def stack_anchors(self, anchors: list[SlotAnchors | None]) -> None:
-        """Where the Triton kernels run: stack each slot's anchors once per set of stored tensors
-        (then served from the cache). The CPU path reads anchors as a list: nothing to stack."""
+        """Where the Triton kernels run, or the correction is replayed from captured graphs (whose
+        layouts key on the stacks' addresses): stack each slot's anchors once per set of stored
+        tensors (then served from the cache). The CPU path reads anchors as a list: nothing to stack."""
+        graphs = self.buffer is not None and self.buffer.correction is not None
         for slot_anchors in anchors:
-            if slot_anchors is not None and use_triton(None, slot_anchors.slot_deltas[0].k):
+            if slot_anchors is not None and (graphs or use_triton(None, slot_anchors.slot_deltas[0].k)):
                 slot_anchors.stacks(self.anchor_stacks.stack)
 
     def assemble(self, pieces: list[Piece], total: int, inv_freq: torch.Tensor, *, correct: bool,
