@@ -70,7 +70,7 @@ def test_eval_variant_errors_before_loading_the_model(variant, says):
 
 # -- paired figures, --upstream, per-call rows, the plot (issue 15 part 2) ---------------------------
 CALL_KEYS = {"request", "agent", "policy", "mode", "slots", "first_token_agree", "exact", "tf_agree", "kl_first",
-             "kl_mean", "ttft_ms", "prompt_tokens", "reused_tokens", "recomputed_tokens", "paired"}
+             "kl_mean", "dense_margin", "ttft_ms", "prompt_tokens", "reused_tokens", "recomputed_tokens", "paired"}
 
 
 def test_paired_figures_are_over_the_same_calls_for_every_row(evaluated):
@@ -111,6 +111,7 @@ def test_per_call_rows_are_complete(evaluated):
         assert set(c) == CALL_KEYS
         assert c["mode"] in ("dense", "prefix", "reuse") and isinstance(c["slots"], dict)
         assert c["ttft_ms"] > 0 and 0 <= c["reused_tokens"] <= c["prompt_tokens"] and c["kl_first"] >= 0
+        assert c["dense_margin"] >= 0
     for label, row in rows.items():
         mine = [c for c in calls if c["policy"] == label]
         assert row["call_reuse_pct"] == pytest.approx(100 * sum(c["mode"] == "reuse" for c in mine) / len(mine))
@@ -127,8 +128,15 @@ def test_plot_is_a_png_with_one_point_per_row(evaluated, tmp_path):
     path = plot(evaluated, tmp_path / "sub" / "eval.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    labels = [p["label"] for p in points(evaluated)]
-    assert labels == ["dense", "naive", "kvcomm", "kvcomm ans=prefill"]  # prefix has no reuse calls: named under the axes instead
+    # paired: every row over the same calls (kvcomm's reuse calls), prefix too (it serves them by prefix)
+    pts = points(evaluated)
+    assert pts[0]["label"] == "dense"
+    assert sorted(p["label"] for p in pts[1:]) == ["kvcomm", "kvcomm ans=prefill", "naive", "prefix"]
+    assert len({p["n"] for p in pts[1:]}) == 1 and pts[1]["n"] == evaluated["paired"]["n"]
+    # without paired figures: each row's own reuse calls (prefix is named under the axes in both)
+    unpaired = {k: v for k, v in evaluated.items() if k != "paired"}
+    assert [p["label"] for p in points(unpaired)] == ["dense", "naive", "kvcomm", "kvcomm ans=prefill"]
+    assert plot(unpaired, tmp_path / "unpaired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pareto_frontier_keeps_the_undominated_points():

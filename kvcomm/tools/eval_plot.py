@@ -1,8 +1,10 @@
 """``kvcomm eval --plot``: each row's speed against its fidelity on the calls it served from reused KV.
 
-x: the reuse-call TTFT speed-up (dense's mean TTFT over the row's reuse calls / the row's mean TTFT
-over them); y: the row's first-token agreement with dense over those calls, with its bootstrap
-95% interval. Dense is the point (1, 100). The Pareto frontier joins the rows no other row beats
+x: the reuse-call TTFT speed-up (dense's mean TTFT over the calls / the row's mean TTFT over them);
+y: the row's first-token agreement with dense over those calls, with its bootstrap 95% interval.
+The calls are the paired ones where the eval has them (every row over the same calls, the ones
+the kvcomm row served from reused KV: points comparable with each other), else each row's own
+reuse calls. Dense is the point (1, 100). The Pareto frontier joins the rows no other row beats
 on both axes. Rows with no reuse calls (``prefix`` serves none) are listed under the axes.
 """
 
@@ -15,8 +17,17 @@ from matplotlib.transforms import Bbox
 
 
 def points(out: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point per row with reuse calls: label, x (speed-up), y (agreement %), y interval; dense first."""
+    """One point per row with reuse calls: label, x (speed-up), y (agreement %), y interval; dense first.
+
+    From the paired rows (the same calls for every row) where ``out`` has them."""
     pts = [{"label": "dense", "x": 1.0, "y": 100.0, "ci": None, "n": 0}]
+    paired = (out.get("paired") or {}).get("rows")
+    if paired:
+        for row in paired:
+            if row["policy"] != "dense" and row.get("speedup_vs_dense"):
+                pts.append({"label": row["policy"], "x": row["speedup_vs_dense"], "y": row["first_token_agree_pct"],
+                            "ci": row.get("first_token_agree_pct_ci"), "n": row.get("calls", 0)})
+        return pts
     for row in out["rows"]:
         if row["policy"] == "dense" or not row.get("speedup_reuse_calls"):
             continue
@@ -70,8 +81,11 @@ def plot(out: dict[str, Any], path: str | Path) -> Path:
                  f"agents, upstream {upstream})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    none = [r["policy"] for r in out["rows"] if r["policy"] != "dense" and not r.get("speedup_reuse_calls")]
-    note = "bars: bootstrap 95% interval over each row's reuse calls"
+    paired = bool((out.get("paired") or {}).get("rows"))
+    drawn = {p["label"] for p in pts}
+    none = [r["policy"] for r in out["rows"] if r["policy"] not in drawn]
+    note = ("paired: every row over the same calls (those kvcomm served from reused KV); " if paired
+            else "each row over its own reuse calls; ") + "bars: bootstrap 95% interval over calls"
     if none:
         note += f"; no reuse calls: {', '.join(none)}"
     fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
@@ -94,14 +108,17 @@ def _labels(fig: Any, ax: Any, pts: list[dict[str, Any]]) -> None:
     for p in pts:  # the markers
         cx, cy = ax.transData.transform((p["x"], p["y"]))
         taken.append(Bbox.from_extents(cx - 6, cy - 6, cx + 6, cy + 6))
-    offsets = [(7, 5, "left"), (-7, 5, "right"), (7, -13, "left"), (-7, -13, "right"), (0, 10, "center"),
-               (0, -20, "center"), (7, 16, "left"), (-7, 16, "right"), (7, -24, "left"), (-7, -24, "right"),
-               (0, 22, "center"), (0, -32, "center")]
+    offsets = [(7, 5, "left"), (7, -13, "left"), (-7, 5, "right"), (-7, -13, "right"), (0, 12, "center"),
+               (0, -22, "center"), (14, 20, "left"), (-14, 20, "right"), (14, -30, "left"), (-14, -30, "right"),
+               (0, 30, "center"), (0, -40, "center")]
     for p in sorted(pts, key=lambda p: (-p["y"], p["x"])):
         text = p["label"] if p["label"] == "dense" else f"{p['label']} (n={p['n']})"
         for k, (dx, dy, ha) in enumerate(offsets):
+            # past the first offsets a label can sit nearer another point: a leader line says whose it is
+            leader = {"arrowstyle": "-", "color": "gray", "lw": 0.6, "shrinkA": 0, "shrinkB": 4} if k >= 4 else None
             ann = ax.annotate(text, (p["x"], p["y"]), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha,
-                              bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+                              bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+                              arrowprops=leader)
             box = ann.get_window_extent(renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if (inside and not any(box.overlaps(t) for t in taken)) or k == len(offsets) - 1:

@@ -104,6 +104,17 @@ def _pct_mean(values: list[float]) -> float | None:
     return 100.0 * statistics.fmean(values) if values else None
 
 
+def _margin(logits: list[torch.Tensor]) -> float:
+    """How decisive dense's first token is: its log-probability minus the runner-up's (nats).
+
+    Near 0, any change to the KV, however small, can swap the two: a diagnostic beside the
+    agreement figures, never a filter on them."""
+    if not logits:
+        return 0.0
+    top = logits[0].float().log_softmax(-1).topk(2).values
+    return float(top[0] - top[1])
+
+
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """KL(p || q) of two next-token distributions given as logits."""
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
@@ -222,7 +233,7 @@ def run_eval(
         for name, tmpl in agents:  # each agent is given the request's fills its template has slots for
             res = dense.generate(name, _own(fills, tmpl), return_logits=True, request_id=str(r))
             ref[name] = (res.token_ids, res.logits or [])
-            calls.append(_call_row(r, name, "dense", res, [True], [0.0], exact_tokens))
+            calls.append(_call_row(r, name, "dense", res, [True], [0.0], exact_tokens, _margin(res.logits or [])))
             answer = dense.latest.get(f"agent:{name}")
             if answer is not None:
                 dense_answers[f"agent:{name}"] = (answer, list(dense.last_prompt_ids))
@@ -251,7 +262,7 @@ def run_eval(
                 a.kl_mean.append(statistics.fmean(kls))
                 a.reuse.append(res.mode == "reuse")
                 a.agents.append(name)
-                calls.append(_call_row(r, name, label, res, agree, kls, exact_tokens))
+                calls.append(_call_row(r, name, label, res, agree, kls, exact_tokens, _margin(logits)))
                 slot = f"agent:{name}"
                 if exact_upstream and slot in dense_answers:
                     answer, context = dense_answers[slot]
@@ -312,14 +323,16 @@ def _own(fills: dict[str, str], template: Template) -> dict[str, Any]:
 
 
 def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool], kls: list[float],
-              exact_tokens: int) -> dict[str, Any]:
-    """One call of one row: how it was served, how close its logits were to dense's, what it cost."""
+              exact_tokens: int, dense_margin: float) -> dict[str, Any]:
+    """One call of one row: how it was served, how close its logits were to dense's, what it cost
+    (``dense_margin``: :func:`_margin` of dense's first token in the same call)."""
     rec = res.record
     return {
         "request": request, "agent": agent, "policy": label, "mode": res.mode, "slots": dict(rec.slots),
         "first_token_agree": bool(agree[0]), "exact": all(agree[:exact_tokens]),
         "tf_agree": statistics.fmean(agree), "kl_first": kls[0], "kl_mean": statistics.fmean(kls),
-        "ttft_ms": rec.ttft_ms, "prompt_tokens": rec.prompt_tokens, "reused_tokens": rec.reused_tokens,
+        "dense_margin": dense_margin, "ttft_ms": rec.ttft_ms, "prompt_tokens": rec.prompt_tokens,
+        "reused_tokens": rec.reused_tokens,
         "recomputed_tokens": rec.recomputed_tokens,
     }
 
