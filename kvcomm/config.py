@@ -80,6 +80,10 @@ class KVCommConfig:
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
     )
     epic_tokens: int = _field(16, "epic: tokens recomputed at the start of every moved piece (EPIC's k)")
+    fallback_margin: float = _field(
+        0.0, "a reuse call whose first token leads the runner-up by less than this log-probability (nats) "
+        "under the reused KV is prefilled in full instead (its answer is then a full prefill's); 0: never"
+    )
     sink_text: str = _field(
         "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "
         "template's text before a user message (after a generic system prompt); 'context': that plus the "
@@ -125,6 +129,8 @@ class KVCommConfig:
             raise ConfigError(f"fidelity={self.fidelity} must be one of {', '.join(map(str, FIDELITY_LEVELS))}")
         if self.recompute_boundary < 0:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
+        if self.fallback_margin < 0:
+            raise ConfigError(f"fallback_margin={self.fallback_margin} must be >= 0")
         if self.epic_tokens < 0:
             raise ConfigError(f"epic_tokens={self.epic_tokens} must be >= 0")
         if self.max_new_tokens < 1:

@@ -288,9 +288,15 @@ class KVCommEngine:
             rec.reused_tokens, rec.recomputed_tokens = n_fixed, prompt_len - n_fixed
         else:
             logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
+            if self.config.fallback_margin > 0 and _margin(logits) < self.config.fallback_margin:
+                # the reused KV leaves the first token a near-tie with its runner-up, where any
+                # deviation can swap the two: pay for a full prefill, whose answer is exact
+                logits, cache = prefill(self.model, ids)
+                rec.mode, rec.fallback = "dense", True
+                rec.reused_tokens, rec.recomputed_tokens = 0, prompt_len
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
-        if plan.mode != "reuse":
+        if rec.mode != "reuse":
             rec.first_token_ms = rec.ttft_ms
 
         prompt_kv = block_from_cache(cache, 0, prompt_len - 1) if return_cache else None
@@ -313,7 +319,7 @@ class KVCommEngine:
         self.records.append(rec)
         self.store.append_record(str(MetricsKey(self.model_id)), rec.to_dict())
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        return Result(text, out_ids, plan.mode, rec, step_logits if return_logits else None, prompt_kv)
+        return Result(text, out_ids, rec.mode, rec, step_logits if return_logits else None, prompt_kv)
 
     def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
                slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int) -> tuple[torch.Tensor, Any]:
@@ -448,6 +454,11 @@ def _kv_digest(kv: KVBlock) -> str:
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+def _margin(logits: torch.Tensor) -> float:
+    """The next token's log-probability minus the runner-up's (nats)."""
+    top = logits.float().log_softmax(-1).topk(2).values
+    return float(top[0] - top[1])
 
 
 def _sync(device: torch.device) -> None:

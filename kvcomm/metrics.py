@@ -38,6 +38,7 @@ class CallRecord:
     anchors_matched: int = 0
     bytes_moved: int = 0
     slots: dict[str, str] = field(default_factory=dict)  # slot -> "anchor" | "shareable" | "exact" ...
+    fallback: bool = False  # planned as reuse, prefilled in full (fallback_margin): mode "dense"
     request_id: str = ""
     timestamp: float = 0.0
 

@@ -168,6 +168,31 @@ def test_epic_recomputing_whole_pieces_gives_dense_logits(smollm2):
     assert out.record.recomputed_tokens == 2 + tail
 
 
+def test_fallback_margin_prefills_a_near_tie_in_full(smollm2):
+    """A reuse call whose first token is not clear by fallback_margin becomes a full prefill: dense's
+    tokens and logits, recorded as a dense call that fell back; a margin of 0 never falls back."""
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q3}, max_new_tokens=6, return_logits=True, return_cache=True)
+    got = {}
+    for margin in (0.0, 1e9):  # no call clears a margin of 1e9 nats: every reuse call falls back
+        eng = make_engine(smollm2, fallback_margin=margin, gamma=1.0)
+        eng.register_agent("planner", PLANNER)
+        for q in (Q1, Q2):
+            eng.generate("planner", {"question": q})
+        got[margin] = eng.generate("planner", {"question": Q3}, max_new_tokens=6, return_logits=True,
+                                   return_cache=True)
+    assert got[0.0].mode == "reuse" and not got[0.0].record.fallback
+    fell = got[1e9]
+    assert fell.mode == "dense" and fell.record.mode == "dense" and fell.record.fallback
+    assert fell.record.reused_tokens == 0 and fell.record.recomputed_tokens == fell.record.prompt_tokens
+    assert fell.token_ids == ref.token_ids
+    assert torch.allclose(fell.logits[0], ref.logits[0], atol=1e-4)
+    assert torch.allclose(fell.cache.k, ref.cache.k, atol=1e-4)  # the answer's KV is the prefill's too
+    with pytest.raises(ConfigError, match="fallback_margin"):
+        KVCommConfig(fallback_margin=-1.0)
+
+
 def test_answers_are_keyed_by_the_context_that_produced_them(smollm2):
     """Token-identical answers to different questions are different contents: the consumer reads
     the KV its own producer computed, and never reports an "exact" slot it did not earn."""
