@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.kvcomm-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint install redis-server clean
+.PHONY: demo test test-all conformance lint install redis-server clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PY=$(PY) bash scripts/setup.sh
@@ -35,6 +35,11 @@ test: $(STAMP) redis-server lint
 
 test-all: $(STAMP) redis-server lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+# langchain-core's standard chat-model tests on KVCommChat (real SmolLM2; ~20 min on 2 cores)
+conformance: $(STAMP)
+	$(BIN)/pip install -q -e ".[conformance]"
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "slow or not slow" -rs tests/agents/test_agents_standard.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs
