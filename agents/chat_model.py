@@ -42,8 +42,9 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field
 
-from kvcomm.chat import ROLES, TextStream, cut_at_stop
 from kvcomm.errors import SlotError, TemplateError
+from kvcomm.messages import ROLES
+from kvcomm.streaming import TextStream, cut_at_stop
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 

@@ -4,8 +4,8 @@ The drop-in path for message-based agent graphs (LangGraph ``MessagesState``, wh
 puts its own system prompt before one shared history). :meth:`KVCommEngine.chat
 <kvcomm.engine.KVCommEngine.chat>` calls :func:`chat`; ``kvcomm.agents.KVCommChat`` calls that.
 
-**Rendering.** A call's conversation is rendered with the tokenizer's chat template and cut at
-message boundaries: the *head* (all text before the first message: the system prompt, tools text,
+**Rendering** (:mod:`kvcomm.messages`). A call's conversation is rendered with the tokenizer's chat
+template and cut at message boundaries: the *head* (all text before the first message: the system prompt, tools text,
 the template's own preamble), one *piece* per message (its whole rendering: role markers, content,
 end marker) and the generation prompt. Each is tokenized on its own. Guaranteed, and checked on
 every call: ``head + piece_1 + ... + piece_N + generation prompt`` is, token for token,
@@ -39,12 +39,12 @@ per agent (``max_continuations`` agents, least recently used dropped). Policy ``
 
 **Streaming.** ``on_token`` sees every token: as it is decoded on the continuation path (decoded
 here), after the engine returns on the template path (``KVCommEngine.generate`` returns whole
-results). :class:`TextStream` turns tokens into text deltas that add up to the final text.
+results). :class:`~kvcomm.streaming.TextStream` turns tokens into text deltas that add up to the
+final text.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import re
@@ -61,47 +61,16 @@ import torch
 from kvcomm.errors import ContextLengthError, TemplateError
 from kvcomm.keys import MetricsKey
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill
+from kvcomm.messages import SYSTEM_PLACEHOLDER, MessageTemplate, Rendered, normalize, render
 from kvcomm.metrics import CallRecord
 from kvcomm.prompt import Content
 from kvcomm.rope import shift_keys
-from kvcomm.template import RenderedTemplate, Template
+from kvcomm.streaming import Stopper
 
-#: the roles a message may have (the first system message is the agent's; later ones are segments)
-ROLES = ("system", "user", "assistant", "tool")
-_DUMMY_SYSTEM = {"role": "system", "content": "kvcomm"}
 _MARK = "\x00kvcomm-content\x00"
 _LABEL = re.compile(r"[^\w.\-]+")
 
 R = TypeVar("R")
-
-
-# -- templates ------------------------------------------------------------------------------------
-class MessageTemplate(Template):
-    """``head + n`` message slots ``{m0}..{m<n-1>}`` ``+ generation prompt``, as token ids.
-
-    The slots sit back to back (every message piece carries its own role markers), so the only
-    fixed text is the head and the generation prompt. Registered with
-    :meth:`KVCommEngine.register_agent` like any template; it renders to these ids as they are.
-    """
-
-    head: tuple[int, ...]
-    tail: tuple[int, ...]
-
-    def __init__(self, head: Sequence[int], tail: Sequence[int], n: int) -> None:
-        if n < 1 or not tail:
-            raise TemplateError(f"a message template needs >= 1 slot and a generation prompt (n={n})")
-        # `messages` identifies the template (equality, hashing); the head and tail as id lists
-        object.__setattr__(self, "messages", (("head", ",".join(map(str, head))),
-                                              ("slots", "".join(f"{{m{i}}}" for i in range(n))),
-                                              ("tail", ",".join(map(str, tail)))))
-        object.__setattr__(self, "head", tuple(head))
-        object.__setattr__(self, "tail", tuple(tail))
-
-    def render(self, tokenizer: Any) -> RenderedTemplate:
-        n = len(self.slots)
-        segments = (self.head, *([()] * (n - 1)), self.tail)
-        return RenderedTemplate(slots=tuple(f"m{i}" for i in range(n)), segment_ids=segments,
-                                segment_texts=tuple("" for _ in segments))
 
 
 # -- per-engine state -------------------------------------------------------------------------------
@@ -213,120 +182,6 @@ def session(engine: Any) -> ChatSession:
         return _SESSIONS[engine]
 
 
-# -- messages -------------------------------------------------------------------------------------
-def normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Plain ``{"role", "content"}`` dicts (plus ``id``, ``tool_calls``...) checked for rendering.
-
-    Raises:
-        TemplateError: no messages, a role outside :data:`ROLES`, content that is not text.
-    """
-    if isinstance(messages, (str, Mapping)):
-        raise TemplateError(f"chat() takes a list of messages, got a {type(messages).__name__}")
-    if not messages:
-        raise TemplateError("chat() got an empty message list: give at least one message after the system prompt")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise TemplateError(f"message {i} must be a mapping with 'role' and 'content', got {m!r:.80}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise TemplateError(f"message {i} has role {role!r}, which the chat template cannot render as a "
-                                f"segment (roles: {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise TemplateError(f"message {i} ({role}) has content of type {type(content).__name__}: only text "
-                                "can be rendered")
-        out.append(dict(m))
-    return out
-
-
-def _template_view(m: Mapping[str, Any]) -> dict[str, Any]:
-    """What the chat template sees of a message (ids and names are ours, not the template's)."""
-    return {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id")}
-
-
-class _Rendered:
-    """A conversation cut into token ids: head, one piece per message, generation prompt."""
-
-    def __init__(self, head: tuple[int, ...], pieces: list[tuple[int, ...]], tail: tuple[int, ...]) -> None:
-        self.head, self.pieces, self.tail = head, pieces, tail
-        self.ids = [*head, *(t for p in pieces for t in p), *tail]
-
-
-def _render(tokenizer: Any, sess: ChatSession, system: str | None, messages: list[dict[str, Any]],
-            tools: Sequence[Mapping[str, Any]] | None) -> _Rendered:
-    """Cut the rendered conversation into head, pieces and generation prompt, and check the cut."""
-    tool_list = [dict(t) for t in tools] if tools else None
-
-    def template(msgs: list[dict[str, Any]], gen: bool) -> str:
-        try:
-            text = tokenizer.apply_chat_template(msgs, tools=tool_list, tokenize=False, add_generation_prompt=gen)
-        except Exception as exc:  # jinja raises on what a template refuses (roles that must alternate...)
-            raise TemplateError(f"the chat template cannot render this conversation: {exc}") from None
-        return str(text)
-
-    def own(m: dict[str, Any]) -> str | None:
-        """A message's rendering as the message after a system message (None: not a clean suffix)."""
-        base, one = template([_DUMMY_SYSTEM], False), template([_DUMMY_SYSTEM, m], False)
-        return one[len(base):] if one.startswith(base) else None
-
-    views = [_template_view(m) for m in messages]
-    conv = ([{"role": "system", "content": system}] if system is not None else []) + views
-    full = template(conv, True)
-    tools_key = repr(tool_list)
-    own_texts = [sess.rendering(repr(sorted(v.items())) + tools_key, functools.partial(own, v)) for v in views]
-    gen = sess.rendering("<generation prompt>" + tools_key,
-                         lambda: template([_DUMMY_SYSTEM], True)[len(template([_DUMMY_SYSTEM], False)):]) or ""
-    texts = [t for t in own_texts if t is not None]
-    body = "".join(texts) + gen
-    if len(texts) < len(views) or not full.endswith(body):  # a template that renders messages by position
-        texts, gen = _incremental(template, conv, len(views), system is not None)
-        body = "".join(texts) + gen
-    head = full[: len(full) - len(body)]
-
-    def encode(text: str) -> tuple[int, ...]:
-        return tuple(tokenizer(text, add_special_tokens=False).input_ids) if text else ()
-
-    out = _Rendered(encode(head), [encode(t) for t in texts], encode(gen))
-    canonical = list(encode(full))
-    if out.ids != canonical:
-        at = next((i for i, (a, b) in enumerate(zip(out.ids, canonical, strict=False)) if a != b),
-                  min(len(out.ids), len(canonical)))
-        where, n = "the generation prompt", len(out.head)
-        for i, piece in enumerate(out.pieces):
-            if at < n + len(piece):
-                where = f"message {i} ({messages[i]['role']})"
-                break
-            n += len(piece)
-        raise TemplateError(f"{where} does not tokenize on its own as it does inside the rendered conversation "
-                            f"(token {at}): message-segment mode needs messages delimited by special tokens")
-    if not out.tail:
-        raise TemplateError("the chat template adds no generation prompt: message-segment mode needs one")
-    return out
-
-
-def _incremental(template: Callable[[list[dict[str, Any]], bool], str], conv: list[dict[str, Any]], n: int,
-                 has_system: bool) -> tuple[list[str], str]:
-    """Pieces by rendering growing prefixes of the conversation (templates that look at positions)."""
-    first = 1 if has_system else 0
-    prev = template(conv[:first], False) if first else ""
-    texts = []
-    for k in range(first + 1, first + n + 1):
-        cur = template(conv[:k], False)
-        if not cur.startswith(prev):
-            raise TemplateError(f"the chat template renders message {k - first - 1} differently once later "
-                                "messages follow: message-segment mode cannot cut it into segments")
-        texts.append(cur[len(prev):])
-        prev = cur
-    full = template(conv, True)
-    if not full.startswith(prev):
-        raise TemplateError("the chat template's generation prompt rewrites the conversation")
-    if not has_system and texts:  # a preamble the template adds before the first message is head
-        own = template([_DUMMY_SYSTEM, conv[0]], False)[len(template([_DUMMY_SYSTEM], False)):]
-        if texts[0].endswith(own):
-            texts[0] = own
-    return texts, full[len(prev):]
-
-
 # -- one call ---------------------------------------------------------------------------------------
 def chat(
     engine: Any,
@@ -374,7 +229,7 @@ def chat(
     n_new = max_new_tokens or engine.config.max_new_tokens
     with engine.lock, torch.inference_mode(False):
         sess = session(engine)
-        rendered = _render(engine.tokenizer, sess, system_prompt, msgs, tools)
+        rendered = render(engine.tokenizer, sess.rendering, system_prompt, msgs, tools)
         if len(rendered.ids) + n_new > engine.max_positions:
             raise ContextLengthError(
                 f"a conversation of {len(msgs)} messages renders to {len(rendered.ids)} tokens; with {n_new} new "
@@ -383,7 +238,7 @@ def chat(
         label = _label(sess, agent, identity)
         folded, n_slots = sess.slot_layout(len(msgs))
         name = f"{label}#{n_slots}"
-        stopper = _Stopper(engine, stop, on_token)
+        stopper = Stopper(engine, stop, on_token)
         call = _Call(engine, sess, identity, label, name, rendered, n_new, request_id, forced_ids, return_logits)
         done = _continue(call, stopper, result_type) if sess.continues(engine) else None
         if done is None:
@@ -410,7 +265,7 @@ class _Call:
     identity: str  # the agent: a digest of its head and generation prompt
     label: str
     name: str  # the template's (and the records') name, <label>#<slots>
-    rendered: _Rendered
+    rendered: Rendered
     n_new: int
     request_id: str
     forced_ids: list[int] | None
@@ -479,8 +334,8 @@ def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, 
     """An assistant message's rendering around its content, as token ids (their base KV cached)."""
     if sess._frame is None:
         tok = engine.tokenizer
-        base = tok.apply_chat_template([_DUMMY_SYSTEM], tokenize=False)
-        one = tok.apply_chat_template([_DUMMY_SYSTEM, {"role": "assistant", "content": _MARK}], tokenize=False)
+        base = tok.apply_chat_template([SYSTEM_PLACEHOLDER], tokenize=False)
+        one = tok.apply_chat_template([SYSTEM_PLACEHOLDER, {"role": "assistant", "content": _MARK}], tokenize=False)
         pre, _, post = str(one)[len(str(base)):].partition(_MARK)
         sess._frame = tuple(tuple(tok(t, add_special_tokens=False).input_ids) if t else () for t in (pre, post))
     for ids in sess._frame:
@@ -501,7 +356,7 @@ def _fold(engine: Any, contents: list[Content]) -> Content:
     return folded
 
 
-def _continue(call: _Call, stopper: _Stopper, result_type: Callable[..., Any]) -> tuple[Any, _Answer | None] | None:
+def _continue(call: _Call, stopper: Stopper, result_type: Callable[..., Any]) -> tuple[Any, _Answer | None] | None:
     """The continuation path: the agent's latest call's KV as the prefix, the rest prefilled, decoded here.
 
     None where the conversation does not continue that call (its whole prompt is not a prefix).
@@ -571,7 +426,7 @@ def _materialize(engine: Any, cont: _Continuation, n: int) -> Any:
 
 @torch.inference_mode()
 def _decode(model: Any, cache: Any, logits: torch.Tensor, start: int, n_new: int, eos: set[int],
-            forced: list[int] | None, stopper: _Stopper) -> tuple[list[int], list[torch.Tensor]]:
+            forced: list[int] | None, stopper: Stopper) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding (as :func:`kvcomm.kv.greedy_decode`) that reports each token as it comes."""
     out: list[int] = []
     all_logits = [logits]
@@ -584,71 +439,6 @@ def _decode(model: Any, cache: Any, logits: torch.Tensor, start: int, n_new: int
         logits, cache = prefill(model, [tok], start=start + i, cache=cache)
         all_logits.append(logits)
     return out, all_logits
-
-
-class _Stopper:
-    """Feeds ``on_token`` and watches for stop sequences in the decoded text."""
-
-    def __init__(self, engine: Any, stop: Sequence[str] | None, on_token: Callable[[int], bool | None] | None) -> None:
-        self.tokenizer, self.eos = engine.tokenizer, engine.eos_ids
-        self.stop = [s for s in (stop or []) if s]
-        self.on_token = on_token
-        self.ids: list[int] = []
-
-    def __call__(self, tok: int) -> bool:
-        halt = bool(self.on_token(tok)) if self.on_token is not None else False
-        if self.stop and tok not in self.eos:
-            self.ids.append(tok)
-            tail = self.tokenizer.decode(self.ids[-8:], skip_special_tokens=True)
-            halt = halt or any(s in tail for s in self.stop) or any(s in self.text() for s in self.stop)
-        return halt
-
-    def text(self) -> str:
-        return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def cut(self, text: str) -> str:
-        return cut_at_stop(text, self.stop)
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    """``text`` up to the first occurrence of any stop sequence."""
-    return text[: min((i for s in (stop or []) if s and (i := text.find(s)) >= 0), default=len(text))]
-
-
-class TextStream:
-    """Token ids in, text deltas out, whose concatenation is the decoded (and stop-cut) text.
-
-    Text that could still become a stop sequence, or an incomplete character, is held back until
-    the next token settles it; :meth:`finish` returns what remains of the final text.
-    """
-
-    def __init__(self, tokenizer: Any, eos: set[int], stop: Sequence[str] | None = None) -> None:
-        self.tokenizer, self.eos = tokenizer, eos
-        self.stop = [s for s in (stop or []) if s]
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, tok: int) -> str:
-        if tok in self.eos:
-            return ""
-        self.ids.append(tok)
-        text = cut_at_stop(str(self.tokenizer.decode(self.ids, skip_special_tokens=True)), self.stop)
-        safe = len(text) - _held(text, self.stop)
-        if text.endswith("\ufffd") or not text.startswith(self.sent) or safe <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent): safe], text[:safe]
-        return delta
-
-    def finish(self, final: str) -> str:
-        """The rest of ``final`` (the call's text); '' where the stream already sent all of it."""
-        rest = final[len(self.sent):] if final.startswith(self.sent) else ""
-        self.sent = final
-        return rest
-
-
-def _held(text: str, stop: list[str]) -> int:
-    """How many trailing characters of ``text`` start a stop sequence (to hold back)."""
-    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -687,4 +477,4 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["ROLES", "ChatSession", "MessageTemplate", "TextStream", "chat", "cut_at_stop", "normalize", "session"]
+__all__ = ["ChatSession", "chat", "session"]

@@ -14,8 +14,10 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 
 from kvcomm import ContextLengthError, TemplateError
 from kvcomm.agents import KVCommChat
-from kvcomm.chat import MessageTemplate, TextStream, session
+from kvcomm.chat import session
+from kvcomm.messages import MessageTemplate
 from kvcomm.rope import shift_keys
+from kvcomm.streaming import TextStream
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
