@@ -66,6 +66,7 @@ from kvcomm.metrics import CallRecord
 from kvcomm.prompt import Content
 from kvcomm.rope import shift_keys
 from kvcomm.streaming import Stopper
+from kvcomm.template import MESSAGE_SLOT_PREFIX
 
 _MARK = "\x00kvcomm-content\x00"
 _LABEL = re.compile(r"[^\w.\-]+")
@@ -307,11 +308,12 @@ def _segment(engine: Any, sess: ChatSession, m: Mapping[str, Any], piece: tuple[
         answer = sess.answers.get(f"id:{m['id']}") if m.get("id") else None
         answer = answer or sess.answers.get(f"text:{m['content']}")
         if answer is not None:
-            content = _answer_content(engine, sess, answer, piece, f"msg:ai.{answer.label}@{bucket}")
+            pool = f"{MESSAGE_SLOT_PREFIX}ai.{answer.label}@{bucket}"
+            content = _answer_content(engine, sess, answer, piece, pool)
             if content is not None:
                 return content
-        return engine.publish(f"msg:ai@{bucket}", ids=list(piece))
-    return engine.publish(f"msg:{m['role']}@{bucket}", ids=list(piece))
+        return engine.publish(f"{MESSAGE_SLOT_PREFIX}ai@{bucket}", ids=list(piece))
+    return engine.publish(f"{MESSAGE_SLOT_PREFIX}{m['role']}@{bucket}", ids=list(piece))
 
 
 def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tuple[int, ...], pool: str) -> Content | None:
@@ -340,7 +342,7 @@ def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, 
         sess._frame = tuple(tuple(tok(t, add_special_tokens=False).input_ids) if t else () for t in (pre, post))
     for ids in sess._frame:
         if ids and ids not in sess._frames:
-            sess._frames[ids] = engine.publish("msg:frame", ids=list(ids)).kv
+            sess._frames[ids] = engine.publish(f"{MESSAGE_SLOT_PREFIX}frame", ids=list(ids)).kv
     return sess._frame[0], sess._frame[1]
 
 
@@ -352,7 +354,8 @@ def _fold(engine: Any, contents: list[Content]) -> Content:
         ks.append(_at(engine, c.kv, len(ids)).k)
         vs.append(c.kv.v)
         ids += c.ids
-    folded: Content = engine.publish("msg:history", ids=ids, kv=KVBlock(torch.cat(ks, dim=2), torch.cat(vs, dim=2)))
+    kv = KVBlock(torch.cat(ks, dim=2), torch.cat(vs, dim=2))
+    folded: Content = engine.publish(f"{MESSAGE_SLOT_PREFIX}history", ids=ids, kv=kv)
     return folded
 
 

@@ -29,7 +29,7 @@ from kvcomm.planner import Planner
 from kvcomm.policies import Plan, policy
 from kvcomm.prompt import AgentPrompt, Content
 from kvcomm.rope import model_inv_freq, shift_keys
-from kvcomm.template import Template, chat_prefix, common_suffix, slot_kind
+from kvcomm.template import Template, chat_prefix, common_suffix, message_prefix, slot_kind
 
 if TYPE_CHECKING:
     from kvcomm.store import KVEntry, KVStore
@@ -124,6 +124,8 @@ class KVCommEngine:
         self.fast = FastPath(model, self.config)
         sink = self.config.sink_text
         self._chat_prefix = chat_prefix(tokenizer) if sink in ("chat", "context") else sink
+        # a whole message (message-segment mode) follows the previous message, not a user header
+        self._message_prefix = message_prefix(tokenizer) if sink in ("chat", "context") else sink
         self._sinks: dict[str, list[int]] = {}  # per slot, fixed at its first publish
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
@@ -403,14 +405,17 @@ class KVCommEngine:
     def _sink_ids(self, slot: str) -> list[int]:
         """What a content of ``slot`` is prefilled behind (and dropped from) to get its base KV.
 
-        ``sink_text="chat"``: the chat template's text before a user message's content;
+        ``sink_text="chat"``: the chat template's text before a user message's content (before a
+        message's role markers for a whole message, ``msg:...`` slots);
         ``"context"``: that, plus the fixed text every registered agent puts right before the
         slot in its message (e.g. ``Task:\n``), so the base is computed behind the slot's real
         left context. Fixed per slot at its first publish (register agents first).
         """
         if slot not in self._sinks:
             text = self._chat_prefix
-            if self.config.sink_text == "context":
+            if slot_kind(slot) == "message":  # role markers included: behind the previous message
+                text = self._message_prefix
+            elif self.config.sink_text == "context":
                 before = [a.template.text_before(slot) for a in self.agents.values() if slot in a.slots]
                 text += common_suffix(before)
             self._sinks[slot] = self._encode(text)

@@ -166,9 +166,16 @@ def _reject_malformed(chunk: str) -> None:
             )
 
 
+#: slots (and pools) of message-segment mode: a whole message, role markers included
+MESSAGE_SLOT_PREFIX = "msg:"
+
+
 def slot_kind(slot: str) -> str:
-    """'agent' for ``agent:<name>`` slots (filled by an agent's answer), else 'input'."""
-    return "agent" if slot.startswith("agent:") else "input"
+    """'agent' for ``agent:<name>`` slots (filled by an agent's answer), 'message' for a whole chat
+    message (``msg:...``, :mod:`kvcomm.chat`), else 'input'."""
+    if slot.startswith("agent:"):
+        return "agent"
+    return "message" if slot.startswith(MESSAGE_SLOT_PREFIX) else "input"
 
 
 GENERIC_SYSTEM = "You are a helpful assistant."
@@ -183,6 +190,18 @@ def common_suffix(texts: Sequence[str]) -> str:
     while n < len(first) and all(len(t) > n and t[-1 - n] == first[-1 - n] for t in texts):
         n += 1
     return first[len(first) - n :]
+
+
+def message_prefix(tokenizer: Any, system: str = GENERIC_SYSTEM) -> str:
+    """The chat template's text of a generic system message alone: where the next message's role
+    markers start. A whole message (markers included, message-segment mode) is prefilled behind it,
+    as it sits in a conversation; behind :func:`chat_prefix` it would follow a second user header.
+    "\n" where the tokenizer has no chat template."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+    except Exception:  # no template (a plain tokenizer)
+        return "\n"
+    return text if isinstance(text, str) and text else "\n"
 
 
 def chat_prefix(tokenizer: Any, system: str = GENERIC_SYSTEM) -> str:

@@ -52,6 +52,28 @@ def test_segments_concatenate_to_the_rendered_chat(make_engine, system):
     assert result.record.prompt_tokens == len(engine.last_prompt_ids)
 
 
+def test_a_message_base_kv_is_computed_behind_the_previous_message(make_engine, smollm2):
+    """A whole message (role markers included) is prefilled behind a system message, where it sits in
+    a conversation, not behind a user header: under the generic system prompt, the first message's
+    base KV is exactly its KV in the full prompt."""
+    from kvcomm.kv import block_from_cache, prefill
+    from kvcomm.template import GENERIC_SYSTEM
+
+    eng = make_engine()
+    sink = smollm2.tokenizer.decode(eng._sink_ids("msg:user@0"))
+    assert sink.rstrip().endswith("<|im_end|>") and "user" not in sink
+    assert eng._sink_ids("question") != eng._sink_ids("msg:user@0")  # template slots keep the user header
+    msgs = [{"role": "user", "content": TASKS[0]}]
+    ids = _ids(smollm2.tokenizer, GENERIC_SYSTEM, msgs)
+    head = len(eng._sink_ids("msg:user@0"))
+    piece_len = len(ids) - head - len(smollm2.tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids)
+    _, cache = prefill(smollm2.model, ids)
+    real = block_from_cache(cache, head, head + piece_len)
+    base = eng.publish("msg:user@0", ids=ids[head: head + piece_len]).kv
+    assert torch.allclose(shift_keys(base.k, head, eng.inv_freq), real.k, atol=1e-4)
+    assert torch.allclose(base.v, real.v, atol=1e-4)
+
+
 def test_dense_gives_the_tokens_of_model_generate(make_engine, smollm2):
     engine = make_engine("dense")
     messages = [{"role": "user", "content": "Name a red fruit."}, {"role": "assistant", "content": "An apple."},
