@@ -88,9 +88,8 @@ class _Answer:
 class _Continuation:
     """One agent's latest call: ``ids`` (prompt + answer) and the KV of a prefix of them.
 
-    ``block`` holds ``ids[:len(block)]``; when ``tail`` is set, ``ids[len(block)]`` (the prompt's
-    last token, which the engine does not return) is recomputed and ``tail`` (the answer's
-    producer KV at 0..) follows it.
+    ``block`` holds ``ids[:len(block)]``; when ``tail`` is set, ``tail`` (the answer's producer KV,
+    keys rotated to its positions) follows it.
     """
 
     ids: tuple[int, ...]
@@ -100,7 +99,7 @@ class _Continuation:
 
     @property
     def covered(self) -> int:
-        return self.block.length + (1 + self.tail.length if self.tail is not None else 0)
+        return self.block.length + (self.tail.length if self.tail is not None else 0)
 
 
 class ChatSession:
@@ -325,9 +324,12 @@ def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tupl
         return None  # the message's text no longer tokenizes as the answer did: publish it as text
     parts = [sess._frames[pre]] if pre else []
     parts.append(_at(engine, answer.kv.slice(0, k), len(pre)))
-    if post:
-        parts.append(_at(engine, sess._frames[post], len(pre) + k))
     kv = KVBlock(torch.cat([p.k for p in parts], dim=2), torch.cat([p.v for p in parts], dim=2))
+    if post:
+        # the end markers close *this* answer: computed over it (one short forward, off the TTFT
+        # path), not prefilled alone, which gave them the KV of an empty message's end
+        _, cache = prefill(engine.model, list(post), start=kv.length, cache=cache_from_block(kv, engine.model.config))
+        kv = block_from_cache(cache)
     content: Content = engine.publish(pool, ids=list(piece), kv=kv)
     return content
 
@@ -340,9 +342,9 @@ def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, 
         one = tok.apply_chat_template([SYSTEM_PLACEHOLDER, {"role": "assistant", "content": _MARK}], tokenize=False)
         pre, _, post = str(one)[len(str(base)):].partition(_MARK)
         sess._frame = tuple(tuple(tok(t, add_special_tokens=False).input_ids) if t else () for t in (pre, post))
-    for ids in sess._frame:
-        if ids and ids not in sess._frames:
-            sess._frames[ids] = engine.publish(f"{MESSAGE_SLOT_PREFIX}frame", ids=list(ids)).kv
+    ids = sess._frame[0]
+    if ids and ids not in sess._frames:  # the role markers before an answer (those after it: see above)
+        sess._frames[ids] = engine.publish(f"{MESSAGE_SLOT_PREFIX}frame", ids=list(ids)).kv
     return sess._frame[0], sess._frame[1]
 
 
@@ -416,13 +418,7 @@ def _materialize(engine: Any, cont: _Continuation, n: int) -> Any:
     model = engine.model
     if n <= cont.block.length or cont.tail is None:
         return cache_from_block(cont.block.slice(0, n), model.config)
-    cache = cache_from_block(cont.block, model.config)
-    start = cont.block.length
-    _, cache = prefill(model, [cont.ids[start]], start=start, cache=cache)  # the prompt's last token
-    if n == start + 1:
-        return cache
-    head = block_from_cache(cache)
-    tail = cont.tail.slice(0, n - start - 1)
+    head, tail = cont.block, cont.tail.slice(0, n - cont.block.length)
     return cache_from_block(KVBlock(torch.cat([head.k, tail.k], dim=2), torch.cat([head.v, tail.v], dim=2)),
                             model.config)
 

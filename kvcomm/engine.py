@@ -46,7 +46,7 @@ class Result:
     mode: str
     record: CallRecord
     logits: list[torch.Tensor] | None = None  # per generated token, when asked for
-    cache: KVBlock | None = None  # the prompt's KV but the last token, when asked for
+    cache: KVBlock | None = None  # the prompt's KV (every token), when asked for
 
     @property
     def ttft_ms(self) -> float:
@@ -301,7 +301,7 @@ class KVCommEngine:
         if rec.mode != "reuse":
             rec.first_token_ms = rec.ttft_ms
 
-        prompt_kv = block_from_cache(cache, 0, prompt_len - 1) if return_cache else None
+        prompt_kv = block_from_cache(cache, 0, prompt_len) if return_cache else None
         t1 = time.perf_counter()
         if plan.record_slots:
             self.planner.record_deltas(prompt, contents, cache, seg_starts, slot_starts, plan.record_slots)
