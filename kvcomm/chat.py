@@ -128,6 +128,7 @@ class ChatSession:
         self.continuations: OrderedDict[str, _Continuation] = OrderedDict()
         self._frame: tuple[tuple[int, ...], ...] | None = None  # an assistant message's markers
         self._frames: dict[tuple[int, ...], KVBlock] = {}  # their base KV
+        self._sink_kv: KVBlock | None = None  # the KV of the sink messages are published behind
         self._texts: OrderedDict[str, str | None] = OrderedDict()
 
     # the templates this session registered (bounded: see the module docstring)
@@ -326,12 +327,28 @@ def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tupl
     parts.append(_at(engine, answer.kv.slice(0, k), len(pre)))
     kv = KVBlock(torch.cat([p.k for p in parts], dim=2), torch.cat([p.v for p in parts], dim=2))
     if post:
-        # the end markers close *this* answer: computed over it (one short forward, off the TTFT
-        # path), not prefilled alone, which gave them the KV of an empty message's end
-        _, cache = prefill(engine.model, list(post), start=kv.length, cache=cache_from_block(kv, engine.model.config))
-        kv = block_from_cache(cache)
+        ends = _end_markers(engine, sess, kv, post)
+        kv = KVBlock(torch.cat([kv.k, ends.k], dim=2), torch.cat([kv.v, ends.v], dim=2))
     content: Content = engine.publish(pool, ids=list(piece), kv=kv)
     return content
+
+
+def _end_markers(engine: Any, sess: ChatSession, body: KVBlock, post: tuple[int, ...]) -> KVBlock:
+    """The KV of the markers that close an answer, computed over it (one short forward, off the
+    TTFT path) behind the sink every message is published behind: without the sink the first
+    token takes the attention mass a real prompt's first token holds, and the markers' KV is far
+    off (KL 0.54 against 0.21 on the supervisor example's reuse calls)."""
+    model, sink = engine.model, engine.sink_ids(f"{MESSAGE_SLOT_PREFIX}frame")
+    if sess._sink_kv is None or sess._sink_kv.length != len(sink):
+        _, cache = prefill(model, sink)
+        sess._sink_kv = block_from_cache(cache)
+    head, n = sess._sink_kv, len(sink)
+    moved = _at(engine, body, n)
+    cache = cache_from_block(KVBlock(torch.cat([head.k, moved.k], dim=2), torch.cat([head.v, moved.v], dim=2)),
+                             model.config)
+    _, cache = prefill(model, list(post), start=n + body.length, cache=cache)
+    ends = block_from_cache(cache, n + body.length)
+    return KVBlock(shift_keys(ends.k, -n, engine.inv_freq), ends.v)
 
 
 def _frame(engine: Any, sess: ChatSession) -> tuple[tuple[int, ...], tuple[int, ...]]:

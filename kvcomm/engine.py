@@ -402,6 +402,10 @@ class KVCommEngine:
         """Whether reuse calls recompute selected tokens (cacheblend, epic; kvcomm's recompute knobs)."""
         return self.policy.recompute(self.config).any
 
+    def sink_ids(self, slot: str) -> list[int]:
+        """The token ids a content of ``slot`` is prefilled behind (and dropped from) for its base KV."""
+        return list(self._sink_ids(slot))
+
     def _sink_ids(self, slot: str) -> list[int]:
         """What a content of ``slot`` is prefilled behind (and dropped from) to get its base KV.
 

@@ -124,16 +124,20 @@ def test_ai_message_carries_its_producer_kv(make_engine):
     n = len(answer.ids)
     k = shift_keys(content.k[:, :, pre: pre + n], -pre, engine.inv_freq)
     assert (k - answer.kv.k).abs().max() < 1e-4 and torch.equal(content.v[:, :, pre: pre + n], answer.kv.v)
-    # the end markers after it: computed over the markers and the answer, as they follow it in a chat
+    # the end markers after it: computed over the markers and the answer (behind the sink every
+    # message is published behind), as they follow it in a chat
     from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill
 
     post = session(engine)._frame[1]
     assert content.length == pre + n + len(post)
-    _, cache = prefill(engine.model, list(post), start=pre + n,
-                       cache=cache_from_block(KVBlock(content.k[:, :, : pre + n], content.v[:, :, : pre + n]),
-                                              engine.model.config))
-    ends = block_from_cache(cache, pre + n)
-    assert torch.allclose(content.k[:, :, pre + n:], ends.k, atol=1e-5)
+    sink = engine.sink_ids("msg:frame")
+    _, cache = prefill(engine.model, sink)
+    body = KVBlock(shift_keys(content.k[:, :, : pre + n], len(sink), engine.inv_freq), content.v[:, :, : pre + n])
+    head = block_from_cache(cache)
+    cache = cache_from_block(KVBlock(torch.cat([head.k, body.k], 2), torch.cat([head.v, body.v], 2)), engine.model.config)
+    _, cache = prefill(engine.model, list(post), start=len(sink) + pre + n, cache=cache)
+    ends = block_from_cache(cache, len(sink) + pre + n)
+    assert torch.allclose(content.k[:, :, pre + n:], shift_keys(ends.k, -len(sink), engine.inv_freq), atol=1e-4)
     assert torch.allclose(content.v[:, :, pre + n:], ends.v, atol=1e-5)
     # an AI message nobody here produced is published like user input
     engine.chat(CRITIC, [{"role": "user", "content": TASKS[1]}, {"role": "assistant", "content": "Knead it."}])
