@@ -22,7 +22,7 @@ from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
 from kvcomm.keys import ContentKey, MetricsKey, TemplateKey, model_id
-from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill
+from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, next_token_margin, prefill
 from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
@@ -290,7 +290,7 @@ class KVCommEngine:
             rec.reused_tokens, rec.recomputed_tokens = n_fixed, prompt_len - n_fixed
         else:
             logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
-            if self.config.fallback_margin > 0 and _margin(logits) < self.config.fallback_margin:
+            if self.config.fallback_margin > 0 and next_token_margin(logits) < self.config.fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
                 # deviation can swap the two: pay for a full prefill, whose answer is exact
                 logits, cache = prefill(self.model, ids)
@@ -463,12 +463,6 @@ def _kv_digest(kv: KVBlock) -> str:
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
-
-def _margin(logits: torch.Tensor) -> float:
-    """The next token's log-probability minus the runner-up's (nats)."""
-    top = logits.float().log_softmax(-1).topk(2).values
-    return float(top[0] - top[1])
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # timers need the GPU's queued work finished

@@ -43,6 +43,13 @@ def cache_from_block(block: KVBlock, config: Any) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
+def next_token_margin(logits: torch.Tensor) -> float:
+    """How decisive a next-token distribution is: the top token's log-probability minus the
+    runner-up's (nats). Near 0, a small change to the KV can swap the two."""
+    top = logits.float().log_softmax(-1).topk(2).values
+    return float(top[0] - top[1])
+
+
 @torch.inference_mode()
 def prefill(model: Any, ids: list[int], *, start: int = 0, cache: Any = None) -> tuple[torch.Tensor, Any]:
     """Run ``ids`` at positions start.. over ``cache``; returns (last logits [V], cache)."""

@@ -28,6 +28,7 @@ import torch
 
 from kvcomm.config import POLICIES, KVCommConfig
 from kvcomm.engine import KVCommEngine
+from kvcomm.kv import next_token_margin
 from kvcomm.prompt import Content
 from kvcomm.template import Template
 from kvcomm.tools.eval_stats import RESAMPLES, SEED, bootstrap_ci, paired_figures, render_paired
@@ -109,10 +110,7 @@ def _margin(logits: list[torch.Tensor]) -> float:
 
     Near 0, any change to the KV, however small, can swap the two: a diagnostic beside the
     agreement figures, never a filter on them."""
-    if not logits:
-        return 0.0
-    top = logits[0].float().log_softmax(-1).topk(2).values
-    return float(top[0] - top[1])
+    return next_token_margin(logits[0]) if logits else 0.0
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
