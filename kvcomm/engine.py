@@ -293,12 +293,15 @@ class KVCommEngine:
             if self.config.fallback_margin > 0 and next_token_margin(logits) < self.config.fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
                 # deviation can swap the two: pay for a full prefill, whose answer is exact
+                t_full = time.perf_counter()
                 logits, cache = prefill(self.model, ids)
+                _sync(self.model.device)
+                rec.first_token_ms = (time.perf_counter() - t_full) * 1e3  # fetch/correct_ms: the attempt
                 rec.mode, rec.fallback = "dense", True
                 rec.reused_tokens, rec.recomputed_tokens = 0, prompt_len
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
-        if rec.mode != "reuse":
+        if plan.mode != "reuse":
             rec.first_token_ms = rec.ttft_ms
 
         prompt_kv = block_from_cache(cache, 0, prompt_len) if return_cache else None

@@ -15,7 +15,8 @@ Hierarchy::
     │   ├── StoreFormatError         an entry that fails to decode (corrupt, truncated, ...)
     │   │   └── EntryFormatError     ... with the fault kind it is counted as (``.kind``)
     │   └── KeyFormatError           a store key kvcomm does not write (:mod:`kvcomm.keys`)
-    └── KernelError                  a kernel called with bad shapes or dtypes
+    ├── KernelError                  a kernel called with bad shapes or dtypes
+    └── ReportError                  ``kvcomm report`` found no call records, or cannot read a source
 
     StoreFaultWarning (RuntimeWarning)
         a store fault that degraded to recomputation: the run goes on, the result is the
@@ -89,6 +90,10 @@ class AgentConfigError(KVCommError, ValueError):
 
 class KernelError(KVCommError, ValueError):
     """A kernel was called with bad shapes, dtypes or devices."""
+
+
+class ReportError(KVCommError):
+    """No call records where a report was asked to look, or a source that cannot be read."""
 
 
 class StoreFaultWarning(RuntimeWarning):

@@ -186,6 +186,9 @@ def test_fallback_margin_prefills_a_near_tie_in_full(smollm2):
     fell = got[1e9]
     assert fell.mode == "dense" and fell.record.mode == "dense" and fell.record.fallback
     assert fell.record.reused_tokens == 0 and fell.record.recomputed_tokens == fell.record.prompt_tokens
+    r = fell.record  # the TTFT holds the abandoned attempt (fetch, correction) and the full prefill
+    assert r.fetch_ms >= 0 and r.correct_ms > 0 and 0 < r.first_token_ms
+    assert r.fetch_ms + r.correct_ms + r.first_token_ms <= r.ttft_ms + 1e-6
     assert fell.token_ids == ref.token_ids
     assert torch.allclose(fell.logits[0], ref.logits[0], atol=1e-4)
     assert torch.allclose(fell.cache.k, ref.cache.k, atol=1e-4)  # the answer's KV is the prefill's too

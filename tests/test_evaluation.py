@@ -70,7 +70,8 @@ def test_eval_variant_errors_before_loading_the_model(variant, says):
 
 # -- paired figures, --upstream, per-call rows, the plot (issue 15 part 2) ---------------------------
 CALL_KEYS = {"request", "agent", "policy", "mode", "slots", "first_token_agree", "exact", "tf_agree", "kl_first",
-             "kl_mean", "dense_margin", "ttft_ms", "prompt_tokens", "reused_tokens", "recomputed_tokens", "paired"}
+             "kl_mean", "dense_margin", "margin", "fallback", "ttft_ms", "fetch_ms", "correct_ms", "first_token_ms",
+             "prompt_tokens", "reused_tokens", "recomputed_tokens", "paired"}
 
 
 def test_paired_figures_are_over_the_same_calls_for_every_row(evaluated):
@@ -111,7 +112,10 @@ def test_per_call_rows_are_complete(evaluated):
         assert set(c) == CALL_KEYS
         assert c["mode"] in ("dense", "prefix", "reuse") and isinstance(c["slots"], dict)
         assert c["ttft_ms"] > 0 and 0 <= c["reused_tokens"] <= c["prompt_tokens"] and c["kl_first"] >= 0
-        assert c["dense_margin"] >= 0
+        assert c["dense_margin"] >= 0 and c["margin"] >= 0 and c["fallback"] is False
+        assert c["fetch_ms"] + c["correct_ms"] + c["first_token_ms"] <= c["ttft_ms"] + 1e-6
+        if c["policy"] == "dense":  # a row's own margin is the same figure of its own logits
+            assert c["margin"] == c["dense_margin"]
     for label, row in rows.items():
         mine = [c for c in calls if c["policy"] == label]
         assert row["call_reuse_pct"] == pytest.approx(100 * sum(c["mode"] == "reuse" for c in mine) / len(mine))

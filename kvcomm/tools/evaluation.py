@@ -323,13 +323,18 @@ def _own(fills: dict[str, str], template: Template) -> dict[str, Any]:
 def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool], kls: list[float],
               exact_tokens: int, dense_margin: float) -> dict[str, Any]:
     """One call of one row: how it was served, how close its logits were to dense's, what it cost
-    (``dense_margin``: :func:`_margin` of dense's first token in the same call)."""
+    (``dense_margin``: :func:`_margin` of dense's first token in the same call; ``margin``: the
+    same of this row's own first token, what ``fallback_margin`` compares; ``fallback``: planned
+    as reuse, prefilled in full; the TTFT split into planning + fetching, moving + correcting and
+    the first-token forward)."""
     rec = res.record
     return {
         "request": request, "agent": agent, "policy": label, "mode": res.mode, "slots": dict(rec.slots),
         "first_token_agree": bool(agree[0]), "exact": all(agree[:exact_tokens]),
         "tf_agree": statistics.fmean(agree), "kl_first": kls[0], "kl_mean": statistics.fmean(kls),
-        "dense_margin": dense_margin, "ttft_ms": rec.ttft_ms, "prompt_tokens": rec.prompt_tokens,
+        "dense_margin": dense_margin, "margin": _margin(res.logits or []), "fallback": rec.fallback,
+        "ttft_ms": rec.ttft_ms, "fetch_ms": rec.fetch_ms, "correct_ms": rec.correct_ms,
+        "first_token_ms": rec.first_token_ms, "prompt_tokens": rec.prompt_tokens,
         "reused_tokens": rec.reused_tokens,
         "recomputed_tokens": rec.recomputed_tokens,
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcomm.errors import KVCommError
+from kvcomm.errors import ReportError
 from kvcomm.keys import is_metrics_key
 from kvcomm.metrics import CallRecord, format_table, read_jsonl, summarize
 
@@ -35,10 +35,6 @@ SLOT_COLUMNS = [
 def _row(rs: list[CallRecord]) -> dict[str, Any]:
     """The summary row of records that share one agent and one policy."""
     return summarize(rs, by="agent")[0]
-
-
-class ReportError(KVCommError):
-    """No records where the report was asked to look, or a source that cannot be read."""
 
 
 @dataclass
