@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import ConfigError
-from kvcomm.policies import FIDELITY_LEVELS
+from kvcomm.policies import BOUNDARY_PIECES, FIDELITY_LEVELS
 from kvcomm.policies import POLICIES as _POLICY_TABLE
 
 POLICIES = tuple(_POLICY_TABLE)  # names, in the table's order
@@ -76,6 +76,10 @@ class KVCommConfig:
     recompute_boundary: int = _field(
         0, "kvcomm: also recompute the first this-many tokens of every moved piece (EPIC's boundary recompute)"
     )
+    recompute_boundary_at: str = _field(
+        "all", "which moved pieces the boundary recompute (fidelity 2-3, recompute_boundary) covers: 'all', "
+        "'segments' (the template text after each slot) or 'contents' (the slot contents)"
+    )
     recompute_query: bool = _field(
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
     )
@@ -129,6 +133,9 @@ class KVCommConfig:
             raise ConfigError(f"fidelity={self.fidelity} must be one of {', '.join(map(str, FIDELITY_LEVELS))}")
         if self.recompute_boundary < 0:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
+        if self.recompute_boundary_at not in BOUNDARY_PIECES:
+            raise ConfigError(f"recompute_boundary_at={self.recompute_boundary_at!r} must be one of "
+                              f"{', '.join(BOUNDARY_PIECES)}")
         if self.fallback_margin < 0:
             raise ConfigError(f"fallback_margin={self.fallback_margin} must be >= 0")
         if self.epic_tokens < 0:

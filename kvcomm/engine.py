@@ -393,8 +393,10 @@ class KVCommEngine:
         device = block.k.device
         parts = [deviation_selection(self.model, ids, block, len(prompt.segments[0]), want.ratio)]
         spans: list[tuple[int, int]] = []
-        if want.boundary > 0:  # every moved piece: each slot content and the segment after it
-            spans += [(start, start + want.boundary) for start in (*slot_starts, *seg_starts[1:])]
+        if want.boundary > 0:  # the moved pieces: each slot content and/or the segment after it
+            starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
+                      "contents": slot_starts}[want.boundary_at]
+            spans += [(start, start + want.boundary) for start in starts]
         if want.query:
             spans.append((seg_starts[-1], last))
         parts.append(span_selection(spans, last, device))

@@ -47,11 +47,15 @@ class Recompute:
             content and each text segment after one), where the attention-sink damage sits.
         query: the last text segment (the template's tail: the instruction and the generation
             prompt) entirely: the tokens right before the answer.
+        boundary_at: which moved pieces get the ``boundary`` recompute: ``"all"``, only the
+            ``"segments"`` (the template text after each slot, prefilled at registration behind a
+            placeholder) or only the slot ``"contents"``.
     """
 
     ratio: float = 0.0
     boundary: int = 0
     query: bool = False
+    boundary_at: str = "all"
 
     @property
     def any(self) -> bool:
@@ -76,7 +80,7 @@ FIDELITY_LEVELS: dict[int, Recompute] = {
 def _kvcomm_recompute(config: Any) -> Recompute:
     level = FIDELITY_LEVELS[config.fidelity]
     return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
-                     query=level.query or config.recompute_query)
+                     query=level.query or config.recompute_query, boundary_at=config.recompute_boundary_at)
 
 
 @dataclass(frozen=True)
@@ -145,4 +149,6 @@ def policy(name: str) -> Policy:
         raise KeyError(f"unknown policy {name!r}: one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["FIDELITY_LEVELS", "POLICIES", "Plan", "Policy", "Recompute", "policy"]
+BOUNDARY_PIECES = ("all", "segments", "contents")
+
+__all__ = ["BOUNDARY_PIECES", "FIDELITY_LEVELS", "POLICIES", "Plan", "Policy", "Recompute", "policy"]

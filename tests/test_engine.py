@@ -168,6 +168,30 @@ def test_epic_recomputing_whole_pieces_gives_dense_logits(smollm2):
     assert out.record.recomputed_tokens == 2 + tail
 
 
+@pytest.mark.parametrize("where", ["all", "segments", "contents"])
+def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
+    """recompute_boundary_at picks which moved pieces' first tokens are recomputed: the slot
+    contents, the template segments after them, or both (the engine's own selection, read back)."""
+    eng = make_engine(smollm2, fidelity=0, recompute_boundary=2, recompute_boundary_at=where, gamma=1.0)
+    eng.register_agent("planner", PLANNER)
+    for q in (Q1, Q2):
+        eng.generate("planner", {"question": q})
+    picked: list[torch.Tensor] = []
+    original = eng._recompute_selection
+    eng._recompute_selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
+    out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
+    assert out.mode == "reuse"
+    prompt = eng.agents["planner"]
+    slot_start = len(prompt.segments[0])
+    seg_start = slot_start + len(eng._encode(Q3))
+    want = {"all": [slot_start, slot_start + 1, seg_start, seg_start + 1], "segments": [seg_start, seg_start + 1],
+            "contents": [slot_start, slot_start + 1]}[where]
+    assert picked[0].tolist() == want
+    assert out.record.recomputed_tokens == len(want) + 1
+    with pytest.raises(ConfigError, match="recompute_boundary_at"):
+        KVCommConfig(recompute_boundary_at="middle")
+
+
 def test_fallback_margin_prefills_a_near_tie_in_full(smollm2):
     """A reuse call whose first token is not clear by fallback_margin becomes a full prefill: dense's
     tokens and logits, recorded as a dense call that fell back; a margin of 0 never falls back."""

@@ -39,6 +39,9 @@ def test_recompute_selections_come_from_the_config() -> None:
     assert policy("kvcomm").recompute(config.replace(fidelity=3)) == Recompute(ratio=0.1, boundary=16, query=True)
     assert not policy("kvcomm").recompute(KVCommConfig(fidelity=0)).any
     assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
+    assert policy("kvcomm").recompute(KVCommConfig(recompute_boundary_at="segments")) == Recompute(
+        boundary=4, query=True, boundary_at="segments")
+    assert policy("epic").recompute(config.replace(recompute_boundary_at="contents")).boundary_at == "all"
     assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any
     assert policy("kvcomm").corrects and not policy("naive").corrects
     with pytest.raises(KeyError, match="unknown policy"):
