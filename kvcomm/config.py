@@ -66,8 +66,9 @@ class KVCommConfig:
     fidelity: int = _field(
         2, "kvcomm's quality knob, 0-3: what a reuse call recomputes after the correction (0: the last "
         "token, the paper's method; 1: + the query, the template's last segment; 2: + the first 4 tokens of "
-        "every moved piece; 3: + 16 of them and the 10% most deviating tokens); higher agrees with a full "
-        "prefill more often, at a slower first token"
+        "every moved piece; 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
+        "runner-up, prefilled in full); higher agrees with a full prefill more often, at a slower first "
+        "token (1-2) or fewer reused calls (3)"
     )
     recompute_ratio: float = _field(
         0.0, "kvcomm: also recompute this fraction of the corrected tokens, those whose layer-1 values "
@@ -86,7 +87,8 @@ class KVCommConfig:
     epic_tokens: int = _field(16, "epic: tokens recomputed at the start of every moved piece (EPIC's k)")
     fallback_margin: float = _field(
         0.0, "a reuse call whose first token leads the runner-up by less than this log-probability (nats) "
-        "under the reused KV is prefilled in full instead (its answer is then a full prefill's); 0: never"
+        "under the reused KV is prefilled in full instead (its answer is then a full prefill's); 0: never "
+        "(fidelity 3 sets 0.5 for kvcomm; the larger of the two applies)"
     )
     sink_text: str = _field(
         "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "

@@ -26,7 +26,7 @@ from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode
 from kvcomm.metrics import CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
-from kvcomm.policies import Plan, policy
+from kvcomm.policies import Plan, fallback_margin, policy
 from kvcomm.prompt import AgentPrompt, Content
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.template import Template, chat_prefix, common_suffix, message_prefix, slot_kind
@@ -105,6 +105,7 @@ class KVCommEngine:
         self.tokenizer = tokenizer
         self.config = config or KVCommConfig()
         self.policy = policy(self.config.policy)
+        self._fallback_margin = fallback_margin(self.config)
         if self.config.device != "auto" and resolve_device(self.config.device) != model.device:
             model.to(resolve_device(self.config.device))
         self.fingerprint = fingerprint or model_fingerprint(model)
@@ -290,7 +291,7 @@ class KVCommEngine:
             rec.reused_tokens, rec.recomputed_tokens = n_fixed, prompt_len - n_fixed
         else:
             logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
-            if self.config.fallback_margin > 0 and next_token_margin(logits) < self.config.fallback_margin:
+            if self._fallback_margin > 0 and next_token_margin(logits) < self._fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
                 # deviation can swap the two: pay for a full prefill, whose answer is exact
                 t_full = time.perf_counter()

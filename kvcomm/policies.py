@@ -73,8 +73,21 @@ FIDELITY_LEVELS: dict[int, Recompute] = {
     0: Recompute(),  # the paper's method: only the last prompt token
     1: Recompute(query=True),  # + the template's last segment (the instruction before the answer)
     2: Recompute(query=True, boundary=4),  # + the first 4 tokens of every moved piece
-    3: Recompute(query=True, boundary=16, ratio=0.1),  # + 16 per piece and CacheBlend's 10% most deviating
+    3: Recompute(query=True, boundary=4),  # level 2, and near-ties prefilled in full (FIDELITY_FALLBACK)
 }
+
+#: the fallback margin (nats) each level sets (``KVCommConfig.fallback_margin`` raises it): a reuse
+#: call whose first token leads its runner-up by less is prefilled in full. Recomputing more tokens
+#: does not settle near-ties (any deviation can swap two tokens 0.1 nats apart); only a full
+#: prefill does, so the top level buys its agreement with reuse calls, not with a slower first token.
+FIDELITY_FALLBACK: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}
+
+
+def fallback_margin(config: Any) -> float:
+    """The first-token margin under which a reuse call is prefilled in full: the config's
+    ``fallback_margin``, raised to its fidelity level's for kvcomm."""
+    level = FIDELITY_FALLBACK[config.fidelity] if config.policy == "kvcomm" else 0.0
+    return max(float(config.fallback_margin), level)
 
 
 def _kvcomm_recompute(config: Any) -> Recompute:
@@ -151,4 +164,4 @@ def policy(name: str) -> Policy:
 
 BOUNDARY_PIECES = ("all", "segments", "contents")
 
-__all__ = ["BOUNDARY_PIECES", "FIDELITY_LEVELS", "POLICIES", "Plan", "Policy", "Recompute", "policy"]
+__all__ = ["BOUNDARY_PIECES", "FIDELITY_FALLBACK", "FIDELITY_LEVELS", "fallback_margin", "POLICIES", "Plan", "Policy", "Recompute", "policy"]

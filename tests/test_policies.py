@@ -6,8 +6,8 @@ import pytest
 
 from kvcomm.config import POLICIES, KVCommConfig
 from kvcomm.errors import ConfigError
+from kvcomm.policies import FIDELITY_FALLBACK, FIDELITY_LEVELS, Plan, Recompute, fallback_margin, policy
 from kvcomm.policies import POLICIES as TABLE
-from kvcomm.policies import Plan, Recompute, policy
 
 
 def test_config_validates_against_the_table() -> None:
@@ -36,7 +36,7 @@ def test_recompute_selections_come_from_the_config() -> None:
     assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3)
     # a fidelity level sets kvcomm's recompute; explicit knobs add to it
     assert policy("kvcomm").recompute(KVCommConfig(fidelity=2)) == Recompute(boundary=4, query=True)
-    assert policy("kvcomm").recompute(config.replace(fidelity=3)) == Recompute(ratio=0.1, boundary=16, query=True)
+    assert policy("kvcomm").recompute(config.replace(fidelity=3)) == Recompute(ratio=0.1, boundary=4, query=True)
     assert not policy("kvcomm").recompute(KVCommConfig(fidelity=0)).any
     assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
     assert policy("kvcomm").recompute(KVCommConfig(recompute_boundary_at="segments")) == Recompute(
@@ -46,3 +46,14 @@ def test_recompute_selections_come_from_the_config() -> None:
     assert policy("kvcomm").corrects and not policy("naive").corrects
     with pytest.raises(KeyError, match="unknown policy"):
         policy("nope")
+
+
+def test_fallback_margin_is_the_config_s_or_the_fidelity_level_s() -> None:
+    assert fallback_margin(KVCommConfig()) == 0.0  # the default level never falls back
+    assert fallback_margin(KVCommConfig(fidelity=3)) == FIDELITY_FALLBACK[3] == 0.5
+    assert fallback_margin(KVCommConfig(fidelity=3, fallback_margin=1.0)) == 1.0  # the larger applies
+    assert fallback_margin(KVCommConfig(fidelity=1, fallback_margin=0.2)) == 0.2
+    # the levels are kvcomm's: other policies fall back only where fallback_margin says so
+    assert fallback_margin(KVCommConfig(policy="epic", fidelity=3)) == 0.0
+    assert fallback_margin(KVCommConfig(policy="epic", fallback_margin=0.3)) == 0.3
+    assert FIDELITY_LEVELS[3] == FIDELITY_LEVELS[2]  # level 3 recomputes what level 2 does
