@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="dense,prefix,naive,kvcomm")
     ap.add_argument("--gamma", type=float, default=None,
                     help="kvcomm entropy threshold (default: $KVCOMM_GAMMA, else the engine's 0.3)")
+    ap.add_argument("--variant", dest="variants", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                    help="also a kvcomm row with these config fields changed (repeatable), e.g. fidelity=0")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     setting = BenchSetting(agents=args.agents, prefix_len=args.prefix_len, input_len=args.input_len,
                            output_len=args.output_len, warmup=args.warmup, requests=args.requests,
-                           policies=tuple(args.policies.split(",")))
+                           policies=tuple(args.policies.split(",")), variants=tuple(args.variants))
     out = run_benchmark(setting, bench_config(gamma=args.gamma), model=args.model, model_shape=args.model_shape,
                         layers=args.layers, device=args.device, dtype=args.dtype, threads=args.threads)
     print(render(out))

@@ -164,6 +164,18 @@ class KVCommConfig:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
+    def variant(self, text: str) -> KVCommConfig:
+        """A copy with ``FIELD=VALUE[,FIELD=VALUE...]`` applied, values read as the environment's are
+        (what ``kvcomm eval --variant`` and ``kvcomm bench --variant`` take).
+
+        Raises:
+            ConfigError: not of that form, an unknown field or a bad value.
+        """
+        pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+        if not pairs or any(not eq or not name.strip() for name, eq, _ in pairs):
+            raise ConfigError(f"{text!r}: expected FIELD=VALUE[,FIELD=VALUE]")
+        return KVCommConfig.from_dict({**self.to_dict(), **{name.strip(): value.strip() for name, _, value in pairs}})
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KVCommConfig:
         names = {f.name: f for f in dataclasses.fields(cls)}

@@ -78,6 +78,8 @@ def test_bench_config_reads_the_environment_then_the_options() -> None:
     (["--model", "/no/such/model", "--policies", "dense,nope"], 2, "unknown policy nope"),
     (["--model", "/no/such/model", "--model-shape", "tiny"], 2, "not both"),
     (["--model", "/no/such/model", "--gamma", "-1"], 1, "ConfigError: gamma=-1.0 must be >= 0"),
+    (["--model", "/no/such/model", "--variant", "fidelity"], 1, "expected FIELD=VALUE"),
+    (["--model", "/no/such/model", "--variant", "fidelity=9"], 1, "ConfigError: fidelity=9 must be one of"),
 ])
 def test_bench_errors_before_loading_the_model(args: list[str], exit_code: int, says: str) -> None:
     res = CliRunner().invoke(main, ["bench", *args])
@@ -88,22 +90,29 @@ def test_bench_errors_before_loading_the_model(args: list[str], exit_code: int, 
 def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVCOMM_GAMMA", "1.0")
-    res = CliRunner().invoke(main, ["bench", *TINY, "--json", str(tmp_path / "cli.json")])
+    variant = ["--variant", "fidelity=0"]  # one more kvcomm row, its config changed
+    res = CliRunner().invoke(main, ["bench", *TINY, *variant, "--json", str(tmp_path / "cli.json")])
     assert res.exit_code == 0, res.output
     script = runpy.run_path(str(ROOT / "benchmarks" / "ttft.py"))
-    assert script["main"]([*TINY, "--json", str(tmp_path / "script.json")]) == 0
+    assert script["main"]([*TINY, *variant, "--json", str(tmp_path / "script.json")]) == 0
     printed = capsys.readouterr().out
     cli, scr = (json.loads((tmp_path / name).read_text()) for name in ("cli.json", "script.json"))
     assert list(cli) == list(scr) == ["setting", "rows", "cuda_graph", "anchor_stack_hits_misses", "device", "model",
                                       "dtype", "config"]
     assert cli["setting"] == scr["setting"] == {
         "agents": 2, "prefix_len": 8, "input_len": 16, "output_len": 8, "warmup": 2, "requests": 1,
-        "policies": ["dense", "prefix", "naive", "kvcomm"], "gamma": 1.0, "anchor_cache_bytes": BENCH_ANCHOR_CACHE_BYTES}
+        "policies": ["dense", "prefix", "naive", "kvcomm"], "variants": ["fidelity=0"], "gamma": 1.0,
+        "anchor_cache_bytes": BENCH_ANCHOR_CACHE_BYTES}
     assert cli["config"] == scr["config"] == {
         k: v for k, v in bench_config(gamma=1.0).to_dict().items() if k not in ("policy", "max_new_tokens")}
     untimed = ("policy", "agent", "prompt_tokens", "reuse_pct", "reused_tokens")
     assert [[r[k] for k in untimed] for r in cli["rows"]] == [[r[k] for k in untimed] for r in scr["rows"]]
-    assert len(cli["rows"]) == 8
+    assert len(cli["rows"]) == 10 and [r["policy"] for r in cli["rows"]][-2:] == ["fidelity=0"] * 2
+    variant_rows = [r for r in cli["rows"] if r["policy"] == "fidelity=0"]
+    # at fidelity 0 a reuse call recomputes only its last token; the default (2) recomputes more
+    default_rows = [r for r in cli["rows"] if r["policy"] == "kvcomm"]
+    assert all(v["reused_tokens"] >= d["reused_tokens"] for v, d in zip(variant_rows, default_rows, strict=True))
+    assert any(v["reused_tokens"] > d["reused_tokens"] for v, d in zip(variant_rows, default_rows, strict=True))
     for out in (res.output, printed):
         assert "| gamma 1.0" in out and "engine config: gamma=1.0, anchor_cache_bytes=" in out
         assert "TTFT p50 ms" in out and "shift+corr ms" in out and "agent 2:  kvcomm  TTFT p50" in out

@@ -97,3 +97,14 @@ def test_text_before_a_slot_and_common_suffix() -> None:
         t.text_before("nope")
     assert common_suffix(["a.Task:\n", "b.Task:\n", "xTask:\n"]) == "Task:\n"
     assert common_suffix(["abc"]) == "abc" and common_suffix([]) == "" and common_suffix(["ab", "cd"]) == ""
+
+
+def test_a_variant_is_the_config_with_fields_changed() -> None:
+    base = KVCommConfig(gamma=1.0)
+    assert base.variant("fidelity=0") == base.replace(fidelity=0)
+    assert base.variant(" fidelity = 3 , fallback_margin=0.25,") == base.replace(fidelity=3, fallback_margin=0.25)
+    assert base.variant("policy=epic,epic_tokens=4").policy == "epic"
+    for bad, says in (("fidelity", "expected FIELD=VALUE"), ("=1", "expected FIELD=VALUE"), ("", "expected"),
+                      ("fidelty=1", "unknown config field"), ("fidelity=x", "not a valid int")):
+        with pytest.raises(ConfigError, match=says):
+            base.variant(bad)

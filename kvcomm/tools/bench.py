@@ -151,6 +151,8 @@ class BenchSetting:
     warmup: int = 3
     requests: int = 3
     policies: tuple[str, ...] = ("dense", "prefix", "naive", "kvcomm")
+    #: extra kvcomm rows, each ``FIELD=VALUE[,FIELD=VALUE]`` over the run's config (its label)
+    variants: tuple[str, ...] = ()
 
 
 def bench_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> KVCommConfig:
@@ -206,11 +208,12 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
     results: dict[str, list[Any]] = {}
     graphs: dict[str, bool | None] = {}  # was the one-token forward a CUDA graph replay?
     stacks: dict[str, tuple[int, int]] = {}  # anchor-stack cache (hits, misses)
-    bar = tqdm(total=len(setting.policies) * total, desc="ttft", disable=not progress)
-    for policy in setting.policies:
+    runs = {policy: base.replace(policy=policy, max_new_tokens=1) for policy in setting.policies}
+    runs |= {text: base.replace(policy="kvcomm", max_new_tokens=1).variant(text) for text in setting.variants}
+    bar = tqdm(total=len(runs) * total, desc="ttft", disable=not progress)
+    for policy, run_config in runs.items():
         store = store_factory() if store_factory else None
-        eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp,
-                           config=base.replace(policy=policy, max_new_tokens=1))
+        eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp, config=run_config)
         for name, tmpl in templates:
             eng.register_agent(name, tmpl)
         timed = []
@@ -252,7 +255,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
                 "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
             })
-    described = setting.__dict__ | {"policies": list(setting.policies), "gamma": base.gamma,
+    described = setting.__dict__ | {"policies": list(setting.policies), "variants": list(setting.variants),
+                                    "gamma": base.gamma,
                                     "anchor_cache_bytes": base.anchor_cache_bytes}
     return {"setting": described, "rows": rows, "cuda_graph": graphs, "anchor_stack_hits_misses": stacks}
 

@@ -370,11 +370,8 @@ def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_a
     base = KVCommConfig.from_env()
     extra = {f"kvcomm g={g:g}": base.replace(policy="kvcomm", gamma=g) for g in gammas}
     for text in variants:  # checked before the model loads: a typo fails in a second, not a minute
-        pairs = [p.partition("=") for p in text.split(",") if p.strip()]
-        if not pairs or any(not eq or not k.strip() for k, eq, _ in pairs):
-            raise click.BadParameter(f"{text!r}: expected FIELD=VALUE[,FIELD=VALUE]", param_hint="--variant")
-        fields = {**base.to_dict(), "policy": "kvcomm", **{k.strip(): v.strip() for k, _, v in pairs}}
-        extra[text.replace("\n", "\\n")] = KVCommConfig.from_dict(fields)  # ConfigError names an unknown field or bad value
+        # ConfigError names a malformed variant, an unknown field or a bad value
+        extra[text.replace("\n", "\\n")] = base.replace(policy="kvcomm").variant(text)
     _quiet_transformers()
     loaded = load_model(model, progress=False)
     factories = {}
@@ -436,11 +433,13 @@ policies' fidelity on real text. Also benchmarks/ttft.py (the same implementatio
 @click.option("--policies", default="dense,prefix,naive,kvcomm", show_default=True)
 @click.option("--gamma", type=float, default=None,
               help="kvcomm entropy threshold  [default: $KVCOMM_GAMMA, else the engine's 0.3]")
+@click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
+              help="also a kvcomm row with these config fields changed (repeatable), e.g. fidelity=0")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
 def bench(model: str | None, model_shape: str | None, layers: int | None, device: str, dtype: str | None,
           agents: int, prefix_len: int, input_len: int, output_len: int, warmup: int, requests: int, policies: str,
-          gamma: float | None, threads: int | None, json_path: str | None) -> None:
+          gamma: float | None, variants: tuple[str, ...], threads: int | None, json_path: str | None) -> None:
     import logging
 
     from kvcomm.config import POLICIES
@@ -454,10 +453,12 @@ def bench(model: str | None, model_shape: str | None, layers: int | None, device
         raise click.BadParameter(f"unknown policy {', '.join(bad)} (choose from {', '.join(POLICIES)})",
                                  param_hint="--policies")
     config = bench_config(gamma=gamma)  # KVCOMM_* then --gamma; a bad value fails before the model loads
+    for text in variants:
+        config.replace(policy="kvcomm").variant(text)  # a bad variant fails before the model loads too
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_transformers()
     setting = BenchSetting(agents=agents, prefix_len=prefix_len, input_len=input_len, output_len=output_len,
-                           warmup=warmup, requests=requests, policies=chosen)
+                           warmup=warmup, requests=requests, policies=chosen, variants=variants)
     out = run_benchmark(setting, config, model=model, model_shape=model_shape, layers=layers, device=device,
                         dtype=dtype, threads=threads)
     click.echo(render(out))
