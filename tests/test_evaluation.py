@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from kvcomm import KVCommConfig
 from kvcomm.tools.cli import main
-from kvcomm.tools.evaluation import dag_templates, run_eval
+from kvcomm.tools.eval_stats import fallback_sweep
+from kvcomm.tools.evaluation import dag_templates, render, run_eval
 
 QUESTIONS = ["def add(a, b):\n    \"\"\"Return a + b.\"\"\"", "def neg(x):\n    \"\"\"Return -x.\"\"\"",
              "def add(a, b):\n    \"\"\"Return a + b.\"\"\""]
@@ -252,3 +253,40 @@ def test_render_says_why_nothing_is_paired():
     assert "every row over the same 0 calls" in text and "the kvcomm row served no call in reuse mode" in text
     only_dense = render_paired(paired_figures(calls[1:], ["dense"], exact_tokens=2), 2)
     assert "there is no row but dense" in only_dense
+
+
+def _call(request: int, policy: str, mode: str, agree: bool, kl: float, margin: float, ttft: float) -> dict:
+    return {"request": request, "agent": "a", "policy": policy, "mode": mode, "first_token_agree": agree,
+            "kl_first": kl, "margin": margin, "ttft_ms": ttft}
+
+
+def test_fallback_sweep_counts_calls_under_the_margin_as_full_prefills() -> None:
+    calls = [_call(r, "dense", "dense", True, 0.0, 9.0, 100.0) for r in range(4)] + [
+        _call(0, "kvcomm", "reuse", True, 0.01, 2.0, 20.0),
+        _call(1, "kvcomm", "reuse", False, 0.05, 0.2, 30.0),  # a near-tie it got wrong
+        _call(2, "kvcomm", "reuse", True, 0.02, 0.6, 10.0),
+        _call(3, "kvcomm", "dense", True, 0.0, 3.0, 100.0),  # dense anyway (recorded deltas)
+    ]
+    m0, m_half = fallback_sweep(calls, "kvcomm", (0.0, 0.5))
+    assert m0["fallback_margin"] == 0.0 and m0["reuse_calls"] == 3 and m0["call_reuse_pct"] == 75.0
+    assert m0["first_token_agree_reuse_pct"] == pytest.approx(200 / 3) and m0["first_token_agree_pct"] == 75.0
+    assert m0["kl_first_reuse"] == pytest.approx(0.08 / 3)
+    assert m0["speedup_reuse_calls"] == pytest.approx(100 / 20) and m0["speedup_all_calls"] == pytest.approx(400 / 160)
+    # m = 0.5: the near-tie is prefilled in full (agrees, and costs its attempt plus dense's prefill)
+    assert m_half["reuse_calls"] == 2 and m_half["call_reuse_pct"] == 50.0
+    assert m_half["first_token_agree_reuse_pct"] == 100.0 and m_half["first_token_agree_pct"] == 100.0
+    assert m_half["kl_first_reuse"] == pytest.approx(0.015)
+    assert m_half["speedup_reuse_calls"] == pytest.approx(100 / 15)
+    assert m_half["speedup_all_calls"] == pytest.approx(400 / 260)
+    none = fallback_sweep(calls, "kvcomm", (9.0,))[0]  # every reuse call falls back
+    assert none["reuse_calls"] == 0 and none["first_token_agree_reuse_pct"] is None
+
+
+def test_eval_reports_the_fallback_sweep_of_its_kvcomm_row(evaluated):
+    sweep = evaluated["fallback_sweep"]
+    row = {r["policy"]: r for r in evaluated["rows"]}["kvcomm"]
+    assert [s["fallback_margin"] for s in sweep] == [0.0, 0.1, 0.25, 0.5, 1.0]
+    assert sweep[0]["call_reuse_pct"] == pytest.approx(row["call_reuse_pct"])  # m = 0: the row as measured
+    assert sweep[0]["first_token_agree_pct"] == pytest.approx(row["first_token_agree_pct"])
+    assert all(a["reuse_calls"] >= b["reuse_calls"] for a, b in zip(sweep, sweep[1:]))
+    assert "kvcomm with fallback_margin=m" in render(evaluated)

@@ -171,3 +171,52 @@ def render_paired(paired: dict[str, Any], exact_tokens: int) -> str:
 
 
 __all__ = ["FIGURES", "bootstrap_ci", "bootstrap_means", "paired_figures", "reference_row", "render_paired", "with_ci"]
+
+
+#: the fallback margins (nats) :func:`fallback_sweep` evaluates
+SWEEP_MARGINS = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+def fallback_sweep(calls: list[dict[str, Any]], label: str, margins: Sequence[float] = SWEEP_MARGINS
+                   ) -> list[dict[str, Any]]:
+    """What ``fallback_margin=m`` would give the row ``label``, read off its per-call rows.
+
+    A reuse call whose own first-token margin (``margin``) is under m is counted as a full
+    prefill: it agrees, its KL is 0, its TTFT is its own plus dense's (the abandoned attempt, then
+    the prefill). Every other call keeps its measured figures. Approximate where upstream answers'
+    KV is each row's own (a call that fell back would publish dense's answer KV, which its
+    consumers' figures do not include); rerun with ``--variant fallback_margin=m`` to measure it.
+    """
+    dense = {(c["request"], c["agent"]): c["ttft_ms"] for c in calls if c["policy"] == "dense"}
+    mine = [c for c in calls if c["policy"] == label]
+    out = []
+    for m in margins:
+        served = [c for c in mine if c["mode"] == "reuse" and c["margin"] >= m]
+        fell = {id(c) for c in mine if c["mode"] == "reuse" and c["margin"] < m}
+        agree = [1.0 if id(c) in fell else float(c["first_token_agree"]) for c in mine]
+        ttft = sum(c["ttft_ms"] + (dense[(c["request"], c["agent"])] if id(c) in fell else 0.0) for c in mine)
+        row: dict[str, Any] = {
+            "fallback_margin": m, "call_reuse_pct": 100.0 * len(served) / max(1, len(mine)), "reuse_calls": len(served),
+            "first_token_agree_reuse_pct": None, "kl_first_reuse": None, "speedup_reuse_calls": None,
+            "first_token_agree_pct": 100.0 * statistics.fmean(agree) if agree else None,
+            "speedup_all_calls": sum(dense[(c["request"], c["agent"])] for c in mine) / ttft if ttft else None,
+        }
+        if served:
+            row["first_token_agree_reuse_pct"] = 100.0 * statistics.fmean(c["first_token_agree"] for c in served)
+            row["kl_first_reuse"] = statistics.fmean(c["kl_first"] for c in served)
+            row["speedup_reuse_calls"] = (statistics.fmean(dense[(c["request"], c["agent"])] for c in served)
+                                          / statistics.fmean(c["ttft_ms"] for c in served))
+        out.append(row)
+    return out
+
+
+SWEEP_COLUMNS = [
+    ("fallback_margin", "fallback_margin", ".2f"),
+    ("call_reuse_pct", "call reuse %", ".1f"),
+    ("reuse_calls", "reuse calls", "d"),
+    ("first_token_agree_reuse_pct", "1st tok (reuse calls) %", ".1f"),
+    ("kl_first_reuse", "KL 1st (reuse calls)", ".4f"),
+    ("speedup_reuse_calls", "dense/row (reuse calls)", ".2f"),
+    ("first_token_agree_pct", "1st tok (all calls) %", ".1f"),
+    ("speedup_all_calls", "dense/row (all calls)", ".2f"),
+]

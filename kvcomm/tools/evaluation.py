@@ -31,7 +31,15 @@ from kvcomm.engine import KVCommEngine
 from kvcomm.kv import next_token_margin
 from kvcomm.prompt import Content
 from kvcomm.template import Template
-from kvcomm.tools.eval_stats import RESAMPLES, SEED, bootstrap_ci, paired_figures, render_paired
+from kvcomm.tools.eval_stats import (
+    RESAMPLES,
+    SEED,
+    SWEEP_COLUMNS,
+    bootstrap_ci,
+    fallback_sweep,
+    paired_figures,
+    render_paired,
+)
 
 AGENT_ROLES = [
     ("analyst", "You are an analyst. Restate the task and its edge cases in one or two sentences."),
@@ -297,6 +305,7 @@ def run_eval(
         rows.append(row)
         if label != "dense":
             by_agent.extend(_agent_rows(label, acc[label]))
+    sweep = fallback_sweep(calls, "kvcomm") if "kvcomm" in engines else None
     paired = paired_figures(calls, list(engines), exact_tokens=exact_tokens, resamples=resamples, seed=seed)
     in_pair = {(r, a) for r, a in paired["calls"]}
     for c in calls:
@@ -311,6 +320,7 @@ def run_eval(
         "rows": rows,
         "by_agent": by_agent,
         "paired": paired,
+        "fallback_sweep": sweep,
         "calls": calls,
     }
 
@@ -410,4 +420,8 @@ def render(out: dict[str, Any]) -> str:
              format_table(out["by_agent"], AGENT_COLUMNS)]
     if "paired" in out:
         lines.append(render_paired(out["paired"], n_exact))
+    if out.get("fallback_sweep"):
+        lines += ["\nkvcomm with fallback_margin=m (a reuse call whose first token leads by less than m nats "
+                  "prefilled in full), estimated from this run's per-call margins; --variant fallback_margin=m "
+                  "measures one", format_table(out["fallback_sweep"], SWEEP_COLUMNS)]
     return "\n".join(lines)
