@@ -288,5 +288,5 @@ def test_eval_reports_the_fallback_sweep_of_its_kvcomm_row(evaluated):
     assert [s["fallback_margin"] for s in sweep] == [0.0, 0.1, 0.25, 0.5, 1.0]
     assert sweep[0]["call_reuse_pct"] == pytest.approx(row["call_reuse_pct"])  # m = 0: the row as measured
     assert sweep[0]["first_token_agree_pct"] == pytest.approx(row["first_token_agree_pct"])
-    assert all(a["reuse_calls"] >= b["reuse_calls"] for a, b in zip(sweep, sweep[1:]))
+    assert all(a["reuse_calls"] >= b["reuse_calls"] for a, b in zip(sweep, sweep[1:], strict=False))
     assert "kvcomm with fallback_margin=m" in render(evaluated)
