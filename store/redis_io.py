@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import torch
@@ -30,6 +30,7 @@ from kvcomm.store.nodes import Node, Topology, TopologyError
 from kvcomm.store.wire import Batch, Reply
 
 T = TypeVar("T")
+_REROUTE = object()  # _run's answer to a MOVED/ASK reply where the caller routes again
 
 _SCAN_COUNT = 1000
 AUTH_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
@@ -133,8 +134,13 @@ class ServerIO:
             self._topology_fault(exc, what)
             return []
 
-    def _run(self, node: Node, what: str, fn: Callable[[redis.Redis], T], default: T) -> T:
-        """Run one operation on one node; any Redis error becomes a counted, warned fault -> default."""
+    def _run(self, node: Node, what: str, fn: Callable[[redis.Redis], T], default: T, *,
+             moved: Any = None) -> T:
+        """Run one operation on one node; any Redis error becomes a counted, warned fault -> default.
+
+        ``moved``: a ``MOVED``/``ASK`` reply (the key lives elsewhere now) marks the slot map stale
+        and returns this sentinel instead of a fault, so the caller can route the key again.
+        """
         skipped = self._skipped(node, what)
         if skipped:
             self._fault(*skipped)
@@ -143,6 +149,9 @@ class ServerIO:
             self.counters.round_trip()
             result = fn(node.client)
         except (redis.RedisError, TopologyError) as exc:
+            if moved is not None and isinstance(exc, (MovedError, AskError)):
+                self.topology.stale()
+                return cast(T, moved)
             self._fault(*self._node_fault(node, exc, what))
             return default
         self._node_ok(node)
@@ -154,25 +163,10 @@ class ServerIO:
             groups = self._route([full], what)
             if groups is None:
                 return default
-            node = next(iter(groups))
-            skipped = self._skipped(node, what)
-            if skipped:
-                self._fault(*skipped)
-                return default
-            try:
-                self.counters.round_trip()
-                result = fn(node.client)
-            except (MovedError, AskError) as exc:
-                self.topology.stale()
-                if attempt == 0:
-                    continue
-                self._fault(*self._node_fault(node, exc, what))
-                return default
-            except (redis.RedisError, TopologyError) as exc:
-                self._fault(*self._node_fault(node, exc, what))
-                return default
-            self._node_ok(node)
-            return result
+            # moved again on the second try: a fault like any other (the cluster is resharding)
+            result = self._run(next(iter(groups)), what, fn, default, moved=_REROUTE if attempt == 0 else None)
+            if result is not _REROUTE:
+                return result
         return default
 
     # -- batches: one pipelined round trip per server, all servers at once --------------------------

@@ -217,3 +217,26 @@ def test_killed_master_mid_pipeline_misses_its_keys_others_serve(fresh_cluster, 
     assert stats["hits"] >= 30 - 2 * lost and stats["faults"]["unreachable"] > lost
     with redis.Redis(port=next(p for p in fresh_cluster.ports if p != dead)) as c:  # the survivors agree
         assert c.ping()
+
+
+def test_a_stale_slot_map_is_mended_by_the_moved_reply(cluster_store, recwarn) -> None:
+    """A key routed by a stale slot map (as after a failover or a reshard) reaches a master that
+    no longer holds it, which answers MOVED: the store reads the map again and retries once, so the
+    operation lands where the key lives, with no fault and no warning."""
+    from redis.crc import key_slot
+
+    key = "pool-moved-probe"
+    full = cluster_store._full(key)
+    manager = cluster_store.topology.client.nodes_manager
+    slot = key_slot(full.encode("utf-8"))
+    owner = manager.slots_cache[slot][0]
+    other = next(n for n in cluster_store.topology.client.get_primaries() if n.name != owner.name)
+    faults = cluster_store.stats()["faults"]
+    manager.slots_cache[slot] = [other]  # the map now sends this key to the wrong master
+    assert cluster_store.topology.node_for(full).name == other.name
+    assert cluster_store.pool_write(key, {"uses": 1})  # MOVED, map read again, written on the owner
+    assert cluster_store.topology.node_for(full).name == owner.name
+    assert cluster_store.pool_increment(key, "uses", 2) == 3
+    assert cluster_store.pool_read(key) == {"uses": "3"}
+    assert cluster_store.stats()["faults"] == faults
+    assert not [w for w in recwarn if issubclass(w.category, StoreFaultWarning)]
