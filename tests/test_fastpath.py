@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -140,3 +141,68 @@ def test_a_failing_decode_kernel_falls_back_to_sdpa(monkeypatch, caplog):
         assert ok.decode_kernel is True
     finally:
         set_backend(None)
+
+
+# -- the selective recompute's attention on the CPU (many queries over the buffer) -------------------
+static_module = importlib.import_module("kvcomm.fastpath.static_cache")
+
+
+class _Module:  # what transformers hands an attention function (the grouped-heads count)
+    def __init__(self, groups: int) -> None:
+        self.num_key_value_groups, self.is_causal, self.training = groups, True, False
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, q, S", [(9, 3, 7, 40), (4, 4, 3, 17), (8, 2, 2, 64)])
+def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(heads * 100 + q)
+    query = torch.randn(1, heads, q, 16, generator=g).to(dtype)
+    key, value = (torch.randn(1, kv_heads, S, 16, generator=g).to(dtype) for _ in range(2))
+    positions = torch.linspace(S // 3, S - 1, q).long()  # scattered queries, each seeing up to itself
+    visible = torch.arange(S + 5).unsqueeze(0) <= positions.unsqueeze(1)  # a mask wider than the keys
+    mask = torch.zeros(1, 1, q, S + 5, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    module = _Module(heads // kv_heads)
+    got, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask[..., :S], scaling=0.25)
+    assert got.shape == want.shape == (1, q, heads, 16)
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    one, _ = static_module.many_query_attention(module, query[:, :, :1], key, value, mask[:, :, :1, :S])
+    ref, _ = sdpa_attention_forward(module, query[:, :, :1], key, value, mask[:, :, :1, :S])
+    assert torch.equal(one, ref)  # one query: SDPA's own result
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_recompute_with_folded_attention_equals_sdpa(arch, monkeypatch):
+    """StaticPromptCache.recompute on the CPU (folded matmuls over the prompt's slots only) gives
+    SDPA's logits and KV over the whole buffer, and leaves the model's attention setting alone."""
+    model = tiny_random_model(arch)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))[0].tolist()
+    from kvcomm.kv import block_from_cache, prefill
+
+    _, cache = prefill(model, ids)
+    blk = block_from_cache(cache, 0, len(ids) - 1)
+    selected = torch.tensor([2, 3, 9, 15])
+    out = {}
+    folded = []
+    real = static_module._many_applies
+
+    def applies(*args, fold: bool):  # fold False: every call goes on to SDPA's function
+        if fold and real(*args):
+            folded.append(1)
+            return True
+        return False
+
+    for fold in (True, False):
+        monkeypatch.setattr(static_module, "_many_applies", functools.partial(applies, fold=fold))
+        buf = StaticPromptCache(model, 64)
+        view = buf.prompt_views(len(ids) - 1)
+        view.k.copy_(blk.k.add(0.05))  # "reused" KV a little off, so the recomputed tokens differ from it
+        view.v.copy_(blk.v)
+        out[fold] = (buf.recompute(ids, selected), buf.k.clone(), buf.v.clone())
+        assert model.config._attn_implementation == "sdpa"
+    (la, ka, va), (lb, kb, vb) = out[True], out[False]
+    assert len(folded) == model.config.num_hidden_layers  # the folded attention ran, in every layer
+    assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)

@@ -15,8 +15,10 @@ kernels ran during capture, so replays use it too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -74,6 +76,61 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     return use_triton(None, query)
 
 
+MANY_ATTN_IMPLEMENTATION = "kvcomm_many"
+
+
+def many_query_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function for a selective recompute on the CPU: a few queries over
+    a long KV buffer, else SDPA.
+
+    SDPA's CPU kernel runs this shape (tens of queries, thousands of keys, a float mask) at a
+    fraction of the speed of a matrix multiply, after copying every grouped K/V head out
+    (``repeat_kv``) over the whole buffer: 55% of a 46-token recompute over 4K tokens. Here the query
+    heads that share a K/V head are folded into one matrix, so the attention is two batched matmuls
+    and a softmax, and K/V are read once, in place. Same contract as SDPA's function; anything else
+    (one query, CUDA, dropout, softcap, sinks, a mask of another shape) is SDPA's.
+    """
+    if not _many_applies(query, key, attention_mask, dropout, kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, Hq, q, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    groups = Hq // Hkv  # query head h reads K/V head h // groups (repeat_kv's order)
+    scale = scaling if scaling is not None else D**-0.5
+    folded = query.reshape(B, Hkv, groups * q, D)
+    scores = torch.matmul(folded, key.transpose(2, 3)).float().mul_(scale)  # [B, Hkv, groups*q, S]
+    if attention_mask is not None:
+        scores.view(B, Hkv, groups, q, S).add_(attention_mask[:, :, None, :, :S])
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [B, Hkv, groups*q, D]
+    return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), None
+
+
+def _many_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+                  kwargs: dict[str, Any]) -> bool:
+    if query.shape[2] < 2 or query.device.type != "cpu" or dropout:
+        return False
+    if any(kwargs.get(name) is not None for name in (*_UNSUPPORTED_KWARGS, "sinks")):
+        return False
+    if query.dtype != key.dtype or query.shape[1] % key.shape[1]:
+        return False
+    return mask is None or (
+        mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
+        and mask.shape[1] == 1 and mask.shape[2] == query.shape[2] and mask.shape[3] >= key.shape[2]
+    )
+
+
 def register_attention() -> None:
     """Register ``"kvcomm_decode"`` with transformers (idempotent).
 
@@ -86,6 +143,8 @@ def register_attention() -> None:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, kvcomm_decode_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(MANY_ATTN_IMPLEMENTATION, many_query_attention)
+    AttentionMaskInterface.register(MANY_ATTN_IMPLEMENTATION, sdpa_mask)
 
 
 def _scattered_update(owner: StaticPromptCache, original: Any) -> Any:
@@ -99,7 +158,8 @@ def _scattered_update(owner: StaticPromptCache, original: Any) -> Any:
             return original(layer, key_states, value_states, *args, **kwargs)
         layer.keys.index_copy_(2, positions, key_states)
         layer.values.index_copy_(2, positions, value_states)
-        return layer.keys, layer.values
+        # attention reads the prompt's slots only, not the buffer's empty tail (the mask hides it)
+        return layer.keys[:, :, : owner._visible], layer.values[:, :, : owner._visible]
 
     return update
 
@@ -154,6 +214,7 @@ class StaticPromptCache:
             layer.is_initialized = True
             layer.update = types.MethodType(_scattered_update(self, type(layer).update), layer)
         self._positions: torch.Tensor | None = None  # where a selective recompute writes (see recompute)
+        self._visible = capacity  # the slots a selective recompute's attention reads (see recompute)
         self.min = torch.finfo(dtype).min
         self.mask = torch.full((1, 1, 1, capacity), self.min, dtype=dtype, device=dev)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -245,16 +306,20 @@ class StaticPromptCache:
         q = int(positions.numel())
         if P > self.capacity:
             raise ValueError(f"a prompt of {P} tokens in a cache of {self.capacity}")
-        visible = torch.arange(self.capacity, device=dev).unsqueeze(0) <= positions.unsqueeze(1)  # [q, cap]
-        mask = torch.zeros(1, 1, q, self.capacity, dtype=self.mask.dtype, device=dev)
+        # the attention reads the prompt's P slots only (the cache layers hand back views of them)
+        visible = torch.arange(P, device=dev).unsqueeze(0) <= positions.unsqueeze(1)  # [q, P]
+        mask = torch.zeros(1, 1, q, P, dtype=self.mask.dtype, device=dev)
         mask[0, 0].masked_fill_(~visible, self.min)
         tokens = torch.tensor([ids], device=dev)[:, positions]
-        self._positions = positions
+        self._positions, self._visible = positions, P
+        # on the CPU the attention runs as folded matmuls (many_query_attention), not SDPA's kernel
+        name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
         try:
-            out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask,
-                             cache=self.cache, use_cache=True, logits_to_keep=1)
+            with self._attention(name):
+                out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask,
+                                 cache=self.cache, use_cache=True, logits_to_keep=1)
         finally:
-            self._positions = None
+            self._positions, self._visible = None, self.capacity
         self.begin(P)
         return out.logits[0, -1].float()
 
@@ -284,18 +349,28 @@ class StaticPromptCache:
         return out.logits[0].float()
 
     def _forward(self) -> torch.Tensor:
-        if not self.decode_kernel:
+        with self._attention(ATTN_IMPLEMENTATION if self.decode_kernel else None):
             return self._model_call()
-        # Llama/Qwen2 attention layers look their function up in config._attn_implementation on
-        # every forward, so the swap holds for this call only. The setter recurses into
-        # sub-configs; restoring parents first puts back each one's own value.
+
+    @contextlib.contextmanager
+    def _attention(self, name: str | None) -> Iterator[None]:
+        """Run the model's attention through the registered function ``name`` (None: as it is).
+
+        Llama/Qwen2 attention layers look their function up in config._attn_implementation on
+        every forward, so the swap holds for the calls inside only. The setter recurses into
+        sub-configs; restoring parents first puts back each one's own value.
+        """
+        if name is None:
+            yield
+            return
+        register_attention()
         saved = [(cfg, cfg._attn_implementation) for cfg in _configs(self.model.config)]
-        self.model.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.model.config._attn_implementation = name
         try:
-            return self._model_call()
+            yield
         finally:
-            for cfg, name in saved:
-                cfg._attn_implementation = name
+            for cfg, old in saved:
+                cfg._attn_implementation = old
 
     def _model_call(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
