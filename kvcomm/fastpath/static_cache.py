@@ -56,17 +56,30 @@ def kvcomm_decode_attention(
     """
     if _kernel_applies(query, key, attention_mask, dropout, kwargs):
         return decode_attention(query, key, value, attention_mask, scaling), None
+    return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+          dropout: float, scaling: float | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention function: where kvcomm's own attention functions do not apply."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return out, None
+
+
+def _heads_supported(query: torch.Tensor, key: torch.Tensor, dropout: float, kwargs: dict[str, Any],
+                     unsupported: tuple[str, ...] = _UNSUPPORTED_KWARGS) -> bool:
+    """What both attention functions need: no dropout, none of the ``unsupported`` arguments, one
+    dtype, and query heads a whole multiple of the K/V heads (GQA)."""
+    if dropout or any(kwargs.get(name) is not None for name in unsupported):
+        return False
+    return query.dtype == key.dtype and query.shape[1] % key.shape[1] == 0
 
 
 def _kernel_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
                     kwargs: dict[str, Any]) -> bool:
-    if query.shape[2] != 1 or dropout or any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
-        return False
-    if query.dtype != key.dtype or query.shape[1] % key.shape[1]:
+    if query.shape[2] != 1 or not _heads_supported(query, key, dropout, kwargs):
         return False
     if mask is not None and not (
         mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
@@ -92,18 +105,14 @@ def many_query_attention(
     """A transformers attention function for a selective recompute on the CPU: a few queries over
     a long KV buffer, else SDPA.
 
-    SDPA's CPU kernel runs this shape (tens of queries, thousands of keys, a float mask) at a
-    fraction of the speed of a matrix multiply, after copying every grouped K/V head out
-    (``repeat_kv``) over the whole buffer: 55% of a 46-token recompute over 4K tokens. Here the query
-    heads that share a K/V head are folded into one matrix, so the attention is two batched matmuls
-    and a softmax, and K/V are read once, in place. Same contract as SDPA's function; anything else
+    SDPA's CPU kernel takes this shape (tens of queries, thousands of keys, a float mask) after
+    copying every grouped K/V head out (``repeat_kv``). Here the query heads that share a K/V head
+    are folded into one matrix, so the attention is two batched matmuls and a softmax, and K/V are
+    read once, in place: about 9% off a 26-46-token recompute on 2 cores (benchmarks/recompute.py). Same contract as SDPA's function; anything else
     (one query, CUDA, dropout, softcap, sinks, a mask of another shape) is SDPA's.
     """
     if not _many_applies(query, key, attention_mask, dropout, kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     B, Hq, q, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     groups = Hq // Hkv  # query head h reads K/V head h // groups (repeat_kv's order)
@@ -119,11 +128,9 @@ def many_query_attention(
 
 def _many_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
                   kwargs: dict[str, Any]) -> bool:
-    if query.shape[2] < 2 or query.device.type != "cpu" or dropout:
+    if query.shape[2] < 2 or query.device.type != "cpu":
         return False
-    if any(kwargs.get(name) is not None for name in (*_UNSUPPORTED_KWARGS, "sinks")):
-        return False
-    if query.dtype != key.dtype or query.shape[1] % key.shape[1]:
+    if not _heads_supported(query, key, dropout, kwargs, (*_UNSUPPORTED_KWARGS, "sinks")):
         return False
     return mask is None or (
         mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] in (1, query.shape[0])
