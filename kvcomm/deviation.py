@@ -26,6 +26,8 @@ import torch
 
 #: layers per step of the distance loops: small enough for the scratch to stay in cache
 LAYER_CHUNK = 4
+#: layers per step of the correction's apply (copy, add each anchor's delta, rotate)
+APPLY_LAYER_CHUNK = 2
 
 
 class Workspace:
@@ -180,21 +182,28 @@ def correct_into(
     ``out = R(shift)(src) + sum_a w_a * R(delta_shifts[a])(delta_a)``.
     """
     n = src.shape[2]
-    out.copy_(src)
     rotated_after = inv_freq is not None and delta_shifts is not None
-    if inv_freq is not None and rotated_after:
-        rotate_(out, shift, inv_freq, ws)
-    for a, delta in enumerate(deltas):
-        d = delta[skip_layers:, :, :n]
-        m = d.shape[2]  # < n: a shorter anchor has no deviation past its end
-        w = weights[a]
-        w = w[None, None, :m, None] if weights.dim() == 2 else w[skip_layers:, :, None, :]
-        if rotated_after:
-            assert inv_freq is not None and delta_shifts is not None
-            d = rotate_(ws.take("delta", tuple(d.shape), out.device).copy_(d), delta_shifts[a], inv_freq, ws)
-        out[skip_layers:, :, :m].addcmul_(d, w)
-    if inv_freq is not None and not rotated_after:
-        rotate_(out, shift, inv_freq, ws)
+    # a few layers at a time, so that the copy, every anchor's add and the rotation pass over rows
+    # still in cache (one pass over the whole piece per step would stream it from memory each time)
+    L = src.shape[0]
+    for lo in range(0, L, APPLY_LAYER_CHUNK):
+        hi = min(lo + APPLY_LAYER_CHUNK, L)
+        chunk = out[lo:hi]
+        chunk.copy_(src[lo:hi])
+        if inv_freq is not None and rotated_after:
+            rotate_(chunk, shift, inv_freq, ws)
+        first = max(lo, skip_layers)
+        for a, delta in enumerate(deltas if first < hi else ()):
+            d = delta[first:hi, :, :n]
+            m = d.shape[2]  # < n: a shorter anchor has no deviation past its end
+            w = weights[a]
+            w = w[None, None, :m, None] if weights.dim() == 2 else w[first:hi, :, None, :]
+            if rotated_after:
+                assert inv_freq is not None and delta_shifts is not None
+                d = rotate_(ws.take("delta", tuple(d.shape), out.device).copy_(d), delta_shifts[a], inv_freq, ws)
+            out[first:hi, :, :m].addcmul_(d, w)
+        if inv_freq is not None and not rotated_after:
+            rotate_(chunk, shift, inv_freq, ws)
 
 
 __all__ = ["WeightMemo", "Workspace", "channel_weights", "correct_into", "keep_top", "rotate_", "token_weights"]

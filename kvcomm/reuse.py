@@ -28,7 +28,7 @@ from kvcomm import deviation
 from kvcomm.config import KVCommConfig
 from kvcomm.deviation import Workspace
 from kvcomm.kv import KVBlock
-from kvcomm.rope import shift_keys
+from kvcomm.rope import shift_keys, shift_keys_into
 
 
 @dataclass
@@ -142,7 +142,7 @@ def assemble(
         dst = out.slice(piece.start, piece.start + n)
         anchors = piece.anchors
         if not correct or not piece.correct or anchors is None or len(anchors) == 0:
-            dst.k.copy_(shift_keys(src.k, piece.shift, inv_freq))
+            shift_keys_into(dst.k, src.k, piece.shift, inv_freq)
             dst.v.copy_(src.v)
             continue
         longest = max(b.length for b in anchors.slot_deltas)
@@ -150,7 +150,7 @@ def assemble(
             # anchors shorter than the content (min_anchor_coverage < 1): the tokens past the
             # longest one have no measured deviation, they are moved only
             rest = out.slice(piece.start + longest, piece.start + n)
-            rest.k.copy_(shift_keys(src.k[:, :, longest:], piece.shift, inv_freq))
+            shift_keys_into(rest.k, src.k[:, :, longest:], piece.shift, inv_freq)
             rest.v.copy_(src.v[:, :, longest:])
             n, src, dst = longest, src.slice(0, longest), dst.slice(0, longest)
         if stacked:

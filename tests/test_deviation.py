@@ -136,3 +136,31 @@ def test_weights_are_computed_once_per_content_and_anchor_set() -> None:
     content.k.add_(0.5)  # edited in place: its version moved, the weights are recomputed
     _correct_listed(piece, anchors, content.slice(0, 6), out, INV_FREQ, config, ws)
     assert ws.weights.hits == 3  # only the values' weights matched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("delta", [0, 37, -1000])
+def test_shift_keys_into_a_strided_buffer_equals_shift_keys(delta, dtype) -> None:
+    from kvcomm.rope import shift_keys, shift_keys_into
+
+    k = torch.randn(L, H, 9, D).to(dtype)
+    buffer = torch.full((L, 1, H, 20, D), 7.0, dtype=dtype)  # a KV buffer's layout, written at 4..13
+    shift_keys_into(buffer[:, 0, :, 4:13], k, delta, INV_FREQ)
+    want = shift_keys(k, delta, INV_FREQ)
+    torch.testing.assert_close(buffer[:, 0, :, 4:13], want, **TOL[dtype])
+    assert (buffer[:, :, :, :4] == 7).all() and (buffer[:, :, :, 13:] == 7).all()  # nothing else written
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_correction_by_layer_chunks_equals_one_pass(chunk, monkeypatch) -> None:
+    from kvcomm import deviation
+
+    src, deltas = _kv(8).k, [_kv(8).k, _kv(6).k]  # the second anchor shorter than the content
+    weights = torch.softmax(torch.randn(2, L, H, D), dim=0)
+    outs = []
+    for size in (L, chunk):
+        monkeypatch.setattr(deviation, "APPLY_LAYER_CHUNK", size)
+        out = torch.zeros(L, H, 8, D)
+        deviation.correct_into(out, src, deltas, weights, skip_layers=1, shift=11, inv_freq=INV_FREQ, ws=Workspace())
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float32])
