@@ -64,11 +64,11 @@ class KVCommConfig:
     )
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     fidelity: int = _field(
-        2, "kvcomm's quality knob, 0-3: what a reuse call recomputes after the correction (0: the last "
+        2, "kvcomm's quality knob, 0-4: what a reuse call recomputes after the correction (0: the last "
         "token, the paper's method; 1: + the query, the template's last segment; 2: + the first 4 tokens of "
         "every moved piece; 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
-        "runner-up, prefilled in full); higher agrees with a full prefill more often, at a slower first "
-        "token (1-2) or fewer reused calls (3)"
+        "runner-up, prefilled in full; 4: the same within 1 nat); higher agrees with a full prefill more "
+        "often, at a slower first token (1-2) or fewer reused calls (3-4)"
     )
     recompute_ratio: float = _field(
         0.0, "kvcomm: also recompute this fraction of the corrected tokens, those whose layer-1 values "
@@ -78,7 +78,7 @@ class KVCommConfig:
         0, "kvcomm: also recompute the first this-many tokens of every moved piece (EPIC's boundary recompute)"
     )
     recompute_boundary_at: str = _field(
-        "all", "which moved pieces the boundary recompute (fidelity 2-3, recompute_boundary) covers: 'all', "
+        "all", "which moved pieces the boundary recompute (fidelity 2-4, recompute_boundary) covers: 'all', "
         "'segments' (the template text after each slot) or 'contents' (the slot contents)"
     )
     recompute_query: bool = _field(
@@ -88,7 +88,12 @@ class KVCommConfig:
     fallback_margin: float = _field(
         0.0, "a reuse call whose first token leads the runner-up by less than this log-probability (nats) "
         "under the reused KV is prefilled in full instead (its answer is then a full prefill's); 0: never "
-        "(fidelity 3 sets 0.5 for kvcomm; the larger of the two applies)"
+        "(fidelity 3 sets 0.5 for kvcomm, 4 sets 1.0; the larger applies)"
+    )
+    partial_reuse: bool = _field(
+        False, "kvcomm: a call with a slot that has no anchor (or must be measured) reuses the slots before "
+        "it and prefills the rest of the prompt over them (mode 'partial', its deltas recorded from that "
+        "prefill); False: the whole call is prefilled (the paper's method)"
     )
     sink_text: str = _field(
         "chat", "prefix prefilled before a user input and dropped from its base KV; 'chat': the chat "

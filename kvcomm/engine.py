@@ -302,7 +302,7 @@ class KVCommEngine:
                 rec.reused_tokens, rec.recomputed_tokens = 0, prompt_len
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
-        if plan.mode != "reuse":
+        if plan.mode not in ("reuse", "partial"):
             rec.first_token_ms = rec.ttft_ms
 
         prompt_kv = block_from_cache(cache, 0, prompt_len) if return_cache else None
@@ -331,12 +331,16 @@ class KVCommEngine:
                slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int) -> tuple[torch.Tensor, Any]:
         """The reuse path: move (and correct) every piece, then recompute the last prompt token.
 
-        Fills ``rec``'s timings and token counts; returns (first-token logits, cache).
+        A ``partial`` plan moves the pieces before its first unreused slot only and recomputes
+        every token from there on (a prefill over the reused KV). Fills ``rec``'s timings and
+        token counts; returns (first-token logits, cache).
         """
         prompt_len = len(ids)
         t_fetch = time.perf_counter()
         rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
         pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
+        prefill_from = slot_starts[plan.reused_slots] if plan.mode == "partial" else prompt_len - 1
+        pieces = [piece for piece in pieces if piece.start < prefill_from]
         static = self.config.fast_path
         t_stack = time.perf_counter()
         self.fast.stack_anchors(plan.anchors)
@@ -351,11 +355,16 @@ class KVCommEngine:
         t_corr = time.perf_counter()
         rec.correct_ms = (t_corr - t_fetch) * 1e3
         cache: Any
-        if self._recomputes():
-            selected = self._recompute_selection(prompt, ids, block, seg_starts, slot_starts)
+        if self._recomputes() or prefill_from < prompt_len - 1:
+            selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts) if self._recomputes()
+                        else torch.zeros(0, dtype=torch.long, device=block.k.device))
+            if prefill_from < prompt_len - 1:  # partial: every token from the first unreused slot on
+                tail = torch.arange(prefill_from, prompt_len - 1, device=selected.device)
+                selected = torch.cat([selected[selected < prefill_from], tail])
             n_recomputed = int(selected.numel()) + 1
             if static:  # written over the reused KV in the static buffer, which stays in prompt order
                 logits, cache = self.fast.recompute(ids, selected)
+                rec.recompute_change = cache.last_change
             else:
                 logits, cache, _ = selective_recompute(self.model, ids, block, selected)
         elif static:

@@ -20,7 +20,7 @@ from typing import Any
 class CallRecord:
     agent: str
     policy: str
-    mode: str  # "dense" | "prefix" | "reuse"
+    mode: str  # "dense" | "prefix" | "reuse" | "partial"
     prompt_tokens: int
     reused_tokens: int
     recomputed_tokens: int
@@ -39,6 +39,7 @@ class CallRecord:
     bytes_moved: int = 0
     slots: dict[str, str] = field(default_factory=dict)  # slot -> "anchor" | "shareable" | "exact" ...
     fallback: bool = False  # planned as reuse, prefilled in full (fallback_margin): mode "dense"
+    recompute_change: float = 0.0  # recomputed tokens' values, relative change from their reused ones
     request_id: str = ""
     timestamp: float = 0.0
 
@@ -105,6 +106,8 @@ def _row(name: str, rs: list[CallRecord]) -> dict[str, Any]:
         "name": name,
         "calls": len(rs),
         "reuse_calls_pct": 100.0 * sum(r.mode == "reuse" for r in rs) / max(1, len(rs)),
+        # partial_reuse: leading slots reused, the rest prefilled (counted in reused tokens, not in reuse calls)
+        "partial_calls_pct": 100.0 * sum(r.mode == "partial" for r in rs) / max(1, len(rs)),
         "reused_tokens_pct": 100.0 * sum(r.reused_tokens for r in rs) / max(1, prompt),
         "prompt_tokens": prompt,
         "reused_tokens": sum(r.reused_tokens for r in rs),

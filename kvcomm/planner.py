@@ -138,6 +138,12 @@ class Planner:
             if found is None:
                 plan.mode = "dense"
             plan.anchors.append(found)
+        if plan.mode == "dense" and self.config.partial_reuse:
+            # reuse the slots before the first one that has no anchor (or must be measured);
+            # prefill from that slot on, which measures the deltas a dense call would
+            first = next(i for i, found in enumerate(plan.anchors) if found is None)
+            if first > 0:
+                plan.mode, plan.reused_slots = "partial", first
         return plan
 
     def slot_anchors(self, agent: str, hashes: list[str], *, exact: bool,

@@ -6,7 +6,9 @@ is served in one of three modes (:class:`Plan` ``mode``):
 - ``dense``: a full prefill (and, under kvcomm, the deltas this call measures are recorded);
 - ``prefix``: the agent's fixed first segment reused exactly, the rest prefilled;
 - ``reuse``: every piece moved from stored KV (RoPE shift), optionally corrected by anchors,
-  then the last prompt token (and, where the policy says so, a selection of others) recomputed.
+  then the last prompt token (and, where the policy says so, a selection of others) recomputed;
+- ``partial`` (kvcomm with ``partial_reuse``): the leading slots reused as in ``reuse``, the
+  prompt from the first slot without anchors on prefilled over them (its deltas recorded).
 
 Adding a policy is one entry in :data:`POLICIES` plus, where it plans differently, its plan
 function (``plan(planner, agent, contents) -> Plan``). Nothing else names policies: the engine
@@ -24,12 +26,13 @@ from typing import Any
 class Plan:
     """How one call is served: its mode, each slot's anchors, the deltas still to record."""
 
-    mode: str  # "dense" | "prefix" | "reuse"
+    mode: str  # "dense" | "prefix" | "reuse" | "partial"
     # per slot, its kvcomm.reuse.SlotAnchors, or None: moved only (typed loosely: the config
     # validates policy names from this module, and kvcomm.reuse imports the config)
     anchors: list[Any] = field(default_factory=list)
     record_slots: list[int] = field(default_factory=list)  # anchors lacking this agent's deltas
     slot_state: dict[str, str] = field(default_factory=dict)  # per slot, for the call record
+    reused_slots: int = 0  # "partial": the leading slots served from reused KV; the rest is prefilled
 
 
 # (planner, agent prompt, contents) -> Plan; typed loosely: the planner imports this module
@@ -74,13 +77,14 @@ FIDELITY_LEVELS: dict[int, Recompute] = {
     1: Recompute(query=True),  # + the template's last segment (the instruction before the answer)
     2: Recompute(query=True, boundary=4),  # + the first 4 tokens of every moved piece
     3: Recompute(query=True, boundary=4),  # level 2, and near-ties prefilled in full (FIDELITY_FALLBACK)
+    4: Recompute(query=True, boundary=4),  # level 2, and every call not clear by a nat prefilled in full
 }
 
 #: the fallback margin (nats) each level sets (``KVCommConfig.fallback_margin`` raises it): a reuse
 #: call whose first token leads its runner-up by less is prefilled in full. Recomputing more tokens
 #: does not settle near-ties (any deviation can swap two tokens 0.1 nats apart); only a full
 #: prefill does, so the top level buys its agreement with reuse calls, not with a slower first token.
-FIDELITY_FALLBACK: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5}
+FIDELITY_FALLBACK: dict[int, float] = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.5, 4: 1.0}
 
 
 def fallback_margin(config: Any) -> float:

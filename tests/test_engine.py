@@ -414,3 +414,33 @@ def test_shorter_anchor_distance_is_scaled_to_the_content_length():
     half = torch.zeros(2, 1, 4, 4)  # the same per-token difference over half the tokens
     assert torch.isclose(_distance(values, half), _distance(values, full))
     assert torch.isclose(_distance(values, full), torch.tensor(8.0))  # sqrt(2*8*4)
+
+
+def test_partial_reuse_prefills_from_the_first_slot_without_anchors(smollm2):
+    """partial_reuse: a call whose later slot is a new anchor reuses the slots before it and
+    prefills the rest, recording that slot's deltas, so the next call with it is a reuse call."""
+    dense = make_engine(smollm2, policy="dense")
+    dense.register_agent("solver", SOLVER)
+    plans = ["First list the facts.", "Start from the river, then name the city."]
+    refs = [dense.generate("solver", {"question": Q1, "agent:planner": p}, return_cache=True) for p in plans]
+    for partial in (False, True):
+        eng = make_engine(smollm2, partial_reuse=partial)
+        eng.register_agent("solver", SOLVER)
+        first = eng.generate("solver", {"question": Q1, "agent:planner": plans[0]})
+        assert first.mode == "dense"  # both slots new anchors
+        got = eng.generate("solver", {"question": Q1, "agent:planner": plans[1]}, return_cache=True)
+        if not partial:
+            assert got.mode == "dense"
+            continue
+        assert got.mode == "partial" and got.record.slots["agent:planner"] == "new-anchor"
+        ids, plan_ids = eng.last_prompt_ids, eng.publish("agent:planner", plans[1]).ids
+        plan_start = next(i for i in range(len(ids)) if tuple(ids[i : i + len(plan_ids)]) == tuple(plan_ids))
+        # the question (an exact anchor of this agent) reused; the plan slot on prefilled
+        assert got.record.reused_tokens == plan_start
+        assert got.record.recomputed_tokens == got.record.prompt_tokens - plan_start
+        assert got.token_ids == refs[1].token_ids
+        assert (got.cache.k - refs[1].cache.k).abs().max().item() < 2e-4
+        again = eng.generate("solver", {"question": Q1, "agent:planner": plans[1]}, return_cache=True)
+        assert again.mode == "reuse"  # the partial call recorded the plan's deltas
+        assert again.token_ids == refs[1].token_ids
+        assert (again.cache.v - refs[1].cache.v).abs().max().item() < 2e-4

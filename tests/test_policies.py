@@ -56,4 +56,5 @@ def test_fallback_margin_is_the_config_s_or_the_fidelity_level_s() -> None:
     # the levels are kvcomm's: other policies fall back only where fallback_margin says so
     assert fallback_margin(KVCommConfig(policy="epic", fidelity=3)) == 0.0
     assert fallback_margin(KVCommConfig(policy="epic", fallback_margin=0.3)) == 0.3
-    assert FIDELITY_LEVELS[3] == FIDELITY_LEVELS[2]  # level 3 recomputes what level 2 does
+    assert FIDELITY_LEVELS[3] == FIDELITY_LEVELS[4] == FIDELITY_LEVELS[2]  # levels 3-4 recompute what level 2 does
+    assert fallback_margin(KVCommConfig(fidelity=4)) == FIDELITY_FALLBACK[4] == 1.0  # and fall back more

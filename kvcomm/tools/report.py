@@ -21,8 +21,8 @@ from kvcomm.metrics import CallRecord, format_table, read_jsonl, summarize
 
 AGENT_COLUMNS = [
     ("name", "agent", "s"), ("policy", "policy", "s"), ("calls", "calls", "d"),
-    ("reuse_calls_pct", "reuse calls %", ".1f"), ("reused_tokens_pct", "tokens reused %", ".1f"),
-    ("ttft_mean_ms", "TTFT mean ms", ".1f"), ("ttft_p50_ms", "p50", ".1f"), ("ttft_p99_ms", "p99", ".1f"),
+    ("reuse_calls_pct", "reuse calls %", ".1f"), ("partial_calls_pct", "partial calls %", ".1f"),
+    ("reused_tokens_pct", "tokens reused %", ".1f"), ("ttft_mean_ms", "TTFT mean ms", ".1f"), ("ttft_p50_ms", "p50", ".1f"), ("ttft_p99_ms", "p99", ".1f"),
     ("ttft_saved_ms", "saved vs dense ms", ".1f"), ("ttft_saved_pct", "saved %", ".1f"),
     ("anchors_matched", "anchors", "d"),
 ]
