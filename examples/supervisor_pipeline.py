@@ -125,7 +125,7 @@ def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]
     for name, items in groups.items():
         later = [r for j, r in items if j >= 2]  # calls 0-1 are round 1 (supervisor, first worker)
         rows.append({"name": name, "calls": len(items),
-                     "modes": " ".join(f"{m}:{sum(r.mode == m for _, r in items)}" for m in ("reuse", "prefix", "dense")
+                     "modes": " ".join(f"{m}:{sum(r.mode == m for _, r in items)}" for m in ("reuse", "partial", "prefix", "dense")
                                        if any(r.mode == m for _, r in items)),
                      "reused_pct": _pct([r for _, r in items]), "reused_r2_pct": _pct(later) if later else None})
     return rows
@@ -136,11 +136,11 @@ def _pct(records: list[CallRecord]) -> float:
 
 
 def ttft_rows(dense: list[CallRecord], other: list[CallRecord]) -> list[dict[str, Any]]:
-    """Each reuse / prefix call beside the dense run's same call."""
+    """Each reuse / partial / prefix call beside the dense run's same call."""
     if [d.agent for d in dense] != [o.agent for o in other]:
         raise RuntimeError("dense and kvcomm runs made their calls in different orders")
     rows = []
-    for mode in ("reuse", "prefix"):
+    for mode in ("reuse", "partial", "prefix"):
         pairs = [(d, o) for d, o in zip(dense, other, strict=True) if o.mode == mode]
         if pairs:
             d_ms = statistics.fmean(d.ttft_ms for d, _ in pairs)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
                                       ("reused_pct", "reused %", ".1f"), ("reused_r2_pct", "from round 2 %", ".1f")]))
             if "dense" in engines:
                 summary[f"ttft_{policy}"] = ttft_rows(engines["dense"].records, eng.records)
-                print(f"\n{policy}: TTFT of its reuse / prefix calls beside the same calls under dense")
+                print(f"\n{policy}: TTFT of its reuse / partial / prefix calls beside the same calls under dense")
                 print(format_table(summary[f"ttft_{policy}"], [
                     ("mode", "mode", "s"), ("calls", "calls", "d"), ("dense_ms", "dense TTFT ms", ".1f"),
                     ("kvcomm_ms", f"{policy} TTFT ms", ".1f"), ("speedup", "speed-up", ".2f")]))

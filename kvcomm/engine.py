@@ -364,7 +364,6 @@ class KVCommEngine:
             n_recomputed = int(selected.numel()) + 1
             if static:  # written over the reused KV in the static buffer, which stays in prompt order
                 logits, cache = self.fast.recompute(ids, selected)
-                rec.recompute_change = cache.last_change
             else:
                 logits, cache, _ = selective_recompute(self.model, ids, block, selected)
         elif static:

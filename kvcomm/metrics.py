@@ -39,7 +39,6 @@ class CallRecord:
     bytes_moved: int = 0
     slots: dict[str, str] = field(default_factory=dict)  # slot -> "anchor" | "shareable" | "exact" ...
     fallback: bool = False  # planned as reuse, prefilled in full (fallback_margin): mode "dense"
-    recompute_change: float = 0.0  # recomputed tokens' values, relative change from their reused ones
     request_id: str = ""
     timestamp: float = 0.0
 

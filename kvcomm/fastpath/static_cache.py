@@ -222,9 +222,6 @@ class StaticPromptCache:
             layer.update = types.MethodType(_scattered_update(self, type(layer).update), layer)
         self._positions: torch.Tensor | None = None  # where a selective recompute writes (see recompute)
         self._visible = capacity  # the slots a selective recompute's attention reads (see recompute)
-        # the last recompute's relative change of the recomputed tokens' values (layers 1+): how
-        # far their reused values were from what this prompt computes
-        self.last_change = 0.0
         self.min = torch.finfo(dtype).min
         self.mask = torch.full((1, 1, 1, capacity), self.min, dtype=dtype, device=dev)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -321,9 +318,6 @@ class StaticPromptCache:
         mask = torch.zeros(1, 1, q, P, dtype=self.mask.dtype, device=dev)
         mask[0, 0].masked_fill_(~visible, self.min)
         tokens = torch.tensor([ids], device=dev)[:, positions]
-        # the reused values about to be overwritten: how far they were from this prompt's is a
-        # per-call measure of the reused KV's error (last_change), free beside the forward
-        reused_v = self.v[1:, 0, :, positions[:-1]].float()
         self._positions, self._visible = positions, P
         # on the CPU the attention runs as folded matmuls (many_query_attention), not SDPA's kernel
         name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
@@ -334,8 +328,6 @@ class StaticPromptCache:
         finally:
             self._positions, self._visible = None, self.capacity
         self.begin(P)
-        real_v = self.v[1:, 0, :, positions[:-1]].float()
-        self.last_change = float((real_v - reused_v).norm() / real_v.norm().clamp_min(1e-12)) if q > 1 else 0.0
         return out.logits[0, -1].float()
 
     @torch.inference_mode()

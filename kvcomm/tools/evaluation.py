@@ -335,8 +335,7 @@ def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool],
     """One call of one row: how it was served, how close its logits were to dense's, what it cost
     (``dense_margin``: :func:`_margin` of dense's first token in the same call; ``margin``: the
     same of this row's own first token, what ``fallback_margin`` compares; ``fallback``: planned
-    as reuse, prefilled in full; ``recompute_change``: how far the recomputed tokens' reused values
-    were from their recomputed ones, relative; the TTFT split into planning + fetching, moving + correcting and
+    as reuse, prefilled in full; the TTFT split into planning + fetching, moving + correcting and
     the first-token forward)."""
     rec = res.record
     return {
@@ -344,7 +343,6 @@ def _call_row(request: int, agent: str, label: str, res: Any, agree: list[bool],
         "first_token_agree": bool(agree[0]), "exact": all(agree[:exact_tokens]),
         "tf_agree": statistics.fmean(agree), "kl_first": kls[0], "kl_mean": statistics.fmean(kls),
         "dense_margin": dense_margin, "margin": _margin(res.logits or []), "fallback": rec.fallback,
-        "recompute_change": rec.recompute_change,
         "ttft_ms": rec.ttft_ms, "fetch_ms": rec.fetch_ms, "correct_ms": rec.correct_ms,
         "first_token_ms": rec.first_token_ms, "prompt_tokens": rec.prompt_tokens,
         "reused_tokens": rec.reused_tokens,
