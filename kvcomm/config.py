@@ -84,6 +84,11 @@ class KVCommConfig:
     recompute_query: bool = _field(
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
     )
+    recompute_query_tokens: int = _field(
+        0, "kvcomm: the query recompute (fidelity 1-4, recompute_query) covers at least this many of the "
+        "prompt's last tokens, reaching back into the last slot content where the template's tail is shorter "
+        "(a message-list prompt's tail is only the generation prompt)"
+    )
     epic_tokens: int = _field(16, "epic: tokens recomputed at the start of every moved piece (EPIC's k)")
     fallback_margin: float = _field(
         0.0, "a reuse call whose first token leads the runner-up by less than this log-probability (nats) "
@@ -140,6 +145,8 @@ class KVCommConfig:
             raise ConfigError(f"fidelity={self.fidelity} must be one of {', '.join(map(str, FIDELITY_LEVELS))}")
         if self.recompute_boundary < 0:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
+        if self.recompute_query_tokens < 0:
+            raise ConfigError(f"recompute_query_tokens={self.recompute_query_tokens} must be >= 0")
         if self.recompute_boundary_at not in BOUNDARY_PIECES:
             raise ConfigError(f"recompute_boundary_at={self.recompute_boundary_at!r} must be one of "
                               f"{', '.join(BOUNDARY_PIECES)}")

@@ -406,8 +406,9 @@ class KVCommEngine:
             starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
                       "contents": slot_starts}[want.boundary_at]
             spans += [(start, start + want.boundary) for start in starts]
-        if want.query:
-            spans.append((seg_starts[-1], last))
+        if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
+            floor = slot_starts[0] if slot_starts else seg_starts[-1]
+            spans.append((max(floor, min(seg_starts[-1], last - want.query_tokens)), last))
         parts.append(span_selection(spans, last, device))
         return torch.cat(parts).unique(sorted=True)
 

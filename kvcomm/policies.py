@@ -53,12 +53,15 @@ class Recompute:
         boundary_at: which moved pieces get the ``boundary`` recompute: ``"all"``, only the
             ``"segments"`` (the template text after each slot, prefilled at registration behind a
             placeholder) or only the slot ``"contents"``.
+        query_tokens: the ``query`` recompute covers at least this many of the prompt's last
+            tokens, reaching back into the last content where the template's tail is shorter.
     """
 
     ratio: float = 0.0
     boundary: int = 0
     query: bool = False
     boundary_at: str = "all"
+    query_tokens: int = 0
 
     @property
     def any(self) -> bool:
@@ -97,7 +100,8 @@ def fallback_margin(config: Any) -> float:
 def _kvcomm_recompute(config: Any) -> Recompute:
     level = FIDELITY_LEVELS[config.fidelity]
     return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
-                     query=level.query or config.recompute_query, boundary_at=config.recompute_boundary_at)
+                     query=level.query or config.recompute_query, boundary_at=config.recompute_boundary_at,
+                     query_tokens=config.recompute_query_tokens)
 
 
 @dataclass(frozen=True)

@@ -444,3 +444,26 @@ def test_partial_reuse_prefills_from_the_first_slot_without_anchors(smollm2):
         assert again.mode == "reuse"  # the partial call recorded the plan's deltas
         assert again.token_ids == refs[1].token_ids
         assert (again.cache.v - refs[1].cache.v).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("query_tokens", [0, 5, 40])
+def test_query_recompute_reaches_back_into_the_last_content(smollm2, query_tokens):
+    """recompute_query_tokens: the query recompute covers the template's tail and at least that
+    many of the prompt's last tokens, reaching into the content before it (never into the exact
+    prefix)."""
+    eng = make_engine(smollm2, fidelity=0, recompute_query=True, recompute_query_tokens=query_tokens, gamma=1.0)
+    eng.register_agent("planner", PLANNER)
+    for q in (Q1, Q2):
+        eng.generate("planner", {"question": q})
+    picked: list[torch.Tensor] = []
+    original = eng._recompute_selection
+    eng._recompute_selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
+    out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
+    assert out.mode == "reuse"
+    last = out.record.prompt_tokens - 1
+    tail_start = last - len(eng.agents["planner"].segments[-1]) + 1
+    start = max(len(eng.agents["planner"].segments[0]), min(tail_start, last - query_tokens))
+    assert picked[0].tolist() == list(range(start, last))
+    assert out.record.recomputed_tokens == last - start + 1
+    with pytest.raises(ConfigError, match="recompute_query_tokens"):
+        KVCommConfig(recompute_query_tokens=-1)

@@ -42,6 +42,7 @@ def test_recompute_selections_come_from_the_config() -> None:
     assert policy("kvcomm").recompute(KVCommConfig(recompute_boundary_at="segments")) == Recompute(
         boundary=4, query=True, boundary_at="segments")
     assert policy("epic").recompute(config.replace(recompute_boundary_at="contents")).boundary_at == "all"
+    assert policy("kvcomm").recompute(KVCommConfig(recompute_query_tokens=16)).query_tokens == 16
     assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any
     assert policy("kvcomm").corrects and not policy("naive").corrects
     with pytest.raises(KeyError, match="unknown policy"):
