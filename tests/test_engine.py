@@ -168,11 +168,10 @@ def test_epic_recomputing_whole_pieces_gives_dense_logits(smollm2):
     assert out.record.recomputed_tokens == 2 + tail
 
 
-@pytest.mark.parametrize("where", ["all", "segments", "contents"])
-def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
-    """recompute_boundary_at picks which moved pieces' first tokens are recomputed: the slot
-    contents, the template segments after them, or both (the engine's own selection, read back)."""
-    eng = make_engine(smollm2, fidelity=0, recompute_boundary=2, recompute_boundary_at=where, gamma=1.0)
+def _reuse_call_selection(smollm2, **cfg):
+    """A planner reuse call (fidelity 0 plus ``cfg``'s recompute knobs) after two anchors: the
+    engine, its result, and the positions the engine's own selection picked to recompute."""
+    eng = make_engine(smollm2, fidelity=0, gamma=1.0, **cfg)
     eng.register_agent("planner", PLANNER)
     for q in (Q1, Q2):
         eng.generate("planner", {"question": q})
@@ -180,13 +179,21 @@ def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
     original = eng._recompute_selection
     eng._recompute_selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
     out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
-    assert out.mode == "reuse"
+    assert out.mode == "reuse" and len(picked) == 1
+    return eng, out, picked[0]
+
+
+@pytest.mark.parametrize("where", ["all", "segments", "contents"])
+def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
+    """recompute_boundary_at picks which moved pieces' first tokens are recomputed: the slot
+    contents, the template segments after them, or both (the engine's own selection, read back)."""
+    eng, out, picked = _reuse_call_selection(smollm2, recompute_boundary=2, recompute_boundary_at=where)
     prompt = eng.agents["planner"]
     slot_start = len(prompt.segments[0])
     seg_start = slot_start + len(eng._encode(Q3))
     want = {"all": [slot_start, slot_start + 1, seg_start, seg_start + 1], "segments": [seg_start, seg_start + 1],
             "contents": [slot_start, slot_start + 1]}[where]
-    assert picked[0].tolist() == want
+    assert picked.tolist() == want
     assert out.record.recomputed_tokens == len(want) + 1
     with pytest.raises(ConfigError, match="recompute_boundary_at"):
         KVCommConfig(recompute_boundary_at="middle")
@@ -451,19 +458,11 @@ def test_query_recompute_reaches_back_into_the_last_content(smollm2, query_token
     """recompute_query_tokens: the query recompute covers the template's tail and at least that
     many of the prompt's last tokens, reaching into the content before it (never into the exact
     prefix)."""
-    eng = make_engine(smollm2, fidelity=0, recompute_query=True, recompute_query_tokens=query_tokens, gamma=1.0)
-    eng.register_agent("planner", PLANNER)
-    for q in (Q1, Q2):
-        eng.generate("planner", {"question": q})
-    picked: list[torch.Tensor] = []
-    original = eng._recompute_selection
-    eng._recompute_selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
-    out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
-    assert out.mode == "reuse"
+    eng, out, picked = _reuse_call_selection(smollm2, recompute_query=True, recompute_query_tokens=query_tokens)
     last = out.record.prompt_tokens - 1
     tail_start = last - len(eng.agents["planner"].segments[-1]) + 1
     start = max(len(eng.agents["planner"].segments[0]), min(tail_start, last - query_tokens))
-    assert picked[0].tolist() == list(range(start, last))
+    assert picked.tolist() == list(range(start, last))
     assert out.record.recomputed_tokens == last - start + 1
     with pytest.raises(ConfigError, match="recompute_query_tokens"):
         KVCommConfig(recompute_query_tokens=-1)
