@@ -355,10 +355,11 @@ class KVCommEngine:
         t_corr = time.perf_counter()
         rec.correct_ms = (t_corr - t_fetch) * 1e3
         cache: Any
-        if self._recomputes() or prefill_from < prompt_len - 1:
+        partial = prefill_from < prompt_len - 1
+        if self._recomputes() or partial:
             selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts) if self._recomputes()
                         else torch.zeros(0, dtype=torch.long, device=block.k.device))
-            if prefill_from < prompt_len - 1:  # partial: every token from the first unreused slot on
+            if partial:  # every token from the first unreused slot on
                 tail = torch.arange(prefill_from, prompt_len - 1, device=selected.device)
                 selected = torch.cat([selected[selected < prefill_from], tail])
             n_recomputed = int(selected.numel()) + 1
