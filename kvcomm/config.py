@@ -85,7 +85,7 @@ class KVCommConfig:
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
     )
     recompute_query_tokens: int = _field(
-        0, "kvcomm: the query recompute (fidelity 1-4, recompute_query) covers at least this many of the "
+        16, "kvcomm: the query recompute (fidelity 1-4, recompute_query) covers at least this many of the "
         "prompt's last tokens, reaching back into the last slot content where the template's tail is shorter "
         "(a message-list prompt's tail is only the generation prompt)"
     )
@@ -94,6 +94,11 @@ class KVCommConfig:
         0.0, "a reuse call whose first token leads the runner-up by less than this log-probability (nats) "
         "under the reused KV is prefilled in full instead (its answer is then a full prefill's); 0: never "
         "(fidelity 3 sets 0.5 for kvcomm, 4 sets 1.0; the larger applies)"
+    )
+    exact_prefix: bool = _field(
+        True, "a call planned as a prefill (new anchors measured, a fallback) starts it after the agent's "
+        "fixed prefix, whose KV is the registered template's, reused exactly (mode 'prefix'); False: such "
+        "calls prefill the whole prompt (mode 'dense'). Policy 'dense' never reuses it"
     )
     partial_reuse: bool = _field(
         False, "kvcomm: a call with a slot that has no anchor (or must be measured) reuses the slots before "

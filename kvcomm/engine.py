@@ -282,24 +282,18 @@ class KVCommEngine:
         rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=prompt_len,
                          reused_tokens=0, recomputed_tokens=prompt_len, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
-        if plan.mode == "dense":
-            logits, cache = prefill(self.model, ids)
-        elif plan.mode == "prefix":
-            n_fixed = len(prompt.segments[0])
-            cache = cache_from_block(prompt.block.slice(0, n_fixed), self.model.config)
-            logits, cache = prefill(self.model, ids[n_fixed:], start=n_fixed, cache=cache)
-            rec.reused_tokens, rec.recomputed_tokens = n_fixed, prompt_len - n_fixed
+        if plan.mode in ("dense", "prefix"):
+            logits, cache = self._prefill(prompt, ids, rec)
         else:
             logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
             if self._fallback_margin > 0 and next_token_margin(logits) < self._fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
-                # deviation can swap the two: pay for a full prefill, whose answer is exact
+                # deviation can swap the two: pay for a prefill, whose answer is exact
                 t_full = time.perf_counter()
-                logits, cache = prefill(self.model, ids)
+                logits, cache = self._prefill(prompt, ids, rec)
                 _sync(self.model.device)
                 rec.first_token_ms = (time.perf_counter() - t_full) * 1e3  # fetch/correct_ms: the attempt
-                rec.mode, rec.fallback = "dense", True
-                rec.reused_tokens, rec.recomputed_tokens = 0, prompt_len
+                rec.fallback = True
         _sync(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
         if plan.mode not in ("reuse", "partial"):
@@ -326,6 +320,19 @@ class KVCommEngine:
         self.store.append_record(str(MetricsKey(self.model_id)), rec.to_dict())
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return Result(text, out_ids, rec.mode, rec, step_logits if return_logits else None, prompt_kv)
+
+    def _prefill(self, prompt: AgentPrompt, ids: list[int], rec: CallRecord) -> tuple[torch.Tensor, Any]:
+        """A prefill of the prompt: after the agent's fixed prefix, whose KV (the registered
+        template's, at the same positions) is exact, where the policy and ``exact_prefix`` allow
+        (mode ``prefix``); else of every token (mode ``dense``). Sets ``rec``'s mode and counts."""
+        n_fixed = len(prompt.segments[0])
+        from_prefix = self.policy.name == "prefix" or (self.policy.name != "dense" and self.config.exact_prefix)
+        if not from_prefix or not 0 < n_fixed < len(ids):
+            rec.mode, rec.reused_tokens, rec.recomputed_tokens = "dense", 0, len(ids)
+            return prefill(self.model, ids)
+        cache = cache_from_block(prompt.block.slice(0, n_fixed), self.model.config)
+        rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", n_fixed, len(ids) - n_fixed
+        return prefill(self.model, ids[n_fixed:], start=n_fixed, cache=cache)
 
     def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
                slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int) -> tuple[torch.Tensor, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 class CallRecord:
     agent: str
     policy: str
-    mode: str  # "dense" | "prefix" | "reuse" | "partial"
+    mode: str  # "dense" | "prefix" (after the exact fixed prefix) | "reuse" | "partial"
     prompt_tokens: int
     reused_tokens: int
     recomputed_tokens: int
@@ -38,7 +38,7 @@ class CallRecord:
     anchors_matched: int = 0
     bytes_moved: int = 0
     slots: dict[str, str] = field(default_factory=dict)  # slot -> "anchor" | "shareable" | "exact" ...
-    fallback: bool = False  # planned as reuse, prefilled in full (fallback_margin): mode "dense"
+    fallback: bool = False  # planned as reuse, prefilled instead (fallback_margin): mode "prefix" or "dense"
     request_id: str = ""
     timestamp: float = 0.0
 

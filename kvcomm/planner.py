@@ -59,14 +59,17 @@ class Planner:
     def admit(self, content: Content) -> ShareDecision:
         """The shareability test for a new content: it becomes an anchor or is shared from them."""
         pool = self.pool(content.slot)
+        anchors = pool.anchors()
+        if any(info.content_hash == content.hash for info in anchors):
+            return ShareDecision(False, "already an anchor")
+        # every candidate's base KV in one batch (one round trip to a Redis store)
+        hashes = [info.content_hash for info in anchors if self.covers(info.length, content.length)]
+        keys = [str(self.content_key(h)) for h in hashes]
         anchor_values = {}
-        for info in pool.anchors():
-            if info.content_hash == content.hash:
-                return ShareDecision(False, "already an anchor")
-            if self.covers(info.length, content.length):
-                base = self.fetch(self.content_key(info.content_hash))
-                if base is not None:
-                    anchor_values[info.content_hash] = base.v
+        for h, entry in zip(hashes, self.store.get_many(keys, fingerprint=self.fingerprint), strict=True):
+            base = self.fetch(self.content_key(h), entry=entry) if entry is not None else None
+            if base is not None:
+                anchor_values[h] = base.v
         decision = pool.decide(content.hash, content.kv.v, anchor_values)
         if decision.new_anchor:
             for gone in pool.add(content.hash, content.length):

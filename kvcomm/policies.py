@@ -99,9 +99,11 @@ def fallback_margin(config: Any) -> float:
 
 def _kvcomm_recompute(config: Any) -> Recompute:
     level = FIDELITY_LEVELS[config.fidelity]
+    query = level.query or config.recompute_query
+    # query_tokens widens the query recompute; without one (fidelity 0) there is nothing to widen
     return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
-                     query=level.query or config.recompute_query, boundary_at=config.recompute_boundary_at,
-                     query_tokens=config.recompute_query_tokens)
+                     query=query, boundary_at=config.recompute_boundary_at,
+                     query_tokens=config.recompute_query_tokens if query else 0)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_exact_anchor_reuse_equals_dense_cache(smollm2):
     eng.register_agent("solver", SOLVER)
     first_p = eng.generate("planner", {"question": Q1})
     first_s = eng.generate("solver", {"question": Q1})
-    assert first_p.mode == "dense" and first_s.mode == "dense"  # new anchors: deltas recorded
+    assert first_p.mode == "prefix" and first_s.mode == "prefix"  # new anchors: deltas recorded
     reuse_p = eng.generate("planner", {"question": Q1}, return_cache=True)
     reuse_s = eng.generate("solver", {"question": Q1}, return_cache=True)
     assert reuse_p.mode == "reuse" and reuse_s.mode == "reuse"
@@ -133,7 +133,7 @@ def test_kvcomm_recompute_ratio(smollm2):
         eng = make_engine(smollm2, recompute_ratio=ratio, gamma=1.0)
         eng.register_agent("planner", PLANNER)
         for q in (Q1, Q2):
-            assert eng.generate("planner", {"question": q}).mode == "dense"  # anchors, deltas recorded
+            assert eng.generate("planner", {"question": q}).mode == "prefix"  # anchors, deltas recorded
         got = eng.generate("planner", {"question": Q3}, max_new_tokens=10, return_logits=True)
         assert got.mode == "reuse", got.record.slots
         fixed = len(eng.agents["planner"].rendered.segment_ids[0])
@@ -215,8 +215,11 @@ def test_fallback_margin_prefills_a_near_tie_in_full(smollm2):
                                    return_cache=True)
     assert got[0.0].mode == "reuse" and not got[0.0].record.fallback
     fell = got[1e9]
-    assert fell.mode == "dense" and fell.record.mode == "dense" and fell.record.fallback
-    assert fell.record.reused_tokens == 0 and fell.record.recomputed_tokens == fell.record.prompt_tokens
+    assert fell.mode == "prefix" and fell.record.mode == "prefix" and fell.record.fallback
+    # the fallback prefill starts after the agent's fixed prefix, whose registered KV is exact
+    n_fixed = len(eng.agents["planner"].segments[0])
+    assert fell.record.reused_tokens == n_fixed > 0
+    assert fell.record.recomputed_tokens == fell.record.prompt_tokens - n_fixed
     r = fell.record  # the TTFT holds the abandoned attempt (fetch, correction) and the full prefill
     assert r.fetch_ms >= 0 and r.correct_ms > 0 and 0 < r.first_token_ms
     assert r.fetch_ms + r.correct_ms + r.first_token_ms <= r.ttft_ms + 1e-6
@@ -321,7 +324,7 @@ def test_tiny_models_run_every_policy(smollm2, arch, policy):
     if policy in expected:
         assert set(modes) == expected[policy]
     else:
-        assert modes[:2] == ["dense", "dense"]
+        assert modes[:2] == ["prefix", "prefix"]
 
 
 def test_chat_sink_base_kv_and_its_own_entries(smollm2):
@@ -348,7 +351,7 @@ def test_chat_sink_base_kv_and_its_own_entries(smollm2):
     assert torch.allclose(b.kv.k, shift_keys(want.k, -len(sink), model_inv_freq(smollm2.model)), atol=1e-4)
 
     chat.register_agent("planner", PLANNER)
-    assert chat.generate("planner", {"question": Q1}).mode == "dense"
+    assert chat.generate("planner", {"question": Q1}).mode == "prefix"
     again = chat.generate("planner", {"question": Q1}, return_cache=True)
     dense = make_engine(smollm2, policy="dense")
     dense.register_agent("planner", PLANNER)
@@ -390,7 +393,7 @@ def test_min_anchor_coverage_lets_shorter_anchors_stand_in(smollm2):
         eng = make_engine(smollm2, gamma=1.0, min_anchor_coverage=cover)
         eng.register_agent("planner", PLANNER)
         for q in short:
-            assert eng.generate("planner", {"question": q}).mode == "dense"  # anchors, deltas recorded
+            assert eng.generate("planner", {"question": q}).mode == "prefix"  # anchors, deltas recorded
         n_short = max(len(eng._encode(q)) for q in short)
         assert n_short < len(eng._encode(longer)) <= 2 * min(len(eng._encode(q)) for q in short)
         res = eng.generate("planner", {"question": longer}, return_cache=True)
@@ -408,7 +411,7 @@ def test_min_anchor_coverage_lets_shorter_anchors_stand_in(smollm2):
             assert torch.allclose(res.cache.k[:, :, tail], ref.cache.k[:, :, tail], atol=1e-5)
             head = slice(start + 1, start + n_short)  # corrected: not the naive values
             assert (res.cache.v[1:, :, head] - ref.cache.v[1:, :, head]).abs().max() > 1e-3
-    assert modes == {1.0: "dense", 0.5: "reuse"}
+    assert modes == {1.0: "prefix", 0.5: "reuse"}
     with pytest.raises(ConfigError, match="min_anchor_coverage"):
         KVCommConfig(min_anchor_coverage=0)
 
@@ -434,10 +437,10 @@ def test_partial_reuse_prefills_from_the_first_slot_without_anchors(smollm2):
         eng = make_engine(smollm2, partial_reuse=partial)
         eng.register_agent("solver", SOLVER)
         first = eng.generate("solver", {"question": Q1, "agent:planner": plans[0]})
-        assert first.mode == "dense"  # both slots new anchors
+        assert first.mode == "prefix"  # both slots new anchors
         got = eng.generate("solver", {"question": Q1, "agent:planner": plans[1]}, return_cache=True)
         if not partial:
-            assert got.mode == "dense"
+            assert got.mode == "prefix"  # prefilled after the fixed prefix
             continue
         assert got.mode == "partial" and got.record.slots["agent:planner"] == "new-anchor"
         ids, plan_ids = eng.last_prompt_ids, eng.publish("agent:planner", plans[1]).ids
@@ -466,3 +469,26 @@ def test_query_recompute_reaches_back_into_the_last_content(smollm2, query_token
     assert out.record.recomputed_tokens == last - start + 1
     with pytest.raises(ConfigError, match="recompute_query_tokens"):
         KVCommConfig(recompute_query_tokens=-1)
+
+
+@pytest.mark.parametrize("exact_prefix", [True, False])
+def test_a_prefilled_call_starts_after_the_exact_prefix(smollm2, exact_prefix):
+    """A call that measures new anchors prefills after the agent's fixed prefix (its registered KV,
+    at the same positions): the first token, the logits and the cache are a full prefill's."""
+    dense = make_engine(smollm2, policy="dense", exact_prefix=True)  # the baseline never reuses it
+    dense.register_agent("planner", PLANNER)
+    ref = dense.generate("planner", {"question": Q1}, return_logits=True, return_cache=True)
+    assert ref.mode == "dense" and ref.record.reused_tokens == 0
+    eng = make_engine(smollm2, exact_prefix=exact_prefix)
+    eng.register_agent("planner", PLANNER)
+    got = eng.generate("planner", {"question": Q1}, return_logits=True, return_cache=True)
+    n_fixed = len(eng.agents["planner"].segments[0])
+    assert got.record.slots == {"question": "new-anchor"} or got.record.slots["question"].startswith("shared")
+    if exact_prefix:
+        assert got.mode == "prefix" and got.record.reused_tokens == n_fixed > 0
+        assert got.record.recomputed_tokens == got.record.prompt_tokens - n_fixed
+    else:
+        assert got.mode == "dense" and got.record.reused_tokens == 0
+    assert got.token_ids == ref.token_ids
+    assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-4)
+    assert torch.allclose(got.cache.k, ref.cache.k, atol=1e-4) and torch.allclose(got.cache.v, ref.cache.v, atol=1e-4)

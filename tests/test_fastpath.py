@@ -207,3 +207,21 @@ def test_recompute_with_folded_attention_equals_sdpa(arch, monkeypatch):
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
 
+
+
+def test_static_buffer_grows_by_half_so_lengthening_prompts_reallocate_rarely():
+    from kvcomm.fastpath import CAPACITY_STEP, FastPath
+
+    model = tiny_random_model("llama")
+    model.config.max_position_embeddings = 8192  # the growth stops at the model's context
+    fast = FastPath(model, KVCommConfig())
+    buffers = []
+    for need in range(100, 6000, 40):  # a conversation: every call a little longer than the last
+        buf = fast._buffer(need)
+        assert buf.capacity >= need and buf.capacity % CAPACITY_STEP == 0
+        if not buffers or buffers[-1] is not buf:
+            buffers.append(buf)
+    capacities = [b.capacity for b in buffers]
+    assert capacities == sorted(capacities) and len(capacities) <= 6, capacities  # 512 -> 1024 -> 1536 -> ...
+    assert all(b > a * 1.4 for a, b in zip(capacities, capacities[1:], strict=False)), capacities
+    assert fast._buffer(8000).capacity == 8192  # never past the context (rounded to the step)

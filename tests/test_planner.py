@@ -118,3 +118,34 @@ def test_eviction_drops_the_evicted_anchors_deltas() -> None:
     planner.admit(contents[2])  # over capacity: the oldest (least used) goes, with its deltas
     assert not planner.store.contains(str(DeltaKey(MODEL, contents[0].hash, agent.name)))
     assert planner.store.contains(str(DeltaKey(MODEL, contents[1].hash, agent.name)))
+
+
+def test_admitting_a_content_reads_every_candidate_anchor_in_one_batch() -> None:
+    """The shareability test reads the candidates' base KV with one get_many (one round trip to
+    Redis), not one get per anchor."""
+    planner = _planner(min_anchors=2, gamma=1.0)
+    for seed in (2, 3, 4):
+        a = _content(seed)
+        planner.store.put(str(planner.content_key(a.hash)), planner.entry({"k": a.kv.k, "v": a.kv.v}, {}))
+        planner.admit(a)
+    store, batches, singles = planner.store, [], []
+    get, get_many = store.get, store.get_many
+
+    def one(key, **kwargs):
+        if not batches or batches[-1] is None:  # a get() of its own, not inside a batch
+            singles.append(key)
+        return get(key, **kwargs)
+
+    def many(keys, **kwargs):  # MemoryStore answers a batch through get(): mark the batch open
+        batches.append(list(keys))
+        try:
+            return get_many(keys, **kwargs)
+        finally:
+            batches.append(None)
+
+    store.get, store.get_many = one, many  # type: ignore[method-assign]
+    n_anchors = len(planner.pool("question").anchors())
+    decision = planner.admit(_content(9))
+    reads = [b for b in batches if b is not None]
+    assert singles == [] and len(reads) == 1 and len(reads[0]) == n_anchors >= 2
+    assert decision.reason in ("shareable", "entropy")

@@ -35,12 +35,15 @@ def test_recompute_selections_come_from_the_config() -> None:
     assert policy("cacheblend").recompute(config) == Recompute(ratio=0.2)
     assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3)
     # a fidelity level sets kvcomm's recompute; explicit knobs add to it
-    assert policy("kvcomm").recompute(KVCommConfig(fidelity=2)) == Recompute(boundary=4, query=True)
-    assert policy("kvcomm").recompute(config.replace(fidelity=3)) == Recompute(ratio=0.1, boundary=4, query=True)
+    # the default widens the query recompute to the prompt's last 16 tokens; fidelity 0 has none to widen
+    assert policy("kvcomm").recompute(KVCommConfig(fidelity=2)) == Recompute(boundary=4, query=True, query_tokens=16)
+    assert policy("kvcomm").recompute(config.replace(fidelity=3, recompute_query_tokens=0)) == Recompute(
+        ratio=0.1, boundary=4, query=True)
+    assert policy("kvcomm").recompute(config).query_tokens == 0
     assert not policy("kvcomm").recompute(KVCommConfig(fidelity=0)).any
     assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
     assert policy("kvcomm").recompute(KVCommConfig(recompute_boundary_at="segments")) == Recompute(
-        boundary=4, query=True, boundary_at="segments")
+        boundary=4, query=True, boundary_at="segments", query_tokens=16)
     assert policy("epic").recompute(config.replace(recompute_boundary_at="contents")).boundary_at == "all"
     assert policy("kvcomm").recompute(KVCommConfig(recompute_query_tokens=16)).query_tokens == 16
     assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any

@@ -95,7 +95,7 @@ def test_second_process_reuses_first_process_work(smollm2, redis_url, reference,
         store.close()
     else:
         first = _worker({"url": redis_url, "namespace": ns, "questions": EARLIER, "max_new_tokens": N_NEW})
-    assert first["calls"][0]["mode"] == "dense"  # the first agent of the first request pays a prefill
+    assert first["calls"][0]["mode"] == "prefix"  # the first agent of the first request pays a prefill
     assert first["stats"]["faults"] == dict.fromkeys(first["stats"]["faults"], 0)
     # process 1 alone computed what the one-process run computed for the same requests
     assert _ids(first["calls"]) == _ids(reference["calls"][: len(first["calls"])])
@@ -103,8 +103,8 @@ def test_second_process_reuses_first_process_work(smollm2, redis_url, reference,
     second = _worker({"url": redis_url, "namespace": ns, "questions": [NEW], "max_new_tokens": N_NEW,
                       "fresh_namespace": _ns("xproc-empty")})
     assert second["pid"] != first["pid"]
-    # against an empty store the same call is a full prefill ...
-    assert second["fresh_mode"] == "dense"
+    # against an empty store the same call is a prefill (after the fixed prefix) ...
+    assert second["fresh_mode"] == "prefix"
     # ... but process 2 starts with an empty memory tier and finds process 1's work in Redis:
     # both agents' template KV (hits while registering, no prefill) ...
     assert second["register"]["hits"] == 2 and second["register"]["misses"] == 0
@@ -127,7 +127,7 @@ def test_server_killed_mid_pipeline_falls_back_to_dense(smollm2, fresh_redis, re
     eng = make_engine(smollm2, store, max_new_tokens=N_NEW)
     q = EARLIER[0]
     first = [eng.generate(a, {"question": q}) for a in ("planner", "solver")]
-    assert [r.mode for r in first] == ["dense", "dense"]  # new anchors: deltas recorded in Redis
+    assert [r.mode for r in first] == ["prefix", "prefix"]  # new anchors: deltas recorded in Redis
     eng.reset_answers()  # the same request again: every slot is an exact anchor with deltas
     plan = eng.generate("planner", {"question": q})
     assert plan.mode == "reuse"
@@ -136,7 +136,7 @@ def test_server_killed_mid_pipeline_falls_back_to_dense(smollm2, fresh_redis, re
     fresh_redis.kill()  # between the planner and the solver of one request
     with pytest.warns(StoreFaultWarning, match="unreachable"):
         solve = eng.generate("solver", {"question": q})  # would be "reuse" with the server up
-    assert solve.mode == "dense"
+    assert solve.mode == "prefix"  # prefilled after the fixed prefix, registered in memory
     stats = store.stats()
     assert stats["faults"]["unreachable"] > 0
     assert stats["tiers"][1]["faults"]["unreachable"] > 0  # counted by the Redis tier itself
@@ -218,15 +218,15 @@ def test_tampered_entries_are_misses_through_the_engine(smollm2, redis_url, refe
     assert faults["corrupt"] > 0 and faults["bad_mac"] > 0 and faults["unsigned"] > 0, faults
     said = " ".join(str(w.message) for w in warned)
     assert all(f"{kind}: entry" in said for kind in ("corrupt", "bad_mac", "unsigned")), said
-    # the anchors' base KV and deltas are gone, so NEW becomes an anchor: dense, as on an empty store
-    assert [c["mode"] for c in calls] == ["dense", "dense"]
+    # the anchors' base KV and deltas are gone, so NEW becomes an anchor: prefilled, as on an empty store
+    assert [c["mode"] for c in calls] == ["prefix", "prefix"]
     print(f"\ntampered {sum(map(len, tampered.values()))} entries "
           f"({', '.join(f'{k} {len(v)}' for k, v in tampered.items())}); faults in the re-run: "
           f"{ {k: v for k, v in faults.items() if v} }, hits {stats['hits']}, misses {stats['misses']}")
 
     with RedisStore(redis_url, namespace=_ns("tamper-fresh"), secret=SECRET) as fresh:
         ref = run_pipeline(make_engine(smollm2, fresh, max_new_tokens=N_NEW), [NEW], max_new_tokens=N_NEW)
-    assert [c["mode"] for c in ref] == ["dense", "dense"]
+    assert [c["mode"] for c in ref] == ["prefix", "prefix"]
     assert _ids(calls) == _ids(ref)
     client.close()
 

@@ -84,9 +84,17 @@ class FastPath:
         return self.buffer.recompute(ids, selected), self.buffer
 
     def _buffer(self, need: int) -> StaticPromptCache:
-        """The one static buffer, grown (and its CUDA graph recaptured) when too small."""
+        """The one static buffer, grown (and its CUDA graph recaptured) when too small.
+
+        It grows by half its size at least (up to the model's context), so prompts that lengthen
+        call by call (a conversation, a pipeline's later agents) reallocate a few times, not on
+        every call that is a step longer than the last.
+        """
         if self.buffer is None or self.buffer.capacity < need:
-            capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
+            grown = 0 if self.buffer is None else self.buffer.capacity * 3 // 2
+            limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+            want = max(need, min(grown, limit) if limit else grown)
+            capacity = -(-want // CAPACITY_STEP) * CAPACITY_STEP
             self.buffer = StaticPromptCache(self.model, capacity, correction_graphs=self.config.correction_graphs)
         return self.buffer
 

@@ -183,7 +183,7 @@ def fallback_sweep(calls: list[dict[str, Any]], label: str, margins: Sequence[fl
 
     A reuse call whose own first-token margin (``margin``) is under m is counted as a full
     prefill: it agrees, its KL is 0, its TTFT is its own plus dense's (the abandoned attempt, then
-    the prefill). Every other call keeps its measured figures. Approximate where upstream answers'
+    the prefill; an upper bound where the fallback starts after the exact prefix, ``exact_prefix``). Every other call keeps its measured figures. Approximate where upstream answers'
     KV is each row's own (a call that fell back would publish dense's answer KV, which its
     consumers' figures do not include); rerun with ``--variant fallback_margin=m`` to measure it.
     """

@@ -28,7 +28,9 @@ def test_message_mode_reports_cache_read_on_the_second_call(make_engine):
     assert usage["input_tokens"] == len(engine.last_prompt_ids) == engine.records[-1].prompt_tokens
     assert usage["output_tokens"] == engine.records[-1].new_tokens > 0
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
-    assert usage["input_token_details"]["cache_read"] == 0 and first.response_metadata["mode"] == "dense"
+    # the first sight of the message: prefilled after the system prompt, whose KV was registered with the agent
+    assert first.response_metadata["mode"] == "prefix"
+    assert 0 < usage["input_token_details"]["cache_read"] == engine.records[-1].reused_tokens < usage["input_tokens"]
 
     second = chat.invoke(msgs)  # the same conversation again: the first call's KV, exactly
     cached = second.usage_metadata["input_token_details"]["cache_read"]

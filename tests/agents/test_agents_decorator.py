@@ -124,7 +124,7 @@ def test_second_run_reuses_with_sync_and_async_nodes(make_engine):
 
     calls1, calls2 = first["kvcomm_calls"], second["kvcomm_calls"]
     assert [c["node"] for c in calls1] == ["planner", "solver", "critic"]
-    assert [c["mode"] for c in calls1] == ["dense"] * 3  # first sight: anchors are recorded
+    assert [c["mode"] for c in calls1] == ["prefix"] * 3  # first sight: anchors are recorded (after the exact prefix)
     assert [c["mode"] for c in calls2] == ["reuse"] * 3
     for c in calls2:
         assert 0 < c["reused_tokens"] < c["prompt_tokens"], c

@@ -72,7 +72,7 @@ def test_master_killed_mid_pipeline_answers_equal_dense(smollm2, fresh_cluster, 
     eng = make_engine(smollm2, store, max_new_tokens=N_NEW)
     q = EARLIER[0]
     first = [eng.generate(a, {"question": q}) for a, _ in AGENTS]
-    assert [r.mode for r in first] == ["dense", "dense"]  # new anchors: deltas recorded on the cluster
+    assert [r.mode for r in first] == ["prefix", "prefix"]  # new anchors: deltas recorded on the cluster
     eng.reset_answers()
     plan = eng.generate("planner", {"question": q})  # every slot an exact anchor with deltas
     assert plan.mode == "reuse"
