@@ -115,6 +115,15 @@ def label(rec: CallRecord) -> str:
     return rec.agent.rpartition("#")[0] or rec.agent  # message-mode templates are <agent>#<slots>
 
 
+#: how the report groups calls: a continuation (an agent called again on its grown history) apart
+#: from the other ``prefix`` calls, which prefill after the system prompt (new anchors measured)
+KINDS = ("reuse", "partial", "continuation", "prefix", "dense")
+
+
+def kind(rec: CallRecord) -> str:
+    return "continuation" if "continuation" in rec.slots else rec.mode
+
+
 def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]]:
     """Per agent and overall: prompt tokens served from reused KV, all calls and from round 2 on."""
     groups: dict[str, list[tuple[int, CallRecord]]] = defaultdict(list)
@@ -125,8 +134,8 @@ def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]
     for name, items in groups.items():
         later = [r for j, r in items if j >= 2]  # calls 0-1 are round 1 (supervisor, first worker)
         rows.append({"name": name, "calls": len(items),
-                     "modes": " ".join(f"{m}:{sum(r.mode == m for _, r in items)}" for m in ("reuse", "partial", "prefix", "dense")
-                                       if any(r.mode == m for _, r in items)),
+                     "modes": " ".join(f"{m}:{sum(kind(r) == m for _, r in items)}" for m in KINDS
+                                       if any(kind(r) == m for _, r in items)),
                      "reused_pct": _pct([r for _, r in items]), "reused_r2_pct": _pct(later) if later else None})
     return rows
 
@@ -136,12 +145,12 @@ def _pct(records: list[CallRecord]) -> float:
 
 
 def ttft_rows(dense: list[CallRecord], other: list[CallRecord]) -> list[dict[str, Any]]:
-    """Each reuse / partial / prefix call beside the dense run's same call."""
+    """Each call beside the dense run's same call, per kind (:data:`KINDS`)."""
     if [d.agent for d in dense] != [o.agent for o in other]:
         raise RuntimeError("dense and kvcomm runs made their calls in different orders")
     rows = []
-    for mode in ("reuse", "partial", "prefix"):
-        pairs = [(d, o) for d, o in zip(dense, other, strict=True) if o.mode == mode]
+    for mode in KINDS[:-1]:
+        pairs = [(d, o) for d, o in zip(dense, other, strict=True) if kind(o) == mode]
         if pairs:
             d_ms = statistics.fmean(d.ttft_ms for d, _ in pairs)
             o_ms = statistics.fmean(o.ttft_ms for _, o in pairs)
@@ -176,7 +185,7 @@ def teacher_forced(loaded: Any, args: Any, dense_runs: list[list[BaseMessage]]) 
             got, want = res.logits[0], ref.logits[0]
             kl = float(torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
                                                   reduction="sum"))
-            stats[res.mode].append((int(got.argmax()) == forced[0], kl, res.ttft_ms, ref.ttft_ms))
+            stats[kind(res.record)].append((int(got.argmax()) == forced[0], kl, res.ttft_ms, ref.ttft_ms))
     rows = []
     for mode, xs in stats.items():
         ttft, dense_ttft = statistics.fmean(x[2] for x in xs), statistics.fmean(x[3] for x in xs)
@@ -211,7 +220,8 @@ def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
                                       ("reused_pct", "reused %", ".1f"), ("reused_r2_pct", "from round 2 %", ".1f")]))
             if "dense" in engines:
                 summary[f"ttft_{policy}"] = ttft_rows(engines["dense"].records, eng.records)
-                print(f"\n{policy}: TTFT of its reuse / partial / prefix calls beside the same calls under dense")
+                print(f"\n{policy}: TTFT of its calls beside the same calls under dense (prefix: prefilled after "
+                      "the system prompt)")
                 print(format_table(summary[f"ttft_{policy}"], [
                     ("mode", "mode", "s"), ("calls", "calls", "d"), ("dense_ms", "dense TTFT ms", ".1f"),
                     ("kvcomm_ms", f"{policy} TTFT ms", ".1f"), ("speedup", "speed-up", ".2f")]))
