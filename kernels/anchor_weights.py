@@ -314,6 +314,7 @@ def channel_weights(
         return channel_weights_forward(base, anchors, tau, lengths)
     if isinstance(lengths, torch.Tensor):
         lengths = _check_lengths(lengths.tolist(), base, anchors)  # the reference checks the values
+        assert not isinstance(lengths, torch.Tensor)  # a list in gives a list out
     return channel_weights_reference(base, anchors, tau, anchor_lengths=lengths)
 
 
@@ -336,7 +337,8 @@ def _check_lengths(lengths: object, base: torch.Tensor, anchors: torch.Tensor) -
     return list(lengths)
 
 
-def _check(base: object, anchors: object, tau: object) -> float:
+# typed as the public signature; the checks still reject whatever else a caller passes at runtime
+def _check(base: torch.Tensor, anchors: torch.Tensor, tau: float) -> float:
     base = check_float("base", base)
     if base.dim() != 4:
         raise KernelError(f"base must be [L, H, T, D], got shape {tuple(base.shape)}")

@@ -140,6 +140,7 @@ def apply_correction_forward(
     block_t = max(1, min(next_power_of_2(T), 2048 // (2 * block_h)))
     rows = min(8, H)
     token_w = weights.dim() == 2
+    w_strides: tuple[int, ...]
     if token_w:  # [A, T]: no layer/head stride, x = token
         w_strides = (weights.stride(0), 0, 0, weights.stride(1))
     else:  # [A, L, H, D]: x = channel
@@ -150,8 +151,8 @@ def apply_correction_forward(
     grid = (cdiv(T, block_t), L, cdiv(H, rows))
     _apply_correction_kernel[grid](
         base, deltas if A else dummy, weights if A else dummy, out,
-        delta_pos.contiguous() if per_token else dummy,
-        inv_freq.contiguous() if rotate else dummy,
+        delta_pos.contiguous() if isinstance(delta_pos, torch.Tensor) else dummy,
+        inv_freq.contiguous() if inv_freq is not None else dummy,
         0 if per_token else int(delta_pos), A, H, T, rows, skip_layers,
         *base.stride(), *deltas.stride(), *w_strides, *out.stride(),
         HALF=half, BLOCK_T=block_t, BLOCK_H=block_h,
@@ -241,14 +242,15 @@ def apply_correction(
     return apply_correction_forward(base, deltas, weights, inv_freq, delta_pos, rotate_deltas, skip_layers, out)
 
 
+# typed as the public signature; the checks still reject whatever else a caller passes at runtime
 def _check(
-    base: object,
-    deltas: object,
-    weights: object,
-    inv_freq: object,
-    delta_pos: object,
-    skip_layers: object,
-    out: object,
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    delta_pos: int | torch.Tensor,
+    skip_layers: int,
+    out: torch.Tensor | None,
 ) -> int | torch.Tensor:
     base = check_float("base", base)
     if base.dim() != 4:

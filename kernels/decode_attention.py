@@ -255,7 +255,10 @@ def decode_attention(
     return decode_attention_reference(q, k, v, mask, scale)
 
 
-def _check(q: object, k: object, v: object, mask: object, scale: object) -> float:
+# typed as the public signature; the checks still reject whatever else a caller passes at runtime
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> float:
     q, k, v = check_float("q", q), check_float("k", k), check_float("v", v)
     if q.dim() != 4:
         raise KernelError(f"q must be [B, Hq, 1, D], got shape {tuple(q.shape)}")

@@ -225,7 +225,7 @@ def _check_dequantize(q: object, scale: object, dtype: object) -> None:
         got = f"{q.dtype} {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
         raise KernelError(f"q must be an int8 tensor [..., T, D], got {got}")
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        got = f"{scale.dtype}" if isinstance(scale, torch.Tensor) else type(scale).__name__
         raise KernelError(f"scale must be a float32 tensor, got {got}")
     *lead, T, D = q.shape
     if tuple(scale.shape) not in ((*lead, 1, D), (*lead, T, 1)):

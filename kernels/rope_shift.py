@@ -85,7 +85,8 @@ def rope_shift_forward(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: tor
     block_t = max(1, min(next_power_of_2(T), 4096 // (2 * block_h)))
     rows = min(8, N)
     per_token = isinstance(delta, torch.Tensor)
-    delta_t = delta.contiguous() if per_token else inv_freq  # dummy pointer when constant
+    # a dummy pointer when the delta is a constant
+    delta_t = delta.contiguous() if isinstance(delta, torch.Tensor) else inv_freq
     grid = (cdiv(T, block_t), cdiv(N, rows))
     _rope_shift_kernel[grid](
         k3, out3, delta_t, inv_freq.contiguous(),
@@ -128,7 +129,10 @@ def rope_shift(
     return rope_shift_reference(k, delta, inv_freq)
 
 
-def _check(k: object, delta: object, inv_freq: object) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor]:
+# typed as the public signature; the checks still reject whatever else a caller passes at runtime
+def _check(
+    k: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor]:
     k = check_float("k", k, min_dim=2)
     inv_freq = check_inv_freq(inv_freq, k.shape[-1])
     delta = check_position_delta("delta", delta, k.shape[-2])
