@@ -24,10 +24,20 @@ from typing import Any
 
 import torch
 
-#: layers per step of the distance loops: small enough for the scratch to stay in cache
+#: the loops below step over layers, as many per step as fit in about this many bytes of float32
+#: rows: few enough for the rows to stay in cache, and a short piece done in one step (each step
+#: costs a few dozen small ops of dispatch: at 30 tokens, 2-layer steps took 3.6x one step's time)
+STEP_BYTES = 3 << 19
+#: at least this many layers per step of the distance loops
 LAYER_CHUNK = 4
-#: layers per step of the correction's apply (copy, add each anchor's delta, rotate)
+#: at least this many layers per step of the correction's apply (copy, add each anchor's delta, rotate)
 APPLY_LAYER_CHUNK = 2
+
+
+def layers_per_step(shape: torch.Size | tuple[int, ...], least: int) -> int:
+    """Layers per step for a ``[L, H, n, D]`` piece: :data:`STEP_BYTES` of it, at least ``least``."""
+    L, H, n, D = shape
+    return max(least, min(L, STEP_BYTES // max(1, 4 * H * n * D)))
 
 
 class Workspace:
@@ -92,8 +102,9 @@ def token_weights(src: torch.Tensor, bases: list[torch.Tensor], tau: float, ws: 
     """``[A, n]``: softmax over anchors of ``-mean_{l,h,d} |src - base_a[:, :, :n]| / tau``."""
     L, H, n, D = src.shape
     dist = torch.zeros(len(bases), n, dtype=torch.float32, device=src.device)
-    for lo in range(0, L, LAYER_CHUNK):
-        hi = min(L, lo + LAYER_CHUNK)
+    step = layers_per_step(src.shape, LAYER_CHUNK)
+    for lo in range(0, L, step):
+        hi = min(L, lo + step)
         scratch = ws.take("dist", (hi - lo, H, n, D), src.device)
         for a, base in enumerate(bases):
             m = min(n, base.shape[2])  # a shorter anchor (min_anchor_coverage < 1) reads as zeros past its end
@@ -112,8 +123,9 @@ def channel_weights(content: torch.Tensor, bases: list[torch.Tensor], tau: float
     """
     L, H, t, D = content.shape
     dist = torch.empty(len(bases), L, H, D, dtype=torch.float32, device=content.device)
-    for lo in range(0, L, LAYER_CHUNK):
-        hi = min(L, lo + LAYER_CHUNK)
+    step = layers_per_step(content.shape, LAYER_CHUNK)
+    for lo in range(0, L, step):
+        hi = min(L, lo + step)
         scratch = ws.take("dist", (hi - lo, H, t, D), content.device)
         for a, base in enumerate(bases):
             n = base.shape[2]
@@ -186,8 +198,9 @@ def correct_into(
     # a few layers at a time, so that the copy, every anchor's add and the rotation pass over rows
     # still in cache (one pass over the whole piece per step would stream it from memory each time)
     L = src.shape[0]
-    for lo in range(0, L, APPLY_LAYER_CHUNK):
-        hi = min(lo + APPLY_LAYER_CHUNK, L)
+    step = layers_per_step(src.shape, APPLY_LAYER_CHUNK)
+    for lo in range(0, L, step):
+        hi = min(lo + step, L)
         chunk = out[lo:hi]
         chunk.copy_(src[lo:hi])
         if inv_freq is not None and rotated_after:
@@ -206,4 +219,5 @@ def correct_into(
             rotate_(chunk, shift, inv_freq, ws)
 
 
-__all__ = ["WeightMemo", "Workspace", "channel_weights", "correct_into", "keep_top", "rotate_", "token_weights"]
+__all__ = ["WeightMemo", "Workspace", "channel_weights", "correct_into", "keep_top", "layers_per_step", "rotate_",
+           "token_weights"]

@@ -157,10 +157,29 @@ def test_correction_by_layer_chunks_equals_one_pass(chunk, monkeypatch) -> None:
 
     src, deltas = _kv(8).k, [_kv(8).k, _kv(6).k]  # the second anchor shorter than the content
     weights = torch.softmax(torch.randn(2, L, H, D), dim=0)
-    outs = []
+    tokens = torch.softmax(torch.randn(2, 8), dim=0)
+    bases = [_kv(8).v, _kv(6).v]
+    outs, token_outs, dists = [], [], []
+    monkeypatch.setattr(deviation, "STEP_BYTES", 0)  # the floors below set the step
     for size in (L, chunk):
         monkeypatch.setattr(deviation, "APPLY_LAYER_CHUNK", size)
-        out = torch.zeros(L, H, 8, D)
-        deviation.correct_into(out, src, deltas, weights, skip_layers=1, shift=11, inv_freq=INV_FREQ, ws=Workspace())
-        outs.append(out)
+        monkeypatch.setattr(deviation, "LAYER_CHUNK", size)
+        assert deviation.layers_per_step(src.shape, size) == size
+        for w, into in ((weights, outs), (tokens, token_outs)):
+            out = torch.zeros(L, H, 8, D)
+            deviation.correct_into(out, src, deltas, w, skip_layers=1, shift=11, inv_freq=INV_FREQ, ws=Workspace())
+            into.append(out)
+        dists.append((deviation.token_weights(src, bases, 1.0, Workspace()),
+                      deviation.channel_weights(src[:, :, 2:], bases, 1.0, Workspace())))
     torch.testing.assert_close(outs[1], outs[0], **TOL[torch.float32])
+    torch.testing.assert_close(token_outs[1], token_outs[0], **TOL[torch.float32])
+    for got, want in zip(dists[1], dists[0], strict=True):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_short_pieces_take_one_step_and_long_ones_stay_in_cache() -> None:
+    from kvcomm.deviation import APPLY_LAYER_CHUNK, STEP_BYTES, layers_per_step
+
+    assert layers_per_step((30, 3, 30, 64), APPLY_LAYER_CHUNK) == 30  # a 30-token piece: one step
+    long = layers_per_step((30, 3, 1024, 64), APPLY_LAYER_CHUNK)
+    assert long == APPLY_LAYER_CHUNK and long * 3 * 1024 * 64 * 4 <= STEP_BYTES  # the floor, in cache
