@@ -16,7 +16,7 @@ only tier, 4 document slots with 5 anchors each): what one call waits for its an
 base KV. Public API only, so the same file measures an older checkout too.
 
     python benchmarks/store.py --sizes 16,64,128 --redis-url redis://127.0.0.1:6379/0
-    python benchmarks/store.py --calls --redis-url redis://127.0.0.1:6379/0   # --words 6,4: small entries
+    python benchmarks/store.py --calls --redis-url redis://127.0.0.1:6379/0   # --words 10,4: small entries
 
 GB/s are logical KV bytes per second ("wire MiB" is what crossed the socket, so int8 moving about
 half the bytes shows up as a higher rate). Each number is the median of ``--repeat`` runs after a
@@ -207,6 +207,9 @@ def bench_calls(url: str, calls: int, anchor_words: int = 40, new_words: int = 3
     """fetch_ms of reuse calls, Redis the only tier: 4 slots x 5 anchors (min_anchors=5, gamma=1).
 
     The anchors' documents are ``anchor_words`` words long, the new ones ``new_words`` (no longer).
+    Only anchors at least as many *tokens* long stand in for a content, and words tokenize to 1-3
+    tokens: leave a margin (``--words 6,4`` makes some new documents longer than 5 anchors, so they
+    become anchors and the call is a prefill, which this benchmark stops on; ``10,4`` does not).
     """
     import uuid
 
