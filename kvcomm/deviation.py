@@ -19,7 +19,7 @@ Shapes: a piece's ``src`` is ``[L, H, n, D]``; an anchor's base and deltas ``[L,
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +38,13 @@ def layers_per_step(shape: torch.Size | tuple[int, ...], least: int) -> int:
     """Layers per step for a ``[L, H, n, D]`` piece: :data:`STEP_BYTES` of it, at least ``least``."""
     L, H, n, D = shape
     return max(least, min(L, STEP_BYTES // max(1, 4 * H * n * D)))
+
+
+def layer_steps(shape: torch.Size | tuple[int, ...], least: int) -> Iterator[tuple[int, int]]:
+    """The ``[lo, hi)`` layer ranges the loops below step over (:func:`layers_per_step` each)."""
+    L, step = shape[0], layers_per_step(shape, least)
+    for lo in range(0, L, step):
+        yield lo, min(L, lo + step)
 
 
 class Workspace:
@@ -102,9 +109,7 @@ def token_weights(src: torch.Tensor, bases: list[torch.Tensor], tau: float, ws: 
     """``[A, n]``: softmax over anchors of ``-mean_{l,h,d} |src - base_a[:, :, :n]| / tau``."""
     L, H, n, D = src.shape
     dist = torch.zeros(len(bases), n, dtype=torch.float32, device=src.device)
-    step = layers_per_step(src.shape, LAYER_CHUNK)
-    for lo in range(0, L, step):
-        hi = min(L, lo + step)
+    for lo, hi in layer_steps(src.shape, LAYER_CHUNK):
         scratch = ws.take("dist", (hi - lo, H, n, D), src.device)
         for a, base in enumerate(bases):
             m = min(n, base.shape[2])  # a shorter anchor (min_anchor_coverage < 1) reads as zeros past its end
@@ -123,9 +128,7 @@ def channel_weights(content: torch.Tensor, bases: list[torch.Tensor], tau: float
     """
     L, H, t, D = content.shape
     dist = torch.empty(len(bases), L, H, D, dtype=torch.float32, device=content.device)
-    step = layers_per_step(content.shape, LAYER_CHUNK)
-    for lo in range(0, L, step):
-        hi = min(L, lo + step)
+    for lo, hi in layer_steps(content.shape, LAYER_CHUNK):
         scratch = ws.take("dist", (hi - lo, H, t, D), content.device)
         for a, base in enumerate(bases):
             n = base.shape[2]
@@ -197,10 +200,7 @@ def correct_into(
     rotated_after = inv_freq is not None and delta_shifts is not None
     # a few layers at a time, so that the copy, every anchor's add and the rotation pass over rows
     # still in cache (one pass over the whole piece per step would stream it from memory each time)
-    L = src.shape[0]
-    step = layers_per_step(src.shape, APPLY_LAYER_CHUNK)
-    for lo in range(0, L, step):
-        hi = min(lo + step, L)
+    for lo, hi in layer_steps(src.shape, APPLY_LAYER_CHUNK):
         chunk = out[lo:hi]
         chunk.copy_(src[lo:hi])
         if inv_freq is not None and rotated_after:
@@ -219,5 +219,5 @@ def correct_into(
             rotate_(chunk, shift, inv_freq, ws)
 
 
-__all__ = ["WeightMemo", "Workspace", "channel_weights", "correct_into", "keep_top", "layers_per_step", "rotate_",
-           "token_weights"]
+__all__ = ["WeightMemo", "Workspace", "channel_weights", "correct_into", "keep_top", "layer_steps", "layers_per_step",
+           "rotate_", "token_weights"]
