@@ -44,7 +44,7 @@ from pydantic import ConfigDict, Field
 
 from kvcomm.errors import SlotError, TemplateError
 from kvcomm.messages import ROLES
-from kvcomm.streaming import TextStream, cut_at_stop
+from kvcomm.streaming import Stopper, TextStream
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
@@ -177,11 +177,9 @@ class KVCommChat(BaseChatModel):
                 slots = registered.rendered.slots if registered is not None else ()
                 if self.input_slot in slots and self.input_slot not in fills:
                     fills[self.input_slot] = _last_human(messages)
-                result = eng.generate(agent, fills, max_new_tokens=n_new)
-            result.text = cut_at_stop(result.text, stops)
-            for tok in result.token_ids:
-                if on_token is not None and on_token(tok):
-                    break
+                stopper = Stopper(eng, stops, on_token)  # tokens reported, and stops seen, as they decode
+                result = eng.generate(agent, fills, max_new_tokens=n_new, on_token=stopper)
+            result.text = stopper.cut(result.text)
         rec = result.record
         meta = {"id": msg_id, "agent": rec.agent, "mode": rec.mode, "policy": rec.policy, "ttft_ms": rec.ttft_ms,
                 "token_ids": list(result.token_ids), "model_name": self._model_name()}

@@ -6,7 +6,8 @@ their message, and the supervisor closes. Every agent puts its own system prompt
 same history, the setting KVCOMM is for. The model of all four is ``KVCommChat(engine)``, the
 LangChain chat model, in message-segment mode (:mod:`kvcomm.chat`): each message is a segment
 that every later agent reuses, and the supervisor, called again on the grown history, continues
-its own earlier call (mode ``prefix``)::
+its own earlier call exactly, the worker's message since then reused over it. Answers get the
+engine's default 64 new tokens (about half of them end before that)::
 
     python examples/supervisor_pipeline.py --n 12 --policy dense,kvcomm
 
@@ -115,13 +116,18 @@ def label(rec: CallRecord) -> str:
     return rec.agent.rpartition("#")[0] or rec.agent  # message-mode templates are <agent>#<slots>
 
 
-#: how the report groups calls: a continuation (an agent called again on its grown history) apart
-#: from the other ``prefix`` calls, which prefill after the system prompt (new anchors measured)
-KINDS = ("reuse", "partial", "continuation", "prefix", "dense")
+#: how the report groups calls. An agent called again on its grown history continues its earlier
+#: call (the records' ``continuation`` slot): "continued reuse" where the messages since are served
+#: from reused KV over that exact prefix, "continuation" where they are prefilled after it (their
+#: anchors lack this agent's deltas yet); "prefix": the other prefilled calls, after the system
+#: prompt (new anchors measured); "reuse": every message served from reused KV
+KINDS = ("reuse", "continued reuse", "partial", "continuation", "prefix", "dense")
 
 
 def kind(rec: CallRecord) -> str:
-    return "continuation" if "continuation" in rec.slots else rec.mode
+    if "continuation" not in rec.slots:
+        return rec.mode
+    return "continued reuse" if rec.mode == "reuse" else "continuation"
 
 
 def reuse_table(records: list[CallRecord], per_task: int) -> list[dict[str, Any]]:
@@ -149,9 +155,10 @@ def ttft_rows(dense: list[CallRecord], other: list[CallRecord]) -> list[dict[str
     if [d.agent for d in dense] != [o.agent for o in other]:
         raise RuntimeError("dense and kvcomm runs made their calls in different orders")
     rows = []
-    for mode in KINDS[:-1]:
-        pairs = [(d, o) for d, o in zip(dense, other, strict=True) if kind(o) == mode]
-        if pairs:
+    groups = [(mode, (mode,)) for mode in KINDS[:-1]] + [("all reuse", ("reuse", "continued reuse"))]
+    for mode, kinds in groups:
+        pairs = [(d, o) for d, o in zip(dense, other, strict=True) if kind(o) in kinds]
+        if pairs and (len(kinds) == 1 or len({kind(o) for _, o in pairs}) > 1):
             d_ms = statistics.fmean(d.ttft_ms for d, _ in pairs)
             o_ms = statistics.fmean(o.ttft_ms for _, o in pairs)
             rows.append({"mode": mode, "calls": len(pairs), "dense_ms": d_ms, "kvcomm_ms": o_ms, "speedup": d_ms / o_ms})
@@ -197,7 +204,7 @@ def teacher_forced(loaded: Any, args: Any, dense_runs: list[list[BaseMessage]]) 
 
 def main(argv: list[str] | None = None, loaded: Any = None) -> dict[str, Any]:
     p = parser(EXAMPLE, "a supervisor and three workers over MessagesState, KVCommChat with no template",
-               n=12, max_new_tokens=24)
+               n=12, max_new_tokens=64)
     p.add_argument("--no-eval", action="store_true", help="skip the teacher-forced agreement replay")
     args = p.parse_args(argv)
     if not 1 <= args.n <= len(TASKS):

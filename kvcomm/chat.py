@@ -34,12 +34,17 @@ agent thus registers at most ``max_message_slots`` templates however long its co
 
 **Continuation.** A call whose prompt starts with an earlier call of the same agent (its prompt
 and answer: a ReAct loop, a supervisor called again on the grown history) reuses that call's KV
-exactly and prefills only the rest: mode ``prefix``, no correction. The engine keeps one such KV
-per agent (``max_continuations`` agents, least recently used dropped). Policy ``dense`` never does.
+exactly, with no correction. The messages after it are what other agents (or tools) wrote since:
+where whole messages follow, they are served like any other call's (moved and corrected from
+their anchors, or prefilled where anchors lack this agent's deltas) over that exact prefix
+(``KVCommEngine.generate(exact_kv=...)``; the record's ``slots`` says ``continuation``); where none
+does (only the end of the last message and the generation prompt), the rest is prefilled (mode
+``prefix``). The engine keeps one such KV per agent (``max_continuations`` agents, least recently
+used dropped). Policy ``dense`` never does.
 
-**Streaming.** ``on_token`` sees every token: as it is decoded on the continuation path (decoded
-here), after the engine returns on the template path (``KVCommEngine.generate`` returns whole
-results). :class:`~kvcomm.streaming.TextStream` turns tokens into text deltas that add up to the
+**Streaming.** ``on_token`` sees every token as it is decoded (on the template path through
+``KVCommEngine.generate(on_token=...)``; a teacher-forced call reports its tokens after the
+forward). :class:`~kvcomm.streaming.TextStream` turns tokens into text deltas that add up to the
 final text.
 """
 
@@ -53,7 +58,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -82,6 +87,8 @@ class _Answer:
     label: str
     ids: tuple[int, ...]
     kv: KVBlock
+    # its pieces already published ((piece, pool) -> content): the end markers' KV is a forward
+    pieces: dict[tuple[tuple[int, ...], str], Content] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,13 +219,14 @@ def chat(
             digest of the head.
         tools: tool schemas the chat template renders into the head (part of the agent).
         max_new_tokens: default: the engine config's.
-        stop: the text is cut before the first of these; the continuation path stops decoding there.
+        stop: the text is cut before the first of these, and decoding stops there.
         message_id: the id of the AI message that will carry this answer.
         on_token: called with each generated token (True stops the decode where it can).
         request_id, forced_ids, return_logits: as :meth:`KVCommEngine.generate`.
 
     Returns:
-        The engine's ``Result`` (``mode`` ``prefix`` for a continuation); ``text`` is cut at ``stop``.
+        The engine's ``Result`` (``mode`` ``prefix`` for a continuation with nothing to reuse after
+        it); ``text`` is cut at ``stop``.
 
     Raises:
         TemplateError: no messages, a message the chat template cannot render as a segment.
@@ -241,13 +249,14 @@ def chat(
         name = f"{label}#{n_slots}"
         stopper = Stopper(engine, stop, on_token)
         call = _Call(engine, sess, identity, label, name, rendered, n_new, request_id, forced_ids, return_logits)
-        done = _continue(call, stopper, result_type) if sess.continues(engine) else None
-        if done is None:
-            done = _generate(call, msgs, folded)
-            for tok in done[0].token_ids:  # the engine returns whole results: the tokens come now
-                if stopper(tok):
-                    break
-        result, answer = done
+        continued = _continued(call) if sess.continues(engine) else None
+        if continued is None:
+            result, answer = _generate(call, msgs, folded, stopper)
+        elif not folded and _starts_after(rendered, continued[1]):
+            # new messages after the continued call: its KV is the exact prefix, they are reused
+            result, answer = _generate(call, msgs, folded, stopper, exact=_prefix_block(*continued))
+        else:
+            result, answer = _continue(call, *continued, stopper, result_type)
         result.text = stopper.cut(result.text)
         if answer is not None:  # the AI message that will carry this answer finds its KV by id or text
             if message_id:
@@ -273,8 +282,13 @@ class _Call:
     return_logits: bool
 
 
-def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int) -> tuple[Any, _Answer | None]:
-    """The template path: publish every segment, generate with the template ``<label>#<n>``."""
+def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int, stopper: Stopper,
+              exact: KVBlock | None = None) -> tuple[Any, _Answer | None]:
+    """The template path: publish every segment, generate with the template ``<label>#<n>``.
+
+    ``exact``: the KV of the prompt's first tokens (an earlier call of this agent that the
+    conversation continues), which the engine uses as is (``generate(exact_kv=...)``).
+    """
     engine, sess, rendered = call.engine, call.sess, call.rendered
     t0 = time.perf_counter()
     contents = [_segment(engine, sess, msgs[i], rendered.pieces[i], i) for i in range(len(msgs))]
@@ -285,7 +299,12 @@ def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int) -> tuple[Any
     keep = sess.continues(engine)
     result = engine.generate(call.name, {f"m{i}": c for i, c in enumerate(contents)}, max_new_tokens=call.n_new,
                              request_id=call.request_id, forced_ids=call.forced_ids,
-                             return_logits=call.return_logits, return_cache=keep)
+                             return_logits=call.return_logits, return_cache=keep, exact_kv=exact,
+                             on_token=None if call.forced_ids is not None else stopper)
+    if call.forced_ids is not None:  # a forced decode reports no tokens: they come now
+        for tok in result.token_ids:
+            if stopper(tok):
+                break
     result.record.publish_ms += segments_ms  # off the TTFT path, as the engine's own publishing
     prompt_kv, result.cache = result.cache, None  # asked for the continuation, not by the caller
     answer_ids = tuple(t for t in result.token_ids if t not in engine.eos_ids)
@@ -309,8 +328,9 @@ def _segment(engine: Any, sess: ChatSession, m: Mapping[str, Any], piece: tuple[
         answer = answer or sess.answers.get(f"text:{m['content']}")
         if answer is not None:
             pool = f"{MESSAGE_SLOT_PREFIX}ai.{answer.label}@{bucket}"
-            content = _answer_content(engine, sess, answer, piece, pool)
+            content = answer.pieces.get((piece, pool)) or _answer_content(engine, sess, answer, piece, pool)
             if content is not None:
+                answer.pieces[(piece, pool)] = content
                 return content
         return engine.publish(f"{MESSAGE_SLOT_PREFIX}ai@{bucket}", ids=list(piece))
     return engine.publish(f"{MESSAGE_SLOT_PREFIX}{m['role']}@{bucket}", ids=list(piece))
@@ -378,13 +398,11 @@ def _fold(engine: Any, contents: list[Content]) -> Content:
     return folded
 
 
-def _continue(call: _Call, stopper: Stopper, result_type: Callable[..., Any]) -> tuple[Any, _Answer | None] | None:
-    """The continuation path: the agent's latest call's KV as the prefix, the rest prefilled, decoded here.
-
-    None where the conversation does not continue that call (its whole prompt is not a prefix).
-    """
-    engine, sess, ids = call.engine, call.sess, call.rendered.ids
-    cont = sess.continuations.get(call.identity)
+def _continued(call: _Call) -> tuple[_Continuation, int] | None:
+    """The agent's latest call and how many prompt tokens its KV serves, where this call's
+    prompt continues it (starts with that call's whole prompt); else None."""
+    ids = call.rendered.ids
+    cont = call.sess.continuations.get(call.identity)
     if cont is None:
         return None
     reuse = 0
@@ -392,12 +410,28 @@ def _continue(call: _Call, stopper: Stopper, result_type: Callable[..., Any]) ->
         if a != b:
             break
         reuse += 1
-    if reuse < cont.prompt_len - 1:
-        return None
+    return (cont, reuse) if reuse >= cont.prompt_len - 1 else None
+
+
+def _starts_after(rendered: Rendered, n: int) -> bool:
+    """Whether a whole message piece starts at or after token ``n`` (a message to reuse)."""
+    start = len(rendered.head)
+    for piece in rendered.pieces:
+        if start >= n:
+            return True
+        start += len(piece)
+    return False
+
+
+def _continue(call: _Call, cont: _Continuation, reuse: int, stopper: Stopper,
+              result_type: Callable[..., Any]) -> tuple[Any, _Answer | None]:
+    """The continuation path: the agent's latest call's KV (``reuse`` tokens) as the prefix, the
+    rest (no whole message: the end of the last one, the generation prompt) prefilled, decoded here."""
+    engine, sess, ids = call.engine, call.sess, call.rendered.ids
     model = engine.model
     _sync(model.device)
     t0 = time.perf_counter()
-    cache = _materialize(engine, cont, reuse)
+    cache = cache_from_block(_prefix_block(cont, reuse), model.config)
     logits, cache = prefill(model, ids[reuse:], start=reuse, cache=cache)
     _sync(model.device)
     ttft = (time.perf_counter() - t0) * 1e3
@@ -430,14 +464,12 @@ def _continue(call: _Call, stopper: Stopper, result_type: Callable[..., Any]) ->
     return result_type(text, out, "prefix", rec, logits_out, None), answer
 
 
-def _materialize(engine: Any, cont: _Continuation, n: int) -> Any:
-    """A model cache holding the KV of ``cont.ids[:n]``."""
-    model = engine.model
+def _prefix_block(cont: _Continuation, n: int) -> KVBlock:
+    """The KV of ``cont.ids[:n]``."""
     if n <= cont.block.length or cont.tail is None:
-        return cache_from_block(cont.block.slice(0, n), model.config)
+        return cont.block.slice(0, n)
     head, tail = cont.block, cont.tail.slice(0, n - cont.block.length)
-    return cache_from_block(KVBlock(torch.cat([head.k, tail.k], dim=2), torch.cat([head.v, tail.v], dim=2)),
-                            model.config)
+    return KVBlock(torch.cat([head.k, tail.k], dim=2), torch.cat([head.v, tail.v], dim=2))
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
 from kvcomm.policies import Plan, fallback_margin, policy
 from kvcomm.prompt import AgentPrompt, Content
+from kvcomm.reuse import Piece
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.template import Template, chat_prefix, common_suffix, message_prefix, slot_kind
 
@@ -75,6 +76,25 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return locked
+
+
+@dataclass(frozen=True)
+class _Exact:
+    """A call's exact prefix (``generate(exact_kv=...)``): the KV of its prompt's first ``length``
+    tokens, and ``slots``, how many slots start before that end (served by it and the gap after it)."""
+
+    kv: KVBlock
+    length: int
+    slots: int
+
+    @classmethod
+    def of(cls, kv: KVBlock | None, slot_starts: list[int], prompt_len: int) -> _Exact | None:
+        if kv is None:
+            return None
+        n = min(kv.length, prompt_len - 1)  # the last prompt token is always computed
+        if n <= 0:
+            return None
+        return cls(kv, n, next((j for j, start in enumerate(slot_starts) if start >= n), len(slot_starts)))
 
 
 class KVCommEngine:
@@ -237,12 +257,18 @@ class KVCommEngine:
         return_logits: bool = False,
         return_cache: bool = False,
         publish_answer: bool = True,
+        on_token: Callable[[int], bool | None] | None = None,
+        exact_kv: KVBlock | None = None,
     ) -> Result:
         """Run one agent call: plan, build the prompt KV (dense or reused), decode greedily.
 
         ``fills`` maps slot names to text (or :class:`Content`); an ``agent:<name>`` slot not in
         ``fills`` takes that agent's latest answer. ``forced_ids`` teacher-forces the decode
-        (for fidelity measurements).
+        (for fidelity measurements). ``on_token(token)`` sees each token as it is decoded (True
+        ends the decode there). ``exact_kv``: the KV of the prompt's first tokens, known exact
+        (the agent's earlier call that this one continues; ignored under ``dense``): the slots
+        it covers are neither planned nor corrected, the tokens between its end and the next
+        slot are recomputed, and only the slots after it are reused (or prefilled) as usual.
         """
         prompt = self._agent(agent)
         fills = dict(fills or {})
@@ -276,21 +302,24 @@ class KVCommEngine:
                 f"agent {agent!r}: prompt of {prompt_len} tokens + {n_new} new tokens exceeds the model's "
                 f"context of {self.max_positions}"
             )
+        exact = _Exact.of(exact_kv, slot_starts, prompt_len) if self.policy.name != "dense" else None
         _sync(self.model.device)
         t0 = time.perf_counter()  # TTFT counts planning, i.e. fetching anchors and deltas
-        plan = self.policy.plan(self.planner, prompt, contents)
+        plan = self._plan(prompt, contents, exact)
         rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=prompt_len,
                          reused_tokens=0, recomputed_tokens=prompt_len, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
+        if exact is not None:
+            rec.slots["continuation"] = f"{exact.length}/{prompt_len}"
         if plan.mode in ("dense", "prefix"):
-            logits, cache = self._prefill(prompt, ids, rec)
+            logits, cache = self._prefill(prompt, ids, rec, exact)
         else:
-            logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new)
+            logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new, exact)
             if self._fallback_margin > 0 and next_token_margin(logits) < self._fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
                 # deviation can swap the two: pay for a prefill, whose answer is exact
                 t_full = time.perf_counter()
-                logits, cache = self._prefill(prompt, ids, rec)
+                logits, cache = self._prefill(prompt, ids, rec, exact)
                 _sync(self.model.device)
                 rec.first_token_ms = (time.perf_counter() - t_full) * 1e3  # fetch/correct_ms: the attempt
                 rec.fallback = True
@@ -309,7 +338,7 @@ class KVCommEngine:
         static = isinstance(cache, StaticPromptCache)
         out_ids, step_logits = greedy_decode(self.model, cache, logits, prompt_len, n_new, self.eos_ids,
                                              forced=forced_ids, step=cache.step if static else None,
-                                             many=cache.forward_many if static else None)
+                                             many=cache.forward_many if static else None, on_token=on_token)
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
             self._publish_answer(agent, answer, cache, prompt_len)
@@ -321,10 +350,31 @@ class KVCommEngine:
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return Result(text, out_ids, rec.mode, rec, step_logits if return_logits else None, prompt_kv)
 
-    def _prefill(self, prompt: AgentPrompt, ids: list[int], rec: CallRecord) -> tuple[torch.Tensor, Any]:
+    def _plan(self, prompt: AgentPrompt, contents: list[Content], exact: _Exact | None) -> Plan:
+        """The policy's plan; with an exact prefix, of the slots after it only (those before are
+        served by it: no anchors needed, no deltas recorded)."""
+        if exact is None:
+            return self.policy.plan(self.planner, prompt, contents)
+        k = exact.slots
+        plan = self.policy.plan(self.planner, prompt, contents[k:]) if k < len(contents) else Plan("prefix")
+        if plan.mode in ("reuse", "partial"):
+            plan.anchors = [None] * k + plan.anchors
+        plan.record_slots = [k + j for j in plan.record_slots]
+        if plan.mode == "partial":
+            plan.reused_slots += k
+        plan.slot_state = {**{c.slot: "exact-prefix" for c in contents[:k]}, **plan.slot_state}
+        return plan
+
+    def _prefill(self, prompt: AgentPrompt, ids: list[int], rec: CallRecord,
+                 exact: _Exact | None = None) -> tuple[torch.Tensor, Any]:
         """A prefill of the prompt: after the agent's fixed prefix, whose KV (the registered
         template's, at the same positions) is exact, where the policy and ``exact_prefix`` allow
-        (mode ``prefix``); else of every token (mode ``dense``). Sets ``rec``'s mode and counts."""
+        (mode ``prefix``), or after ``exact``'s tokens where they are more; else of every token
+        (mode ``dense``). Sets ``rec``'s mode and counts."""
+        if exact is not None and exact.length > len(prompt.segments[0]):
+            cache = cache_from_block(exact.kv.slice(0, exact.length), self.model.config)
+            rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", exact.length, len(ids) - exact.length
+            return prefill(self.model, ids[exact.length:], start=exact.length, cache=cache)
         n_fixed = len(prompt.segments[0])
         from_prefix = self.policy.name == "prefix" or (self.policy.name != "dense" and self.config.exact_prefix)
         if not from_prefix or not 0 < n_fixed < len(ids):
@@ -335,12 +385,15 @@ class KVCommEngine:
         return prefill(self.model, ids[n_fixed:], start=n_fixed, cache=cache)
 
     def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
-               slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int) -> tuple[torch.Tensor, Any]:
+               slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int,
+               exact: _Exact | None = None) -> tuple[torch.Tensor, Any]:
         """The reuse path: move (and correct) every piece, then recompute the last prompt token.
 
         A ``partial`` plan moves the pieces before its first unreused slot only and recomputes
-        every token from there on (a prefill over the reused KV). Fills ``rec``'s timings and
-        token counts; returns (first-token logits, cache).
+        every token from there on (a prefill over the reused KV). With ``exact``, its KV stands
+        for every piece before its first unserved slot, and the tokens between its end and that
+        slot are recomputed. Fills ``rec``'s timings and token counts; returns (first-token
+        logits, cache).
         """
         prompt_len = len(ids)
         t_fetch = time.perf_counter()
@@ -348,6 +401,11 @@ class KVCommEngine:
         pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
         prefill_from = slot_starts[plan.reused_slots] if plan.mode == "partial" else prompt_len - 1
         pieces = [piece for piece in pieces if piece.start < prefill_from]
+        if exact is not None:  # its KV, already at its positions, in place of the pieces it serves
+            served = slot_starts[exact.slots]
+            # kind "slot": a captured correction graph copies it in (it is new on every call)
+            pieces = [Piece(0, exact.kv.slice(0, exact.length), 0, kind="slot"),
+                      *(piece for piece in pieces if piece.start >= served)]
         static = self.config.fast_path
         t_stack = time.perf_counter()
         self.fast.stack_anchors(plan.anchors)
@@ -363,9 +421,14 @@ class KVCommEngine:
         rec.correct_ms = (t_corr - t_fetch) * 1e3
         cache: Any
         partial = prefill_from < prompt_len - 1
-        if self._recomputes() or partial:
+        gap = exact is not None and exact.length < slot_starts[exact.slots]
+        if self._recomputes() or partial or gap:
             selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts) if self._recomputes()
                         else torch.zeros(0, dtype=torch.long, device=block.k.device))
+            if exact is not None:  # nothing inside the exact prefix; all of the gap after it
+                served = slot_starts[exact.slots]
+                between = torch.arange(exact.length, served, device=selected.device)
+                selected = torch.cat([selected[(selected >= served)], between]).unique(sorted=True)
             if partial:  # every token from the first unreused slot on
                 tail = torch.arange(prefill_from, prompt_len - 1, device=selected.device)
                 selected = torch.cat([selected[selected < prefill_from], tail])
@@ -463,8 +526,8 @@ class KVCommEngine:
         ``messages`` are ``{"role", "content"}`` dicts (roles system, user, assistant, tool). No
         template to write: the one a call needs is derived and registered (at most
         ``max_message_slots`` per agent), an AI message this engine produced brings its producer's
-        KV, and a conversation that continues the agent's earlier call reuses it exactly (mode
-        ``prefix``). Keyword arguments: see :func:`kvcomm.chat.chat` (``agent``, ``tools``,
+        KV, and a conversation that continues the agent's earlier call reuses it exactly, the
+        messages since then served over it as any slots are. Keyword arguments: see :func:`kvcomm.chat.chat` (``agent``, ``tools``,
         ``max_new_tokens``, ``stop``, ``message_id``, ``on_token``, ``forced_ids``...).
         """
         from kvcomm.chat import chat

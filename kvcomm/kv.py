@@ -74,6 +74,7 @@ def greedy_decode(
     forced: list[int] | None = None,
     step: Callable[[int, int], torch.Tensor] | None = None,
     many: Callable[[list[int], int], torch.Tensor] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding from the first token's logits.
 
@@ -82,7 +83,8 @@ def greedy_decode(
     two caches can be compared token by token; all forced tokens but the last run as one forward
     (each sees the ones before it, as in a step-by-step decode). ``step(token, position) -> logits``
     and ``many(tokens, position) -> logits [n, V]`` replace the plain forwards over ``cache`` (the
-    static fast path).
+    static fast path). ``on_token(token)`` sees each token as it is decoded (not forced ones);
+    True from it ends the decode after that token (a stop sequence, a closed stream).
     """
     dev = model.device
     if forced is not None:
@@ -94,7 +96,8 @@ def greedy_decode(
     for i in range(steps):
         tok = forced[i] if forced is not None else nxt
         ids.append(tok)
-        if (forced is None and tok in eos_ids) or i == steps - 1:
+        stop = on_token is not None and bool(on_token(tok))
+        if stop or (forced is None and tok in eos_ids) or i == steps - 1:
             break
         if step is not None:
             last = step(tok, start_pos + i)

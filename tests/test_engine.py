@@ -492,3 +492,36 @@ def test_a_prefilled_call_starts_after_the_exact_prefix(smollm2, exact_prefix):
     assert got.token_ids == ref.token_ids
     assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-4)
     assert torch.allclose(got.cache.k, ref.cache.k, atol=1e-4) and torch.allclose(got.cache.v, ref.cache.v, atol=1e-4)
+
+
+def test_an_exact_prefix_serves_the_slots_it_covers(smollm2):
+    """``generate(exact_kv=...)``: the slots inside the given KV are neither planned nor moved, the
+    tokens between its end and the next slot are recomputed. With every token after it recomputed
+    (epic, k past every piece) the call is a full prefill's; covering every slot, it is a prefill
+    after it (mode ``prefix``)."""
+    dense = make_engine(smollm2, policy="dense")
+    for name, tmpl in (("planner", PLANNER), ("solver", SOLVER)):
+        dense.register_agent(name, tmpl)
+    dense.generate("planner", {"question": Q3}, max_new_tokens=6)
+    ref = dense.generate("solver", {"question": Q3}, max_new_tokens=6, return_logits=True, return_cache=True)
+    eng = make_engine(smollm2, policy="epic", epic_tokens=10_000)
+    for name, tmpl in (("planner", PLANNER), ("solver", SOLVER)):
+        eng.register_agent(name, tmpl)
+    eng.generate("planner", {"question": Q3}, max_new_tokens=6)
+    P = ref.record.prompt_tokens
+    n = len(eng.agents["solver"].segments[0]) + len(eng.publish("question", Q3).ids) + 1  # 1 token past the slot
+    got = eng.generate("solver", {"question": Q3}, max_new_tokens=6, return_logits=True,
+                       exact_kv=ref.cache.slice(0, n))
+    assert got.mode == "reuse" and got.record.slots["question"] == "exact-prefix"
+    assert got.record.slots["continuation"] == f"{n}/{P}" and got.record.reused_tokens == n
+    assert got.token_ids == ref.token_ids
+    assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-3)
+    # covering every slot: the rest (the query) is prefilled after it
+    whole = eng.generate("solver", {"question": Q3}, max_new_tokens=6, return_logits=True,
+                         exact_kv=ref.cache.slice(0, P - 3))
+    assert whole.mode == "prefix" and whole.record.reused_tokens == P - 3
+    assert whole.token_ids == ref.token_ids
+    assert torch.allclose(whole.logits[0], ref.logits[0], atol=1e-3)
+    # the dense policy, the reference, ignores it
+    again = dense.generate("solver", {"question": Q3}, max_new_tokens=6, exact_kv=ref.cache.slice(0, n))
+    assert again.mode == "dense" and "continuation" not in again.record.slots

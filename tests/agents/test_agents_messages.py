@@ -255,3 +255,35 @@ def test_bad_input_gets_one_clear_error(make_engine):
     # a tool message renders (as the chat template's "tool" role)
     out = model.invoke([HumanMessage("2+2?"), AIMessage(""), ToolMessage("4", tool_call_id="c1")], max_tokens=2)
     assert out.usage_metadata["output_tokens"] <= 2
+
+
+def test_a_continued_call_reuses_the_messages_since_over_its_exact_prefix(make_engine):
+    """The planner called again after the critic: its earlier call is the exact prefix, the
+    critic's message (measured under the planner's template twice, then shareable) is reused."""
+    engine, dense = make_engine("kvcomm", max_new_tokens=12), make_engine("dense", max_new_tokens=12)
+    kls = []
+    for task in TASKS:
+        history = [{"role": "user", "content": task}]
+        first = engine.chat(PLANNER, history, agent="planner")
+        history.append({"role": "assistant", "content": first.text})
+        history.append({"role": "assistant", "content": engine.chat(CRITIC, history, agent="critic").text})
+        got = engine.chat(PLANNER, history, agent="planner", return_logits=True)
+        served = first.record.prompt_tokens + len(first.token_ids)
+        assert got.record.slots["continuation"] == f"{served}/{got.record.prompt_tokens}"
+        states = [state for slot, state in got.record.slots.items() if slot.startswith("msg:")]
+        assert states[:2] == ["exact-prefix", "exact-prefix"] and states[2] != "exact-prefix"
+        assert got.record.reused_tokens >= served
+        ref = dense.chat(PLANNER, history, agent="planner", return_logits=True)
+        kls.append(float(torch.nn.functional.kl_div(got.logits[0].log_softmax(-1), ref.logits[0].log_softmax(-1),
+                                                    log_target=True, reduction="sum")))
+        if got.mode == "prefix":  # the critic's message measured under this template: prefilled
+            assert states[2] == "new-anchor"
+            if first.mode == "prefix":  # over an exact prefix: a full prefill's logits
+                assert kls[-1] < 1e-6
+    modes = [r.mode for r in engine.records if r.agent == "planner#3"]
+    assert modes[:2] == ["prefix", "prefix"] and "reuse" in modes[2:], modes
+    reused = [r for r in engine.records if r.agent == "planner#3" and r.mode == "reuse"]
+    # beyond the exact prefix: the critic's message, all but the few tokens recomputed (the last one,
+    # and the end markers of the planner's own message between the prefix and the critic's)
+    assert all(r.reused_tokens > int(r.slots["continuation"].split("/")[0]) for r in reused)
+    assert max(kls) < 1.0, kls
