@@ -25,7 +25,7 @@ if [[ $STAGE == all || $STAGE == tests ]]; then
   grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.txt" | head -20
 fi
 if [[ $STAGE == all || $STAGE == kernels ]]; then
-  timeout 150 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -45
+  timeout 150 python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -45
 fi
 if [[ $STAGE == all || $STAGE == profile ]]; then
   timeout 120 python3 benchmarks/profile_step.py 2>&1 | tee "$OUT/profile_step.txt" | tail -40

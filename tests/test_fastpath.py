@@ -173,10 +173,53 @@ def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S):
     assert torch.equal(one, ref)  # one query: SDPA's own result
 
 
+def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
+    positions = [3, 4, 5, 6, 20, 21, 22, 23, 40, 41, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99]
+    for overhead in (0, 8, 64, 10_000):
+        chunks = static_module.causal_chunks(positions, overhead=overhead)
+        assert [c[0] for c in chunks] == [0, *[c[1] for c in chunks[:-1]]] and chunks[-1][1] == len(positions)
+        for first, end, keys in chunks:
+            assert keys == positions[end - 1] + 1  # every row of the chunk sees all it may: keys <= its position
+            assert all(positions[i] + 1 <= keys for i in range(first, end))
+    assert static_module.causal_chunks(positions, overhead=0) == ((0, 4, 7), (4, 8, 24), (8, 10, 42), (10, 20, 100))
+    assert static_module.causal_chunks(positions, overhead=10_000) == ((0, 20, 100),)  # not worth a cut
+    many = list(range(0, 2000, 7))  # a scattered selection: at most max_cuts + 1 chunks
+    assert len(static_module.causal_chunks(many, overhead=0, max_cuts=16)) <= 17
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_chunked_many_query_attention_equals_one_pass(dtype, tol):
+    g = torch.Generator().manual_seed(7)
+    S, q = 96, 12
+    positions = [2, 3, 4, 30, 31, 32, 60, 61, 92, 93, 94, 95]
+    query = torch.randn(1, 9, q, 16, generator=g).to(dtype)
+    key, value = (torch.randn(1, 3, S, 16, generator=g).to(dtype) for _ in range(2))
+    visible = torch.arange(S).unsqueeze(0) <= torch.tensor(positions).unsqueeze(1)
+    mask = torch.zeros(1, 1, q, S, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    module = _Module(3)
+    whole, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    plan = static_module.causal_chunks(positions, overhead=0)
+    assert len(plan) == 4
+    token = static_module._QUERY_CHUNKS.set(plan)
+    try:
+        chunked, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    finally:
+        static_module._QUERY_CHUNKS.reset(token)
+    assert chunked.shape == whole.shape and chunked.is_contiguous()
+    assert torch.allclose(chunked.float(), whole.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("overhead", [0, None])  # 0: the recompute's rows go in chunks
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_recompute_with_folded_attention_equals_sdpa(arch, monkeypatch):
-    """StaticPromptCache.recompute on the CPU (folded matmuls over the prompt's slots only) gives
-    SDPA's logits and KV over the whole buffer, and leaves the model's attention setting alone."""
+def test_recompute_with_folded_attention_equals_sdpa(arch, overhead, monkeypatch):
+    """StaticPromptCache.recompute on the CPU (folded matmuls over the prompt's slots only, in
+    causal row chunks or not) gives SDPA's logits and KV over the whole buffer, and leaves the
+    model's attention setting alone."""
+    plans = []
+    if overhead is not None:
+        monkeypatch.setattr(static_module, "CHUNK_OVERHEAD", overhead)
+        real_chunks = static_module.causal_chunks
+        monkeypatch.setattr(static_module, "causal_chunks", lambda p: plans.append(real_chunks(p)) or plans[-1])
     model = tiny_random_model(arch)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))[0].tolist()
     from kvcomm.kv import block_from_cache, prefill
@@ -204,6 +247,8 @@ def test_recompute_with_folded_attention_equals_sdpa(arch, monkeypatch):
         assert model.config._attn_implementation == "sdpa"
     (la, ka, va), (lb, kb, vb) = out[True], out[False]
     assert len(folded) == model.config.num_hidden_layers  # the folded attention ran, in every layer
+    if overhead == 0:
+        assert [len(p) for p in plans] == [4, 4]  # [2, 3], [9], [15], [19]: both runs planned 4 chunks
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
 

@@ -16,6 +16,7 @@ kernels ran during capture, so replays use it too.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import types
 from collections.abc import Iterator
@@ -92,6 +93,48 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
 MANY_ATTN_IMPLEMENTATION = "kvcomm_many"
 
 
+#: A query chunk's fixed cost in query x key products, for :func:`causal_chunks`: one more chunk
+#: is a few more small ops per layer (about 75 us on 2 cores), one product of a 9-head, 64-dim
+#: model about 20 ns.
+CHUNK_OVERHEAD = 4096
+
+# the row chunks of the selective recompute in progress (set by StaticPromptCache.recompute)
+_QUERY_CHUNKS: contextvars.ContextVar[tuple[tuple[int, int, int], ...] | None] = contextvars.ContextVar(
+    "kvcomm_query_chunks", default=None)
+
+
+def causal_chunks(positions: list[int], overhead: int = -1, max_cuts: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """Group sorted query positions into row chunks ``(first, end, keys)``: rows [first, end) read
+    keys [0, keys) only, ``keys`` being one past the chunk's last position.
+
+    A recomputed token sees the positions up to its own, so a chunk of early tokens (the first
+    tokens of a piece halfway into the prompt) need not read the keys after it: every one of them
+    is masked for all its rows. Chunks are cut where positions jump (a run of consecutive ones
+    stays whole), at the cuts that minimise the query x key products plus ``overhead`` per chunk
+    (default :data:`CHUNK_OVERHEAD`); at most ``max_cuts`` candidate cuts, spread evenly.
+    """
+    overhead = CHUNK_OVERHEAD if overhead < 0 else overhead
+    q = len(positions)
+    cuts = [i for i in range(1, q) if positions[i] > positions[i - 1] + 1]
+    if len(cuts) > max_cuts:
+        cuts = [cuts[round(j * len(cuts) / max_cuts)] for j in range(max_cuts)]
+    bounds = [0, *cuts, q]
+    best = [0.0] + [float("inf")] * (len(bounds) - 1)  # best[j]: least cost of rows [0, bounds[j])
+    back = [0] * len(bounds)
+    for j in range(1, len(bounds)):
+        keys = positions[bounds[j] - 1] + 1
+        for i in range(j):
+            cost = best[i] + (bounds[j] - bounds[i]) * keys + overhead
+            if cost < best[j]:
+                best[j], back[j] = cost, i
+    chunks, j = [], len(bounds) - 1
+    while j > 0:
+        i = back[j]
+        chunks.append((bounds[i], bounds[j], positions[bounds[j] - 1] + 1))
+        j = i
+    return tuple(reversed(chunks))
+
+
 def many_query_attention(
     module: Any,
     query: torch.Tensor,
@@ -108,22 +151,39 @@ def many_query_attention(
     SDPA's CPU kernel takes this shape (tens of queries, thousands of keys, a float mask) after
     copying every grouped K/V head out (``repeat_kv``). Here the query heads that share a K/V head
     are folded into one matrix, so the attention is two batched matmuls and a softmax, and K/V are
-    read once, in place: about 9% off a 26-46-token recompute on 2 cores (benchmarks/recompute.py). Same contract as SDPA's function; anything else
-    (one query, CUDA, dropout, softcap, sinks, a mask of another shape) is SDPA's.
+    read once, in place: about 9% off a 26-46-token recompute on 2 cores (benchmarks/recompute.py).
+    During :meth:`StaticPromptCache.recompute` the rows go in chunks (:func:`causal_chunks`), each
+    reading only the keys its tokens can see. Same contract as SDPA's function; anything else (one
+    query, CUDA, dropout, softcap, sinks, a mask of another shape) is SDPA's.
     """
     if not _many_applies(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    chunks = _QUERY_CHUNKS.get()
+    if attention_mask is None or chunks is None or len(chunks) < 2 or chunks[-1][1] != query.shape[2]:
+        return _folded_attention(query, key, value, attention_mask, scale).contiguous(), None
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for first, end, keys in chunks:
+        keys = min(keys, key.shape[2])  # the keys after a chunk's last token are masked for all its rows
+        out[:, first:end] = _folded_attention(query[:, :, first:end], key[:, :, :keys], value[:, :, :keys],
+                                              attention_mask[:, :, first:end], scale)
+    return out, None
+
+
+def _folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """Attention of ``query [B, Hq, q, D]`` over ``key/value [B, Hkv, S, D]`` (additive ``mask``
+    ``[B|1, 1, q, >= S]``), the query heads of one K/V head folded into one matrix: ``[B, q, Hq, D]``."""
     B, Hq, q, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     groups = Hq // Hkv  # query head h reads K/V head h // groups (repeat_kv's order)
-    scale = scaling if scaling is not None else D**-0.5
     folded = query.reshape(B, Hkv, groups * q, D)
     scores = torch.matmul(folded, key.transpose(2, 3)).float().mul_(scale)  # [B, Hkv, groups*q, S]
-    if attention_mask is not None:
-        scores.view(B, Hkv, groups, q, S).add_(attention_mask[:, :, None, :, :S])
+    if mask is not None:
+        scores.view(B, Hkv, groups, q, S).add_(mask[:, :, None, :, :S])
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, groups*q, D]
-    return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), None
+    return out.view(B, Hq, q, D).transpose(1, 2)
 
 
 def _many_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
@@ -319,14 +379,17 @@ class StaticPromptCache:
         mask[0, 0].masked_fill_(~visible, self.min)
         tokens = torch.tensor([ids], device=dev)[:, positions]
         self._positions, self._visible = positions, P
-        # on the CPU the attention runs as folded matmuls (many_query_attention), not SDPA's kernel
+        # on the CPU the attention runs as folded matmuls (many_query_attention), not SDPA's kernel,
+        # in row chunks that read only the keys their tokens can see (causal_chunks)
         name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
+        chunk_plan = _QUERY_CHUNKS.set(causal_chunks(positions.tolist()) if name else None)
         try:
             with self._attention(name):
                 out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask,
                                  cache=self.cache, use_cache=True, logits_to_keep=1)
         finally:
             self._positions, self._visible = None, self.capacity
+            _QUERY_CHUNKS.reset(chunk_plan)
         self.begin(P)
         return out.logits[0, -1].float()
 

@@ -121,9 +121,13 @@ def slot_rows(records: list[CallRecord]) -> list[dict[str, Any]]:
 
 
 def _state_kind(state: str) -> str:
-    """``shared(3)`` → ``shared`` (3 anchors usable), ``shared(0)`` → ``unshared``, else as is."""
+    """``shared(3)`` → ``shared`` (3 anchors usable), ``shared(0)`` → ``unshared``, a continued
+    call's ``<exact tokens>/<prompt tokens>`` → ``continued``, else as is."""
     if state.startswith("shared("):
         return "unshared" if state == "shared(0)" else "shared"
+    exact, _, prompt = state.partition("/")
+    if exact.isdigit() and prompt.isdigit():
+        return "continued"
     return state
 
 

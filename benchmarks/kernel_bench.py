@@ -1,8 +1,8 @@
 """Benchmark the kvcomm.kernels ops against their torch references; prints a table.
 
-    python benchmarks/kernels.py                 # CUDA: Triton vs torch at Llama-3.1-8B shapes
-    python benchmarks/kernels.py --quick         # small shapes (CPU: references only, < 1 min)
-    python benchmarks/kernels.py --json out.json
+    python benchmarks/kernel_bench.py                 # CUDA: Triton vs torch at Llama-3.1-8B shapes
+    python benchmarks/kernel_bench.py --quick         # small shapes (CPU: references only, < 1 min)
+    python benchmarks/kernel_bench.py --json out.json
 
 Shapes: Llama-3.1-8B KV (32 layers, 8 KV heads, head dim 128, bf16), 1K/4K tokens, 5/10/20
 anchors, plus token/channel weights for 25 anchors x 4K tokens. Times are medians
