@@ -43,7 +43,7 @@ from langgraph.prebuilt import create_react_agent
 from kvcomm import KVCommConfig, KVCommEngine
 from kvcomm.agents import KVCommChat
 from kvcomm.agents.chat_model import to_dicts
-from kvcomm.metrics import CallRecord, format_table
+from kvcomm.metrics import CONTINUATION_KEY, CallRecord, format_table
 
 EXAMPLE = "supervisor_pipeline"
 SUPERVISOR = ("You are the supervisor of a team of three workers: a researcher, an analyst and a writer. "
@@ -117,7 +117,7 @@ def label(rec: CallRecord) -> str:
 
 
 #: how the report groups calls. An agent called again on its grown history continues its earlier
-#: call (the records' ``continuation`` slot): "continued reuse" where the messages since are served
+#: call (the records' ``@continuation`` slot entry): "continued reuse" where the messages since are served
 #: from reused KV over that exact prefix, "continuation" where they are prefilled after it (their
 #: anchors lack this agent's deltas yet); "prefix": the other prefilled calls, after the system
 #: prompt (new anchors measured); "reuse": every message served from reused KV
@@ -125,7 +125,7 @@ KINDS = ("reuse", "continued reuse", "partial", "continuation", "prefix", "dense
 
 
 def kind(rec: CallRecord) -> str:
-    if "continuation" not in rec.slots:
+    if CONTINUATION_KEY not in rec.slots:
         return rec.mode
     return "continued reuse" if rec.mode == "reuse" else "continuation"
 

@@ -37,7 +37,7 @@ and answer: a ReAct loop, a supervisor called again on the grown history) reuses
 exactly, with no correction. The messages after it are what other agents (or tools) wrote since:
 where whole messages follow, they are served like any other call's (moved and corrected from
 their anchors, or prefilled where anchors lack this agent's deltas) over that exact prefix
-(``KVCommEngine.generate(exact_kv=...)``; the record's ``slots`` says ``continuation``); where none
+(``KVCommEngine.generate(exact_kv=...)``; the record's ``slots`` has ``@continuation``); where none
 does (only the end of the last message and the generation prompt), the rest is prefilled (mode
 ``prefix``). The engine keeps one such KV per agent (``max_continuations`` agents, least recently
 used dropped). Policy ``dense`` never does.
@@ -67,7 +67,7 @@ from kvcomm.errors import ContextLengthError, TemplateError
 from kvcomm.keys import MetricsKey
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill
 from kvcomm.messages import SYSTEM_PLACEHOLDER, MessageTemplate, Rendered, normalize, render
-from kvcomm.metrics import CallRecord
+from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.prompt import Content
 from kvcomm.rope import shift_keys
 from kvcomm.streaming import Stopper
@@ -441,7 +441,7 @@ def _continue(call: _Call, cont: _Continuation, reuse: int, stopper: Stopper,
     rec = CallRecord(agent=call.name, policy=engine.config.policy, mode="prefix", prompt_tokens=len(ids),
                      reused_tokens=reuse, recomputed_tokens=len(ids) - reuse, new_tokens=len(out), ttft_ms=ttft,
                      first_token_ms=ttft, decode_ms=(time.perf_counter() - t1) * 1e3, request_id=call.request_id,
-                     timestamp=time.time(), slots={"continuation": f"{reuse}/{len(ids)}"})
+                     timestamp=time.time(), slots={CONTINUATION_KEY: f"{reuse}/{len(ids)}"})
     engine.last_prompt_ids = list(ids)
     engine.records.append(rec)
     engine.store.append_record(str(MetricsKey(engine.model_id)), rec.to_dict())

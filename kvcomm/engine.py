@@ -23,7 +23,7 @@ from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchErr
 from kvcomm.fastpath import FastPath, StaticPromptCache
 from kvcomm.keys import ContentKey, MetricsKey, TemplateKey, model_id
 from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, next_token_margin, prefill
-from kvcomm.metrics import CallRecord
+from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
 from kvcomm.policies import Plan, fallback_margin, policy
@@ -310,7 +310,7 @@ class KVCommEngine:
                          reused_tokens=0, recomputed_tokens=prompt_len, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
         if exact is not None:
-            rec.slots["continuation"] = f"{exact.length}/{prompt_len}"
+            rec.slots[CONTINUATION_KEY] = f"{exact.length}/{prompt_len}"
         if plan.mode in ("dense", "prefix"):
             logits, cache = self._prefill(prompt, ids, rec, exact)
         else:

@@ -15,6 +15,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+#: The ``CallRecord.slots`` key of a call that continued an earlier call of its agent exactly
+#: (message mode), valued ``"<exact tokens>/<prompt tokens>"``. No slot name starts with "@".
+CONTINUATION_KEY = "@continuation"
+
 
 @dataclass
 class CallRecord:

@@ -20,6 +20,7 @@ from kvcomm import (
 )
 from kvcomm.config import POLICIES
 from kvcomm.kv import block_from_cache, prefill
+from kvcomm.metrics import CONTINUATION_KEY
 from kvcomm.models import tiny_random_model
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.store import KVEntry, MemoryStore
@@ -513,7 +514,7 @@ def test_an_exact_prefix_serves_the_slots_it_covers(smollm2):
     got = eng.generate("solver", {"question": Q3}, max_new_tokens=6, return_logits=True,
                        exact_kv=ref.cache.slice(0, n))
     assert got.mode == "reuse" and got.record.slots["question"] == "exact-prefix"
-    assert got.record.slots["continuation"] == f"{n}/{P}" and got.record.reused_tokens == n
+    assert got.record.slots[CONTINUATION_KEY] == f"{n}/{P}" and got.record.reused_tokens == n
     assert got.token_ids == ref.token_ids
     assert torch.allclose(got.logits[0], ref.logits[0], atol=1e-3)
     # covering every slot: the rest (the query) is prefilled after it
@@ -524,4 +525,4 @@ def test_an_exact_prefix_serves_the_slots_it_covers(smollm2):
     assert torch.allclose(whole.logits[0], ref.logits[0], atol=1e-3)
     # the dense policy, the reference, ignores it
     again = dense.generate("solver", {"question": Q3}, max_new_tokens=6, exact_kv=ref.cache.slice(0, n))
-    assert again.mode == "dense" and "continuation" not in again.record.slots
+    assert again.mode == "dense" and CONTINUATION_KEY not in again.record.slots

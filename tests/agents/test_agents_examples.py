@@ -8,7 +8,7 @@ import runpy
 
 import pytest
 
-from kvcomm.metrics import read_jsonl
+from kvcomm.metrics import CONTINUATION_KEY, read_jsonl
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_supervisor_pipeline_runs_with_no_template(examples, smollm2, tmp_path, 
     kvcomm = per_policy["kvcomm"]
     # the supervisor, called again on its grown history, continues its earlier call
     later = [r for r in kvcomm if r.agent.startswith("supervisor#") and r.agent != "supervisor#1"]
-    assert {r.mode for r in later} == {"prefix"} and all("continuation" in r.slots for r in later)
+    assert {r.mode for r in later} == {"prefix"} and all(CONTINUATION_KEY in r.slots for r in later)
     assert {row["name"] for row in summary["reuse_kvcomm"]} >= {"supervisor", "ALL"}
     assert any(row["mode"] == "continuation" for row in summary["ttft_kvcomm"])
     assert sum(row["calls"] for row in summary["teacher_forced"]) == len(kvcomm)

@@ -16,6 +16,7 @@ from kvcomm import ContextLengthError, TemplateError
 from kvcomm.agents import KVCommChat
 from kvcomm.chat import session
 from kvcomm.messages import MessageTemplate
+from kvcomm.metrics import CONTINUATION_KEY
 from kvcomm.rope import shift_keys
 from kvcomm.streaming import TextStream
 
@@ -269,7 +270,7 @@ def test_a_continued_call_reuses_the_messages_since_over_its_exact_prefix(make_e
         history.append({"role": "assistant", "content": engine.chat(CRITIC, history, agent="critic").text})
         got = engine.chat(PLANNER, history, agent="planner", return_logits=True)
         served = first.record.prompt_tokens + len(first.token_ids)
-        assert got.record.slots["continuation"] == f"{served}/{got.record.prompt_tokens}"
+        assert got.record.slots[CONTINUATION_KEY] == f"{served}/{got.record.prompt_tokens}"
         states = [state for slot, state in got.record.slots.items() if slot.startswith("msg:")]
         assert states[:2] == ["exact-prefix", "exact-prefix"] and states[2] != "exact-prefix"
         assert got.record.reused_tokens >= served
@@ -285,5 +286,5 @@ def test_a_continued_call_reuses_the_messages_since_over_its_exact_prefix(make_e
     reused = [r for r in engine.records if r.agent == "planner#3" and r.mode == "reuse"]
     # beyond the exact prefix: the critic's message, all but the few tokens recomputed (the last one,
     # and the end markers of the planner's own message between the prefix and the critic's)
-    assert all(r.reused_tokens > int(r.slots["continuation"].split("/")[0]) for r in reused)
+    assert all(r.reused_tokens > int(r.slots[CONTINUATION_KEY].split("/")[0]) for r in reused)
     assert max(kls) < 1.0, kls

@@ -136,7 +136,7 @@ def test_slot_states_fold_into_kinds():
         return CallRecord(agent="a", policy="kvcomm", mode="reuse", prompt_tokens=10, reused_tokens=8,
                           recomputed_tokens=1, slots=slots)
 
-    rows = slot_rows([rec({"q": "shared(2)", "continuation": "120/196"}), rec({"q": "shared(0)", "continuation": "85/137"}),
+    rows = slot_rows([rec({"q": "shared(2)", "@continuation": "120/196"}), rec({"q": "shared(0)", "@continuation": "85/137"}),
                       rec({"q": "new-anchor"})])
     by_slot = {r["slot"]: r["state_counts"] for r in rows}
-    assert by_slot == {"continuation": {"continued": 2}, "q": {"shared": 1, "unshared": 1, "new-anchor": 1}}
+    assert by_slot == {"@continuation": {"continued": 2}, "q": {"shared": 1, "unshared": 1, "new-anchor": 1}}
