@@ -81,11 +81,13 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
 @dataclass(frozen=True)
 class _Exact:
     """A call's exact prefix (``generate(exact_kv=...)``): the KV of its prompt's first ``length``
-    tokens, and ``slots``, how many slots start before that end (served by it and the gap after it)."""
+    tokens, ``slots``, how many slots start before that end (served by it and the gap after it),
+    and ``served``, where the first slot it does not serve starts (the prompt's last token if none)."""
 
     kv: KVBlock
     length: int
     slots: int
+    served: int
 
     @classmethod
     def of(cls, kv: KVBlock | None, slot_starts: list[int], prompt_len: int) -> _Exact | None:
@@ -94,7 +96,8 @@ class _Exact:
         n = min(kv.length, prompt_len - 1)  # the last prompt token is always computed
         if n <= 0:
             return None
-        return cls(kv, n, next((j for j, start in enumerate(slot_starts) if start >= n), len(slot_starts)))
+        slots = next((j for j, start in enumerate(slot_starts) if start >= n), len(slot_starts))
+        return cls(kv, n, slots, slot_starts[slots] if slots < len(slot_starts) else prompt_len - 1)
 
 
 class KVCommEngine:
@@ -371,18 +374,18 @@ class KVCommEngine:
         template's, at the same positions) is exact, where the policy and ``exact_prefix`` allow
         (mode ``prefix``), or after ``exact``'s tokens where they are more; else of every token
         (mode ``dense``). Sets ``rec``'s mode and counts."""
-        if exact is not None and exact.length > len(prompt.segments[0]):
-            cache = cache_from_block(exact.kv.slice(0, exact.length), self.model.config)
-            rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", exact.length, len(ids) - exact.length
-            return prefill(self.model, ids[exact.length:], start=exact.length, cache=cache)
         n_fixed = len(prompt.segments[0])
-        from_prefix = self.policy.name == "prefix" or (self.policy.name != "dense" and self.config.exact_prefix)
-        if not from_prefix or not 0 < n_fixed < len(ids):
-            rec.mode, rec.reused_tokens, rec.recomputed_tokens = "dense", 0, len(ids)
-            return prefill(self.model, ids)
-        cache = cache_from_block(prompt.block.slice(0, n_fixed), self.model.config)
-        rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", n_fixed, len(ids) - n_fixed
-        return prefill(self.model, ids[n_fixed:], start=n_fixed, cache=cache)
+        if exact is not None and exact.length > n_fixed:
+            block, n = exact.kv, exact.length
+        else:
+            from_prefix = self.policy.name == "prefix" or (self.policy.name != "dense" and self.config.exact_prefix)
+            if not from_prefix or not 0 < n_fixed < len(ids):
+                rec.mode, rec.reused_tokens, rec.recomputed_tokens = "dense", 0, len(ids)
+                return prefill(self.model, ids)
+            block, n = prompt.block, n_fixed
+        cache = cache_from_block(block.slice(0, n), self.model.config)
+        rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", n, len(ids) - n
+        return prefill(self.model, ids[n:], start=n, cache=cache)
 
     def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
                slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int,
@@ -402,10 +405,9 @@ class KVCommEngine:
         prefill_from = slot_starts[plan.reused_slots] if plan.mode == "partial" else prompt_len - 1
         pieces = [piece for piece in pieces if piece.start < prefill_from]
         if exact is not None:  # its KV, already at its positions, in place of the pieces it serves
-            served = slot_starts[exact.slots]
             # kind "slot": a captured correction graph copies it in (it is new on every call)
             pieces = [Piece(0, exact.kv.slice(0, exact.length), 0, kind="slot"),
-                      *(piece for piece in pieces if piece.start >= served)]
+                      *(piece for piece in pieces if piece.start >= exact.served)]
         static = self.config.fast_path
         t_stack = time.perf_counter()
         self.fast.stack_anchors(plan.anchors)
@@ -421,14 +423,13 @@ class KVCommEngine:
         rec.correct_ms = (t_corr - t_fetch) * 1e3
         cache: Any
         partial = prefill_from < prompt_len - 1
-        gap = exact is not None and exact.length < slot_starts[exact.slots]
+        gap = exact is not None and exact.length < exact.served
         if self._recomputes() or partial or gap:
             selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts) if self._recomputes()
                         else torch.zeros(0, dtype=torch.long, device=block.k.device))
             if exact is not None:  # nothing inside the exact prefix; all of the gap after it
-                served = slot_starts[exact.slots]
-                between = torch.arange(exact.length, served, device=selected.device)
-                selected = torch.cat([selected[(selected >= served)], between]).unique(sorted=True)
+                between = torch.arange(exact.length, exact.served, device=selected.device)
+                selected = torch.cat([selected[selected >= exact.served], between]).unique(sorted=True)
             if partial:  # every token from the first unreused slot on
                 tail = torch.arange(prefill_from, prompt_len - 1, device=selected.device)
                 selected = torch.cat([selected[selected < prefill_from], tail])
