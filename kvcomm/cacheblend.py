@@ -67,6 +67,34 @@ def span_selection(spans: list[tuple[int, int]], limit: int, device: torch.devic
     return marks.nonzero().flatten()
 
 
+def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` tokens per piece ``[start, end)``, spent where ``deviation`` (per position, -1 where a
+    token was moved without a correction) is largest, anywhere in the pieces; a piece with no
+    corrected token gets its first ``k`` (EPIC's rule: nothing says where its deviation sits).
+
+    The same number of tokens as the first ``k`` of every piece. The anchors' correction is the
+    deviation they estimate, and it is largest where a prefill's KV differs most from the moved
+    one: mostly a piece's first tokens, but not only, and not as many in every piece.
+    """
+    device = deviation.device
+    forced: list[tuple[int, int]] = []
+    candidates = torch.zeros(deviation.shape[0], dtype=torch.bool, device=device)
+    for start, end in pieces:
+        if end <= start:
+            continue
+        if bool((deviation[start:end] < 0).all()):
+            forced.append((start, min(end, start + k)))
+        else:
+            candidates[start:end] = deviation[start:end] >= 0
+    chosen = span_selection(forced, deviation.shape[0], device)
+    budget = k * sum(1 for start, end in pieces if end > start) - int(chosen.numel())
+    positions = candidates.nonzero().flatten()
+    if budget > 0 and positions.numel() > 0:
+        top = torch.topk(deviation[positions], min(budget, int(positions.numel()))).indices
+        chosen = torch.cat([chosen, positions[top]])
+    return chosen.unique(sorted=True)
+
+
 @torch.inference_mode()
 def selective_recompute(
     model: Any, ids: list[int], block: KVBlock, selected: torch.Tensor

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcomm.errors import ConfigError
-from kvcomm.policies import BOUNDARY_PIECES, FIDELITY_LEVELS
+from kvcomm.policies import BOUNDARY_CHOICES, BOUNDARY_PIECES, FIDELITY_LEVELS
 from kvcomm.policies import POLICIES as _POLICY_TABLE
 
 POLICIES = tuple(_POLICY_TABLE)  # names, in the table's order
@@ -65,8 +65,8 @@ class KVCommConfig:
     cacheblend_ratio: float = _field(0.15, "cacheblend: fraction of reused tokens recomputed")
     fidelity: int = _field(
         2, "kvcomm's quality knob, 0-4: what a reuse call recomputes after the correction (0: the last "
-        "token, the paper's method; 1: + the query, the template's last segment; 2: + the first 4 tokens of "
-        "every moved piece; 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
+        "token, the paper's method; 1: + the query, the template's last segment; 2: + 4 tokens per moved piece, "
+        "those the correction moved most (recompute_boundary_by); 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
         "runner-up, prefilled in full; 4: the same within 1 nat); higher agrees with a full prefill more "
         "often, at a slower first token (1-2) or fewer reused calls (3-4)"
     )
@@ -75,11 +75,17 @@ class KVCommConfig:
         "deviate most (CacheBlend's selection, one 2-layer pass over the prompt); 0: only the last token"
     )
     recompute_boundary: int = _field(
-        0, "kvcomm: also recompute the first this-many tokens of every moved piece (EPIC's boundary recompute)"
+        0, "kvcomm: also recompute this many tokens per moved piece (EPIC's boundary recompute; which ones: "
+        "recompute_boundary_by)"
     )
     recompute_boundary_at: str = _field(
         "all", "which moved pieces the boundary recompute (fidelity 2-4, recompute_boundary) covers: 'all', "
         "'segments' (the template text after each slot) or 'contents' (the slot contents)"
+    )
+    recompute_boundary_by: str = _field(
+        "deviation", "how kvcomm's boundary recompute (fidelity 2-4, recompute_boundary=k) chooses its k tokens per "
+        "moved piece: 'deviation' (k x pieces tokens where the anchors' correction moved the keys most, "
+        "anywhere in the pieces) or 'first' (the first k tokens of every piece, EPIC's rule)"
     )
     recompute_query: bool = _field(
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
@@ -152,6 +158,9 @@ class KVCommConfig:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
         if self.recompute_query_tokens < 0:
             raise ConfigError(f"recompute_query_tokens={self.recompute_query_tokens} must be >= 0")
+        if self.recompute_boundary_by not in BOUNDARY_CHOICES:
+            raise ConfigError(f"recompute_boundary_by={self.recompute_boundary_by!r} must be one of "
+                              f"{', '.join(BOUNDARY_CHOICES)}")
         if self.recompute_boundary_at not in BOUNDARY_PIECES:
             raise ConfigError(f"recompute_boundary_at={self.recompute_boundary_at!r} must be one of "
                               f"{', '.join(BOUNDARY_PIECES)}")

@@ -187,6 +187,7 @@ def correct_into(
     inv_freq: torch.Tensor | None = None,
     delta_shifts: list[int] | None = None,
     ws: Workspace,
+    norms: torch.Tensor | None = None,
 ) -> None:
     """``out = R(shift)(src + sum_a w_a * delta_a)`` in place (keys; values: no rotation).
 
@@ -195,6 +196,10 @@ def correct_into(
     ``delta_shifts`` (the reference code's variant, ``rerotate_key_deltas=False``): each anchor's
     key deltas are rotated into the frame they were measured in and added after the rotation,
     ``out = R(shift)(src) + sum_a w_a * R(delta_shifts[a])(delta_a)``.
+
+    ``norms`` (``[n]`` float32): each token's squared L2 norm of the correction it got, summed over
+    the corrected layers, heads and channels, is added to it (rotations keep norms, so it is the
+    same before or after one). Computed while each step's rows are still in cache.
     """
     n = src.shape[2]
     rotated_after = inv_freq is not None and delta_shifts is not None
@@ -206,6 +211,11 @@ def correct_into(
         if inv_freq is not None and rotated_after:
             rotate_(chunk, shift, inv_freq, ws)
         first = max(lo, skip_layers)
+        before = None
+        if norms is not None and first < hi:
+            # what the rows hold before the anchors' deltas: src, or (reference variant) src rotated
+            before = src[first:hi] if not rotated_after else ws.take("before", (hi - first, *src.shape[1:]),
+                                                                   out.device).copy_(out[first:hi])
         for a, delta in enumerate(deltas if first < hi else ()):
             d = delta[first:hi, :, :n]
             m = d.shape[2]  # < n: a shorter anchor has no deviation past its end
@@ -215,6 +225,11 @@ def correct_into(
                 assert inv_freq is not None and delta_shifts is not None
                 d = rotate_(ws.take("delta", tuple(d.shape), out.device).copy_(d), delta_shifts[a], inv_freq, ws)
             out[first:hi, :, :m].addcmul_(d, w)
+        if before is not None:
+            assert norms is not None
+            diff = ws.take("norm", tuple(before.shape), out.device)
+            torch.sub(out[first:hi], before, out=diff)
+            norms += diff.square_().sum(dim=3).sum(dim=(0, 1))
         if inv_freq is not None and not rotated_after:
             rotate_(chunk, shift, inv_freq, ws)
 

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcomm.cacheblend import deviation_selection, selective_recompute, span_selection
+from kvcomm.cacheblend import (
+    deviation_boundary_selection,
+    deviation_selection,
+    selective_recompute,
+    span_selection,
+)
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
@@ -413,8 +418,12 @@ class KVCommEngine:
         self.fast.stack_anchors(plan.anchors)
         rec.stack_ms = (time.perf_counter() - t_stack) * 1e3
         timings: dict[str, float] = {}
+        # where the boundary recompute goes by the correction's size, the correction reports it per token
+        deviation = (torch.empty(prompt_len - 1, dtype=torch.float32, device=self.model.device)
+                     if self._boundary_by_deviation() else None)
         block = self.fast.assemble(pieces, prompt_len - 1, self.inv_freq, correct=self.policy.corrects,
-                                   capacity=prompt_len + n_new if static else None, timings=timings)
+                                   capacity=prompt_len + n_new if static else None, timings=timings,
+                                   deviation=deviation)
         rec.weights_ms, rec.apply_ms = timings.get("weights", 0.0), timings.get("apply", 0.0)
         rec.anchors_matched = sum(len(found) for found in plan.anchors if found is not None)
         rec.bytes_moved = block.nbytes
@@ -425,8 +434,9 @@ class KVCommEngine:
         partial = prefill_from < prompt_len - 1
         gap = exact is not None and exact.length < exact.served
         if self._recomputes() or partial or gap:
-            selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts) if self._recomputes()
-                        else torch.zeros(0, dtype=torch.long, device=block.k.device))
+            selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts, deviation,
+                                                  exact.served if exact is not None else 0)
+                        if self._recomputes() else torch.zeros(0, dtype=torch.long, device=block.k.device))
             if exact is not None:  # nothing inside the exact prefix; all of the gap after it
                 between = torch.arange(exact.length, exact.served, device=selected.device)
                 selected = torch.cat([selected[selected >= exact.served], between]).unique(sorted=True)
@@ -467,22 +477,41 @@ class KVCommEngine:
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv, context=self.last_prompt_ids)
 
     def _recompute_selection(self, prompt: AgentPrompt, ids: list[int], block: KVBlock, seg_starts: list[int],
-                             slot_starts: list[int]) -> torch.Tensor:
-        """The reused positions (< P-1) the policy recomputes besides the last token."""
+                             slot_starts: list[int], deviation: torch.Tensor | None = None,
+                             served: int = 0) -> torch.Tensor:
+        """The reused positions (< P-1) the policy recomputes besides the last token.
+
+        ``deviation``: the per-token key correction norms ``assemble`` reported (the boundary
+        recompute by deviation spends its tokens there); ``served``: the positions before it are
+        exact (a continued call's prefix), no piece there is a boundary to recompute.
+        """
         want = self.policy.recompute(self.config)
         last = len(ids) - 1
         device = block.k.device
         parts = [deviation_selection(self.model, ids, block, len(prompt.segments[0]), want.ratio)]
         spans: list[tuple[int, int]] = []
+        query_from = last
+        if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
+            floor = slot_starts[0] if slot_starts else seg_starts[-1]
+            query_from = max(floor, min(seg_starts[-1], last - want.query_tokens))
+            spans.append((query_from, last))
         if want.boundary > 0:  # the moved pieces: each slot content and/or the segment after it
             starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
                       "contents": slot_starts}[want.boundary_at]
-            spans += [(start, start + want.boundary) for start in starts]
-        if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
-            floor = slot_starts[0] if slot_starts else seg_starts[-1]
-            spans.append((max(floor, min(seg_starts[-1], last - want.query_tokens)), last))
+            if deviation is not None:  # as many tokens, where the correction was largest (before the query's)
+                bounds = sorted({*slot_starts, *seg_starts[1:], query_from})
+                ends = dict(zip(bounds, [*bounds[1:], query_from], strict=True))
+                pieces = [(s, min(ends[s], query_from)) for s in sorted(set(starts)) if served <= s < query_from]
+                parts.append(deviation_boundary_selection(pieces, deviation, want.boundary))
+            else:
+                spans += [(start, start + want.boundary) for start in starts]
         parts.append(span_selection(spans, last, device))
         return torch.cat(parts).unique(sorted=True)
+
+    def _boundary_by_deviation(self) -> bool:
+        """Whether this engine's boundary recompute chooses its tokens by the correction's size."""
+        want = self.policy.recompute(self.config)
+        return want.boundary > 0 and want.boundary_by == "deviation" and self.policy.corrects
 
     # -- helpers ----------------------------------------------------------------------------
     def _recomputes(self) -> bool:

@@ -55,6 +55,11 @@ class Recompute:
             placeholder) or only the slot ``"contents"``.
         query_tokens: the ``query`` recompute covers at least this many of the prompt's last
             tokens, reaching back into the last content where the template's tail is shorter.
+        boundary_by: how the ``boundary`` tokens are chosen. ``"first"``: the first ``boundary``
+            tokens of every moved piece (EPIC). ``"deviation"``: as many tokens, ``boundary`` per
+            moved piece, but those whose keys the anchors' correction moved most (summed over
+            layers), anywhere in the pieces; a piece moved without a correction gets its first
+            ``boundary`` tokens.
     """
 
     ratio: float = 0.0
@@ -62,6 +67,7 @@ class Recompute:
     query: bool = False
     boundary_at: str = "all"
     query_tokens: int = 0
+    boundary_by: str = "first"
 
     @property
     def any(self) -> bool:
@@ -78,7 +84,7 @@ def _no_recompute(config: Any) -> Recompute:
 FIDELITY_LEVELS: dict[int, Recompute] = {
     0: Recompute(),  # the paper's method: only the last prompt token
     1: Recompute(query=True),  # + the template's last segment (the instruction before the answer)
-    2: Recompute(query=True, boundary=4),  # + the first 4 tokens of every moved piece
+    2: Recompute(query=True, boundary=4),  # + 4 tokens per moved piece (chosen by recompute_boundary_by)
     3: Recompute(query=True, boundary=4),  # level 2, and near-ties prefilled in full (FIDELITY_FALLBACK)
     4: Recompute(query=True, boundary=4),  # level 2, and every call not clear by a nat prefilled in full
 }
@@ -102,7 +108,7 @@ def _kvcomm_recompute(config: Any) -> Recompute:
     query = level.query or config.recompute_query
     # query_tokens widens the query recompute; without one (fidelity 0) there is nothing to widen
     return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
-                     query=query, boundary_at=config.recompute_boundary_at,
+                     query=query, boundary_at=config.recompute_boundary_at, boundary_by=config.recompute_boundary_by,
                      query_tokens=config.recompute_query_tokens if query else 0)
 
 
@@ -173,5 +179,7 @@ def policy(name: str) -> Policy:
 
 
 BOUNDARY_PIECES = ("all", "segments", "contents")
+#: how kvcomm chooses its boundary tokens (``KVCommConfig.recompute_boundary_by``)
+BOUNDARY_CHOICES = ("deviation", "first")
 
-__all__ = ["BOUNDARY_PIECES", "FIDELITY_FALLBACK", "FIDELITY_LEVELS", "fallback_margin", "POLICIES", "Plan", "Policy", "Recompute", "policy"]
+__all__ = ["BOUNDARY_CHOICES", "BOUNDARY_PIECES", "FIDELITY_FALLBACK", "FIDELITY_LEVELS", "fallback_margin", "POLICIES", "Plan", "Policy", "Recompute", "policy"]

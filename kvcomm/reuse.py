@@ -116,6 +116,7 @@ def assemble(
     out: KVBlock | None = None,
     workspace: Workspace | None = None,
     timings: dict[str, float] | None = None,
+    deviation: torch.Tensor | None = None,
 ) -> KVBlock:
     """Write every piece (moved, and corrected when ``correct``) into one [L, H, total, D] block.
 
@@ -124,6 +125,10 @@ def assemble(
     elsewhere as a list, through :mod:`kvcomm.deviation` (``workspace``: its scratch, kept by the
     caller across calls). ``timings`` (CPU only, where no sync is needed to time) accumulates the
     milliseconds spent on anchor ``weights`` and on ``apply`` (moving, correcting, rotating).
+
+    ``deviation`` (``[>= total]`` float32): filled with each corrected token's key correction, its
+    squared L2 norm over the corrected layers (what the anchors estimate the move got wrong, where
+    a boundary recompute by deviation spends its tokens); -1 where a token was moved only.
     """
     from kvcomm.kernels.dispatch import use_triton
 
@@ -134,6 +139,8 @@ def assemble(
                       torch.empty(L, H, total, D, dtype=first.k.dtype, device=first.k.device))
     stacked = use_triton(None, first.k)
     ws = workspace or Workspace()
+    if deviation is not None:
+        deviation.fill_(-1.0)
     for piece in pieces:
         n = min(piece.src.length, total - piece.start)
         if n <= 0:
@@ -153,11 +160,40 @@ def assemble(
             shift_keys_into(rest.k, src.k[:, :, longest:], piece.shift, inv_freq)
             rest.v.copy_(src.v[:, :, longest:])
             n, src, dst = longest, src.slice(0, longest), dst.slice(0, longest)
+        norms = None
+        if deviation is not None:
+            norms = deviation[piece.start : piece.start + n].zero_()
         if stacked:
             _correct_stacked(piece, anchors, src, dst, inv_freq, config)
+            if norms is not None:
+                norms += key_correction_norms(src.k, dst.k, piece.shift, inv_freq, config)
         else:
-            _correct_listed(piece, anchors, src, dst, inv_freq, config, ws, timings)
+            _correct_listed(piece, anchors, src, dst, inv_freq, config, ws, timings, norms)
     return out
+
+
+def key_correction_norms(src_k: torch.Tensor, dst_k: torch.Tensor, shift: int, inv_freq: torch.Tensor,
+                         config: KVCommConfig) -> torch.Tensor:
+    """``[n]``: each token's squared L2 norm of ``dst_k - R(shift)(src_k)`` over the corrected
+    layers: the key correction a piece got, read back from its result (where the correction ran
+    in kernels or a captured graph; the CPU path sums it as it goes)."""
+    skip = 0 if config.correct_first_layer else 1
+    moved = shift_keys(src_k[skip:], shift, inv_freq)
+    return (dst_k[skip:].float() - moved.float()).square_().sum(dim=(0, 1, 3))
+
+
+def correction_norms(pieces: list[Piece], out: KVBlock, inv_freq: torch.Tensor, config: KVCommConfig, *,
+                     correct: bool, deviation: torch.Tensor) -> None:
+    """``assemble``'s ``deviation``, read back from its result ``out`` (a captured graph's replay)."""
+    deviation.fill_(-1.0)
+    total = out.k.shape[2]
+    for piece in pieces:
+        n = min(piece.src.length, total - piece.start)
+        if n <= 0 or not correct or not piece.correct or piece.anchors is None or len(piece.anchors) == 0:
+            continue
+        n = n if piece.kind != "slot" or piece.anchors.exact else min(n, max(b.length for b in piece.anchors.slot_deltas))
+        deviation[piece.start : piece.start + n] = key_correction_norms(
+            piece.src.k[:, :, :n], out.k[:, :, piece.start : piece.start + n], piece.shift, inv_freq, config)
 
 
 def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
@@ -202,8 +238,10 @@ def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBl
 
 
 def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
-                    config: KVCommConfig, ws: Workspace, timings: dict[str, float] | None = None) -> None:
-    """One piece on the CPU: the anchors read one by one (:mod:`kvcomm.deviation`), no stacking."""
+                    config: KVCommConfig, ws: Workspace, timings: dict[str, float] | None = None,
+                    norms: torch.Tensor | None = None) -> None:
+    """One piece on the CPU: the anchors read one by one (:mod:`kvcomm.deviation`), no stacking;
+    ``norms`` (``[n]``): the keys' correction norms are added to it (``assemble``'s ``deviation``)."""
     t0 = time.perf_counter()
     L, H, n, D = src.k.shape
     skip = 0 if config.correct_first_layer else 1
@@ -243,7 +281,8 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
         deviation.correct_into(
             acc, src_t, chosen, w, skip_layers=skip, shift=piece.shift if rotated else 0,
             inv_freq=inv_freq if rotated else None,
-            delta_shifts=[shifts[a] for a in keep] if rotated and not rerotate else None, ws=ws)
+            delta_shifts=[shifts[a] for a in keep] if rotated and not rerotate else None, ws=ws,
+            norms=norms if rotated else None)
         if acc is not dst_t:
             dst_t.copy_(acc)
     if timings is not None:

@@ -183,3 +183,44 @@ def test_short_pieces_take_one_step_and_long_ones_stay_in_cache() -> None:
     assert layers_per_step((30, 3, 30, 64), APPLY_LAYER_CHUNK) == 30  # a 30-token piece: one step
     long = layers_per_step((30, 3, 1024, 64), APPLY_LAYER_CHUNK)
     assert long == APPLY_LAYER_CHUNK and long * 3 * 1024 * 64 * 4 <= STEP_BYTES  # the floor, in cache
+
+
+def _three_pieces(rerotate: bool) -> tuple[list[Piece], KVCommConfig]:
+    anchors = _anchors([6, 8], 3, torch.float32)
+    content = _kv(6)
+    pieces = [Piece(0, _kv(4), 0), Piece(4, content, 4, anchors, "slot"), Piece(10, _kv(3), 2, anchors, "seg", content)]
+    return pieces, KVCommConfig(rerotate_key_deltas=rerotate)
+
+
+@pytest.mark.parametrize("rerotate", [True, False])
+def test_assemble_reports_each_tokens_key_correction(rerotate) -> None:
+    """``deviation``: each corrected token's squared key correction over the corrected layers, the
+    difference between the corrected and the merely moved keys; -1 where nothing was corrected.
+    The read-back used after a captured graph (``correction_norms``) reports the same."""
+    pieces, config = _three_pieces(rerotate)
+    deviation = torch.empty(13)
+    out = reuse.assemble(pieces, 13, INV_FREQ, config, correct=True, deviation=deviation)
+    moved = reuse.assemble(pieces, 13, INV_FREQ, config, correct=False)
+    want = (out.k[1:] - moved.k[1:]).square().sum(dim=(0, 1, 3))
+    want[:4] = -1.0  # the first piece has no anchors: moved only
+    torch.testing.assert_close(deviation, want, atol=1e-4, rtol=1e-4)
+    assert (deviation[4:] > 0).all()
+    again = torch.zeros(13)
+    reuse.correction_norms(pieces, out, INV_FREQ, config, correct=True, deviation=again)
+    torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
+    # without a correction nothing is reported as corrected
+    reuse.assemble(pieces, 13, INV_FREQ, config, correct=False, deviation=deviation)
+    assert (deviation == -1).all()
+
+
+def test_boundary_by_deviation_spends_k_per_piece_where_the_deviation_is_largest() -> None:
+    from kvcomm.cacheblend import deviation_boundary_selection
+
+    deviation = torch.tensor([9.0, 1, 2, 3, 0.5,   # piece [0, 5)
+                              0.1, 8, 7, 0.2,       # piece [5, 9)
+                              -1, -1, -1, -1])      # piece [9, 13): moved only
+    picked = deviation_boundary_selection([(0, 5), (5, 9), (9, 13)], deviation, 2)
+    # the uncorrected piece gets its first 2; the other 4 go to the largest corrected tokens
+    assert picked.tolist() == [0, 3, 6, 7, 9, 10]
+    # a budget larger than the corrected tokens takes them all
+    assert deviation_boundary_selection([(0, 2)], deviation, 5).tolist() == [0, 1]

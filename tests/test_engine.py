@@ -188,7 +188,8 @@ def _reuse_call_selection(smollm2, **cfg):
 def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
     """recompute_boundary_at picks which moved pieces' first tokens are recomputed: the slot
     contents, the template segments after them, or both (the engine's own selection, read back)."""
-    eng, out, picked = _reuse_call_selection(smollm2, recompute_boundary=2, recompute_boundary_at=where)
+    eng, out, picked = _reuse_call_selection(smollm2, recompute_boundary=2, recompute_boundary_at=where,
+                                             recompute_boundary_by="first")
     prompt = eng.agents["planner"]
     slot_start = len(prompt.segments[0])
     seg_start = slot_start + len(eng._encode(Q3))
@@ -198,6 +199,44 @@ def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
     assert out.record.recomputed_tokens == len(want) + 1
     with pytest.raises(ConfigError, match="recompute_boundary_at"):
         KVCommConfig(recompute_boundary_at="middle")
+
+
+@pytest.mark.parametrize("where", ["all", "segments", "contents"])
+def test_boundary_recompute_by_deviation_spends_as_many_tokens_where_the_correction_is_largest(smollm2, where):
+    """recompute_boundary_by="deviation" (the default): k tokens per moved piece in scope, as
+    "first" recomputes, but the ones whose keys the correction moved most, read back from the
+    per-token norms the assembly reported."""
+    eng = make_engine(smollm2, fidelity=0, gamma=1.0, recompute_boundary=2, recompute_boundary_at=where)
+    eng.register_agent("planner", PLANNER)
+    for q in (Q1, Q2):
+        eng.generate("planner", {"question": q})
+    seen: dict[str, torch.Tensor] = {}
+    assemble, select = eng.fast.assemble, eng._recompute_selection
+
+    def spy_assemble(*a, **kw):
+        out = assemble(*a, **kw)
+        seen["deviation"] = kw["deviation"].clone()
+        return out
+
+    eng.fast.assemble = spy_assemble  # type: ignore[method-assign]
+    eng._recompute_selection = lambda *a: seen.setdefault("picked", select(*a))  # type: ignore[method-assign]
+    out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
+    assert out.mode == "reuse"
+    prompt = eng.agents["planner"]
+    slot_start = len(prompt.segments[0])
+    seg_start = slot_start + len(eng._encode(Q3))
+    scope = {"all": [(slot_start, seg_start), (seg_start, len(eng.last_prompt_ids) - 1)],
+             "segments": [(seg_start, len(eng.last_prompt_ids) - 1)], "contents": [(slot_start, seg_start)]}[where]
+    picked, deviation = seen["picked"].tolist(), seen["deviation"]
+    assert len(picked) == 2 * len(scope)
+    assert all(any(a <= p < b for a, b in scope) for p in picked)
+    inside = [p for a, b in scope for p in range(a, b)]
+    assert (deviation[inside] >= 0).all(), "every token of a corrected piece has its norm"
+    ranked = sorted(inside, key=lambda p: -float(deviation[p]))
+    assert sorted(picked) == sorted(ranked[: len(picked)])
+    assert out.record.recomputed_tokens == len(picked) + 1
+    with pytest.raises(ConfigError, match="recompute_boundary_by"):
+        KVCommConfig(recompute_boundary_by="largest")
 
 
 def test_fallback_margin_prefills_a_near_tie_in_full(smollm2):

@@ -24,7 +24,7 @@ from kvcomm.fastpath.stacks import StackCache
 from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.kernels.dispatch import use_triton
 from kvcomm.kv import KVBlock
-from kvcomm.reuse import Piece, SlotAnchors, assemble
+from kvcomm.reuse import Piece, SlotAnchors, assemble, correction_norms
 
 #: the static buffer grows in steps of this many tokens (fewer regrowths, fewer graph recaptures)
 CAPACITY_STEP = 512
@@ -55,21 +55,26 @@ class FastPath:
                 slot_anchors.stacks(self.anchor_stacks.stack)
 
     def assemble(self, pieces: list[Piece], total: int, inv_freq: torch.Tensor, *, correct: bool,
-                 capacity: int | None, timings: dict[str, float] | None = None) -> KVBlock:
-        """:func:`kvcomm.reuse.assemble` of ``total`` tokens.
+                 capacity: int | None, timings: dict[str, float] | None = None,
+                 deviation: torch.Tensor | None = None) -> KVBlock:
+        """:func:`kvcomm.reuse.assemble` of ``total`` tokens (``deviation``: its per-token key
+        correction norms, filled too).
 
         With ``capacity`` (the most tokens the call will hold) the KV lands in the static buffer,
         through a captured graph where one applies; with None it is a fresh block.
         """
         if capacity is None:
             return assemble(pieces, total, inv_freq, self.config, correct=correct, workspace=self.workspace,
-                            timings=timings)
+                            timings=timings, deviation=deviation)
         buf = self._buffer(capacity)
         out = buf.prompt_views(total)
         if buf.correction is not None:  # CUDA: replayed where the layout repeats
-            return buf.correction.run(pieces, total, inv_freq, self.config, correct=correct, out=out)
+            out = buf.correction.run(pieces, total, inv_freq, self.config, correct=correct, out=out)
+            if deviation is not None:  # read back from the result: the graph computes the KV only
+                correction_norms(pieces, out, inv_freq, self.config, correct=correct, deviation=deviation)
+            return out
         return assemble(pieces, total, inv_freq, self.config, correct=correct, out=out, workspace=self.workspace,
-                        timings=timings)
+                        timings=timings, deviation=deviation)
 
     def first_token(self, token: int, position: int) -> tuple[torch.Tensor, StaticPromptCache]:
         """The forward of the last prompt token over the buffer ``assemble`` just filled."""
