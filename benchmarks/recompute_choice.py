@@ -1,0 +1,148 @@
+"""Which reused tokens are worth recomputing? A table, not a test.
+
+Runs the DAG eval's workload (HumanEval prompts through analyst -> designer -> coder -> reviewer)
+through dense and kvcomm, teacher-forced on dense's answers. At every kvcomm reuse call it takes
+the corrected prompt KV the engine assembled and, over that same KV, recomputes several
+selections of tokens besides the query (the template's tail and the prompt's last 16 tokens, as
+``fidelity=1``), then compares each one's first-token distribution with dense's:
+
+- ``first k``: the first k tokens of every moved piece (EPIC's rule, ``recompute_boundary_by=first``);
+- ``deviation k``: k per moved piece, the tokens whose keys the correction moved most (the
+  per-token norms ``assemble`` reports; ``recompute_boundary_by=deviation`` at k=4);
+- ``deviation(K+V) k``: the same, keys' and values' corrections summed;
+- ``residual k`` (an oracle: needs the prompt's real KV, i.e. a prefill): k per piece where the
+  corrected KV is furthest from the prefill's.
+
+Usage: ``python benchmarks/recompute_choice.py --n 40`` (about 20 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+import torch
+
+from kvcomm.cacheblend import selective_recompute
+from kvcomm.config import KVCommConfig
+from kvcomm.engine import KVCommEngine
+from kvcomm.kv import KVBlock, block_from_cache, prefill
+from kvcomm.models.loading import load_model
+from kvcomm.reuse import assemble
+from kvcomm.tools.evaluation import _kl, _own, dag_workload, load_questions, make_engines, row_configs
+
+QUERY_TOKENS = 16
+
+
+def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[L, H, T, D]`` pair -> ``[T]``: squared L2 distance over layers 1.. (layer 0 is never corrected)."""
+    return (a[1:].float() - b[1:].float()).square().sum(dim=(0, 1, 3))
+
+
+def top(score: torch.Tensor, candidates: list[int], budget: int) -> list[int]:
+    if not candidates or budget <= 0:
+        return []
+    idx = torch.topk(score[candidates], min(budget, len(candidates))).indices.tolist()
+    return [candidates[i] for i in idx]
+
+
+class Probe:
+    """Hooks on one engine: what its reuse calls assembled, and the selections compared over it."""
+
+    def __init__(self, engine: KVCommEngine) -> None:
+        self.engine = engine
+        self.rows: list[dict[str, Any]] = []
+        self.ref: torch.Tensor | None = None
+        self.call: dict[str, Any] = {}
+        fast, select = engine.fast, engine._recompute_selection
+        assemble_fn, recompute_fn = fast.assemble, fast.recompute
+
+        def spy_assemble(pieces, total, inv_freq, **kw):  # type: ignore[no-untyped-def]
+            out = assemble_fn(pieces, total, inv_freq, **kw)
+            self.call["moved"] = assemble(pieces, total, inv_freq, engine.config, correct=False)
+            self.call["corrected"] = KVBlock(out.k.clone(), out.v.clone())
+            return out
+
+        def spy_select(prompt, ids, block, seg_starts, slot_starts, *rest):  # type: ignore[no-untyped-def]
+            self.call.update(seg_starts=list(seg_starts), slot_starts=list(slot_starts), seg0=len(prompt.segments[0]))
+            return select(prompt, ids, block, seg_starts, slot_starts, *rest)
+
+        def spy_recompute(ids, selected):  # type: ignore[no-untyped-def]
+            if self.ref is not None and "seg_starts" in self.call:
+                self.rows.append(self.compare(ids))
+            self.call = {}
+            return recompute_fn(ids, selected)
+
+        fast.assemble, fast.recompute = spy_assemble, spy_recompute  # type: ignore[method-assign]
+        engine._recompute_selection = spy_select  # type: ignore[method-assign]
+
+    def compare(self, ids: list[int]) -> dict[str, Any]:
+        assert self.ref is not None
+        model, c = self.engine.model, self.call
+        last = len(ids) - 1
+        corrected, moved = c["corrected"], c["moved"]
+        _, cache = prefill(model, ids[:-1])
+        real = block_from_cache(cache)
+        seg_starts, slot_starts = c["seg_starts"], c["slot_starts"]
+        floor = slot_starts[0] if slot_starts else seg_starts[-1]
+        query_from = max(floor, min(seg_starts[-1], last - QUERY_TOKENS))
+        query = list(range(query_from, last))
+        starts = sorted(s for s in {*slot_starts, *seg_starts[1:]} if s < query_from)
+        candidates = list(range(c["seg0"], query_from))
+        scores = {
+            "deviation": per_token(corrected.k, moved.k),
+            "deviation(K+V)": per_token(corrected.k, moved.k) + per_token(corrected.v, moved.v),
+            "residual (oracle)": per_token(corrected.k, real.k) + per_token(corrected.v, real.v),
+        }
+        selections: dict[str, list[int]] = {"last token only (fidelity 0)": [], "query only (fidelity 1)": query}
+        for k in (1, 2, 4, 8):
+            selections[f"first {k}"] = query + [t for s in starts for t in range(s, min(s + k, query_from))]
+        for name, score in scores.items():
+            for k in (1, 2, 3, 4):
+                selections[f"{name} {k}"] = query + top(score, candidates, k * len(starts))
+        row: dict[str, Any] = {}
+        for name, chosen in selections.items():
+            sel = torch.tensor(sorted(set(chosen)), dtype=torch.long)
+            logits, _, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), sel)
+            row[name] = (int(sel.numel()) + 1, _kl(self.ref, logits), int(logits.argmax()) == int(self.ref.argmax()))
+        return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=40, help="requests (the first 4 only fill the anchor pools)")
+    ap.add_argument("--model", default="smollm2-135m")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    lm = load_model(args.model, progress=False)
+    engines = make_engines(lm.model, lm.tokenizer, lm.fingerprint, row_configs(["kvcomm"], None, KVCommConfig(), 32))
+    probe = Probe(engines["kvcomm"])
+    work = dag_workload(4, load_questions(args.n))
+    for eng in engines.values():
+        for name, tmpl in work.agents:
+            eng.register_agent(name, tmpl)
+    for r, fills in enumerate(work.requests):
+        dense, kv = engines["dense"], engines["kvcomm"]
+        dense.reset_answers()
+        kv.reset_answers()
+        refs = {name: dense.generate(name, _own(fills, tmpl), return_logits=True, request_id=str(r))
+                for name, tmpl in work.agents}
+        for name, tmpl in work.agents:
+            probe.ref = (refs[name].logits or [None])[0]
+            kv.generate(name, _own(fills, tmpl), forced_ids=refs[name].token_ids, return_logits=True, request_id=str(r))
+            probe.ref = None
+        print(f"request {r + 1}/{args.n}: {len(probe.rows)} reuse calls compared", file=sys.stderr, flush=True)
+    if not probe.rows:
+        sys.exit("no reuse calls: run more requests (--n)")
+    print(f"\n{len(probe.rows)} reuse calls; every selection over the same corrected KV, plus the last token\n")
+    print(f"{'recomputed besides the last token':34s} {'tokens':>7s} {'1st tok = dense %':>18s} {'KL 1st':>8s}")
+    for name in probe.rows[0]:
+        cells = [row[name] for row in probe.rows]
+        print(f"{name:34s} {statistics.fmean(c[0] for c in cells):7.1f} "
+              f"{100 * statistics.fmean(c[2] for c in cells):18.1f} {statistics.fmean(c[1] for c in cells):8.4f}")
+
+
+if __name__ == "__main__":
+    main()
