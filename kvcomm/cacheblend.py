@@ -67,14 +67,18 @@ def span_selection(spans: list[tuple[int, int]], limit: int, device: torch.devic
     return marks.nonzero().flatten()
 
 
-def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` tokens per piece ``[start, end)``, spent where ``deviation`` (per position, -1 where a
-    token was moved without a correction) is largest, anywhere in the pieces; a piece with no
-    corrected token gets its first ``k`` (EPIC's rule: nothing says where its deviation sits).
+def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch.Tensor, k: int,
+                                 keep_first: int = 1) -> torch.Tensor:
+    """``k`` tokens per piece ``[start, end)``: each piece's first ``keep_first``, and the rest of
+    the budget where ``deviation`` (per position, -1 where a token was moved without a correction)
+    is largest, anywhere in the pieces. A piece with no corrected token gets its first ``k``
+    (EPIC's rule: nothing says where its deviation sits).
 
     The same number of tokens as the first ``k`` of every piece. The anchors' correction is the
     deviation they estimate, and it is largest where a prefill's KV differs most from the moved
-    one: mostly a piece's first tokens, but not only, and not as many in every piece.
+    one: mostly a piece's first tokens, but not only, and not as many in every piece. A piece's
+    first token is kept whatever its correction: it takes the attention a sink would, and a budget
+    spent on a few heavily corrected pieces would otherwise leave the others' first tokens out.
     """
     device = deviation.device
     forced: list[tuple[int, int]] = []
@@ -85,7 +89,9 @@ def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch
         if bool((deviation[start:end] < 0).all()):
             forced.append((start, min(end, start + k)))
         else:
-            candidates[start:end] = deviation[start:end] >= 0
+            first = min(end, start + min(k, keep_first))
+            forced.append((start, first))
+            candidates[first:end] = deviation[first:end] >= 0
     chosen = span_selection(forced, deviation.shape[0], device)
     budget = k * sum(1 for start, end in pieces if end > start) - int(chosen.numel())
     positions = candidates.nonzero().flatten()

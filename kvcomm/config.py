@@ -87,6 +87,10 @@ class KVCommConfig:
         "moved piece: 'deviation' (k x pieces tokens where the anchors' correction moved the keys most, "
         "anywhere in the pieces) or 'first' (the first k tokens of every piece, EPIC's rule)"
     )
+    recompute_boundary_keep_first: int = _field(
+        1, "with recompute_boundary_by='deviation': each moved piece's first this-many tokens are recomputed "
+        "whatever their correction, the rest of its k by deviation"
+    )
     recompute_query: bool = _field(
         False, "kvcomm: also recompute the template's last text segment (the instruction before the answer)"
     )
@@ -158,6 +162,8 @@ class KVCommConfig:
             raise ConfigError(f"recompute_boundary={self.recompute_boundary} must be >= 0")
         if self.recompute_query_tokens < 0:
             raise ConfigError(f"recompute_query_tokens={self.recompute_query_tokens} must be >= 0")
+        if self.recompute_boundary_keep_first < 0:
+            raise ConfigError(f"recompute_boundary_keep_first={self.recompute_boundary_keep_first} must be >= 0")
         if self.recompute_boundary_by not in BOUNDARY_CHOICES:
             raise ConfigError(f"recompute_boundary_by={self.recompute_boundary_by!r} must be one of "
                               f"{', '.join(BOUNDARY_CHOICES)}")

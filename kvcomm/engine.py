@@ -502,7 +502,7 @@ class KVCommEngine:
                 bounds = sorted({*slot_starts, *seg_starts[1:], query_from})
                 ends = dict(zip(bounds, [*bounds[1:], query_from], strict=True))
                 pieces = [(s, min(ends[s], query_from)) for s in sorted(set(starts)) if served <= s < query_from]
-                parts.append(deviation_boundary_selection(pieces, deviation, want.boundary))
+                parts.append(deviation_boundary_selection(pieces, deviation, want.boundary, want.keep_first))
             else:
                 spans += [(start, start + want.boundary) for start in starts]
         parts.append(span_selection(spans, last, device))

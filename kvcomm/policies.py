@@ -60,6 +60,8 @@ class Recompute:
             moved piece, but those whose keys the anchors' correction moved most (summed over
             layers), anywhere in the pieces; a piece moved without a correction gets its first
             ``boundary`` tokens.
+        keep_first: with ``boundary_by="deviation"``, each moved piece's first ``keep_first``
+            tokens are among its ``boundary`` whatever their correction.
     """
 
     ratio: float = 0.0
@@ -68,6 +70,7 @@ class Recompute:
     boundary_at: str = "all"
     query_tokens: int = 0
     boundary_by: str = "first"
+    keep_first: int = 0
 
     @property
     def any(self) -> bool:
@@ -109,6 +112,7 @@ def _kvcomm_recompute(config: Any) -> Recompute:
     # query_tokens widens the query recompute; without one (fidelity 0) there is nothing to widen
     return Recompute(ratio=max(level.ratio, config.recompute_ratio), boundary=max(level.boundary, config.recompute_boundary),
                      query=query, boundary_at=config.recompute_boundary_at, boundary_by=config.recompute_boundary_by,
+                     keep_first=config.recompute_boundary_keep_first,
                      query_tokens=config.recompute_query_tokens if query else 0)
 
 

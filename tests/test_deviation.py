@@ -219,8 +219,10 @@ def test_boundary_by_deviation_spends_k_per_piece_where_the_deviation_is_largest
     deviation = torch.tensor([9.0, 1, 2, 3, 0.5,   # piece [0, 5)
                               0.1, 8, 7, 0.2,       # piece [5, 9)
                               -1, -1, -1, -1])      # piece [9, 13): moved only
-    picked = deviation_boundary_selection([(0, 5), (5, 9), (9, 13)], deviation, 2)
-    # the uncorrected piece gets its first 2; the other 4 go to the largest corrected tokens
-    assert picked.tolist() == [0, 3, 6, 7, 9, 10]
+    pieces = [(0, 5), (5, 9), (9, 13)]
+    # keep_first=0: the uncorrected piece gets its first 2; the other 4 go to the largest corrected tokens
+    assert deviation_boundary_selection(pieces, deviation, 2, keep_first=0).tolist() == [0, 3, 6, 7, 9, 10]
+    # keep_first=1 (the default): each corrected piece's first token too, the other 2 by deviation
+    assert deviation_boundary_selection(pieces, deviation, 2).tolist() == [0, 5, 6, 7, 9, 10]
     # a budget larger than the corrected tokens takes them all
     assert deviation_boundary_selection([(0, 2)], deviation, 5).tolist() == [0, 1]

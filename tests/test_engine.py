@@ -232,8 +232,9 @@ def test_boundary_recompute_by_deviation_spends_as_many_tokens_where_the_correct
     assert all(any(a <= p < b for a, b in scope) for p in picked)
     inside = [p for a, b in scope for p in range(a, b)]
     assert (deviation[inside] >= 0).all(), "every token of a corrected piece has its norm"
-    ranked = sorted(inside, key=lambda p: -float(deviation[p]))
-    assert sorted(picked) == sorted(ranked[: len(picked)])
+    firsts = [a for a, _ in scope]  # recompute_boundary_keep_first=1: each piece's first token
+    ranked = sorted((p for p in inside if p not in firsts), key=lambda p: -float(deviation[p]))
+    assert sorted(picked) == sorted(firsts + ranked[: len(picked) - len(firsts)])
     assert out.record.recomputed_tokens == len(picked) + 1
     with pytest.raises(ConfigError, match="recompute_boundary_by"):
         KVCommConfig(recompute_boundary_by="largest")
