@@ -66,7 +66,7 @@ class KVCommConfig:
     fidelity: int = _field(
         2, "kvcomm's quality knob, 0-4: what a reuse call recomputes after the correction (0: the last "
         "token, the paper's method; 1: + the query, the template's last segment; 2: + 4 tokens per moved piece, "
-        "those the correction moved most (recompute_boundary_by); 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
+        "its first 4 (recompute_boundary_by); 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
         "runner-up, prefilled in full; 4: the same within 1 nat); higher agrees with a full prefill more "
         "often, at a slower first token (1-2) or fewer reused calls (3-4)"
     )
@@ -83,7 +83,7 @@ class KVCommConfig:
         "'segments' (the template text after each slot) or 'contents' (the slot contents)"
     )
     recompute_boundary_by: str = _field(
-        "deviation", "how kvcomm's boundary recompute (fidelity 2-4, recompute_boundary=k) chooses its k tokens per "
+        "first", "how kvcomm's boundary recompute (fidelity 2-4, recompute_boundary=k) chooses its k tokens per "
         "moved piece: 'deviation' (k x pieces tokens where the anchors' correction moved the keys most, "
         "anywhere in the pieces) or 'first' (the first k tokens of every piece, EPIC's rule)"
     )

@@ -203,10 +203,11 @@ def test_boundary_recompute_covers_the_pieces_asked_for(smollm2, where):
 
 @pytest.mark.parametrize("where", ["all", "segments", "contents"])
 def test_boundary_recompute_by_deviation_spends_as_many_tokens_where_the_correction_is_largest(smollm2, where):
-    """recompute_boundary_by="deviation" (the default): k tokens per moved piece in scope, as
+    """recompute_boundary_by="deviation": k tokens per moved piece in scope, as
     "first" recomputes, but the ones whose keys the correction moved most, read back from the
     per-token norms the assembly reported."""
-    eng = make_engine(smollm2, fidelity=0, gamma=1.0, recompute_boundary=2, recompute_boundary_at=where)
+    eng = make_engine(smollm2, fidelity=0, gamma=1.0, recompute_boundary=2, recompute_boundary_at=where,
+                      recompute_boundary_by="deviation")
     eng.register_agent("planner", PLANNER)
     for q in (Q1, Q2):
         eng.generate("planner", {"question": q})

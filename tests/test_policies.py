@@ -33,22 +33,22 @@ def test_every_policy_plans_a_mode(name) -> None:
 def test_recompute_selections_come_from_the_config() -> None:
     config = KVCommConfig(cacheblend_ratio=0.2, recompute_ratio=0.1, recompute_boundary=3, epic_tokens=8, fidelity=0)
     assert policy("cacheblend").recompute(config) == Recompute(ratio=0.2)
-    assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3, boundary_by="deviation", keep_first=1)
+    assert policy("kvcomm").recompute(config) == Recompute(ratio=0.1, boundary=3, keep_first=1)
     # a fidelity level sets kvcomm's recompute; explicit knobs add to it
     # the default widens the query recompute to the prompt's last 16 tokens; fidelity 0 has none to widen
     assert policy("kvcomm").recompute(KVCommConfig(fidelity=2)) == Recompute(boundary=4, query=True, query_tokens=16,
-                                                                             boundary_by="deviation", keep_first=1)
+                                                                             keep_first=1)
     assert policy("kvcomm").recompute(config.replace(fidelity=3, recompute_query_tokens=0)) == Recompute(
-        ratio=0.1, boundary=4, query=True, boundary_by="deviation", keep_first=1)
+        ratio=0.1, boundary=4, query=True, keep_first=1)
     assert policy("kvcomm").recompute(config).query_tokens == 0
     assert not policy("kvcomm").recompute(KVCommConfig(fidelity=0)).any
     assert policy("epic").recompute(config) == Recompute(boundary=8, query=True)
     assert policy("kvcomm").recompute(KVCommConfig(recompute_boundary_at="segments")) == Recompute(
-        boundary=4, query=True, boundary_at="segments", query_tokens=16, boundary_by="deviation", keep_first=1)
+        boundary=4, query=True, boundary_at="segments", query_tokens=16, keep_first=1)
     assert policy("epic").recompute(config.replace(recompute_boundary_at="contents")).boundary_at == "all"
     # EPIC's own recompute always takes each piece's first tokens (it has no correction to rank by)
     assert policy("epic").recompute(config.replace(recompute_boundary_by="deviation")).boundary_by == "first"
-    assert policy("kvcomm").recompute(config.replace(recompute_boundary_by="first")).boundary_by == "first"
+    assert policy("kvcomm").recompute(config.replace(recompute_boundary_by="deviation")).boundary_by == "deviation"
     assert policy("kvcomm").recompute(KVCommConfig(recompute_query_tokens=16)).query_tokens == 16
     assert not policy("naive").recompute(config).any and not policy("dense").recompute(config).any
     assert policy("kvcomm").corrects and not policy("naive").corrects
