@@ -66,7 +66,7 @@ class KVCommConfig:
     fidelity: int = _field(
         2, "kvcomm's quality knob, 0-4: what a reuse call recomputes after the correction (0: the last "
         "token, the paper's method; 1: + the query, the template's last segment; 2: + 4 tokens per moved piece, "
-        "its first 4 (recompute_boundary_by); 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
+        "its first 4 by default (recompute_boundary_by); 3: level 2, and a call whose first token is a near-tie, within 0.5 nats of the "
         "runner-up, prefilled in full; 4: the same within 1 nat); higher agrees with a full prefill more "
         "often, at a slower first token (1-2) or fewer reused calls (3-4)"
     )

@@ -146,20 +146,17 @@ def assemble(
         if n <= 0:
             continue
         src = piece.src.slice(0, n)
-        dst = out.slice(piece.start, piece.start + n)
-        anchors = piece.anchors
-        if not correct or not piece.correct or anchors is None or len(anchors) == 0:
-            shift_keys_into(dst.k, src.k, piece.shift, inv_freq)
-            dst.v.copy_(src.v)
+        corrected = _corrected_tokens(piece, n, correct)
+        if corrected < n:  # the tokens with no correction are moved only
+            rest = out.slice(piece.start + corrected, piece.start + n)
+            shift_keys_into(rest.k, src.k[:, :, corrected:], piece.shift, inv_freq)
+            rest.v.copy_(src.v[:, :, corrected:])
+        if corrected == 0:
             continue
-        longest = max(b.length for b in anchors.slot_deltas)
-        if piece.kind == "slot" and not anchors.exact and n > longest:
-            # anchors shorter than the content (min_anchor_coverage < 1): the tokens past the
-            # longest one have no measured deviation, they are moved only
-            rest = out.slice(piece.start + longest, piece.start + n)
-            shift_keys_into(rest.k, src.k[:, :, longest:], piece.shift, inv_freq)
-            rest.v.copy_(src.v[:, :, longest:])
-            n, src, dst = longest, src.slice(0, longest), dst.slice(0, longest)
+        anchors = piece.anchors
+        assert anchors is not None
+        n, src = corrected, src.slice(0, corrected)
+        dst = out.slice(piece.start, piece.start + n)
         norms = None
         if deviation is not None:
             norms = deviation[piece.start : piece.start + n].zero_()
@@ -170,6 +167,18 @@ def assemble(
         else:
             _correct_listed(piece, anchors, src, dst, inv_freq, config, ws, timings, norms)
     return out
+
+
+def _corrected_tokens(piece: Piece, n: int, correct: bool) -> int:
+    """How many of a piece's first ``n`` tokens ``assemble`` corrects (the rest it moves only): none
+    without a correction or anchors; for a slot, none past its longest anchor (anchors shorter than
+    the content, ``min_anchor_coverage`` < 1: those tokens have no measured deviation)."""
+    anchors = piece.anchors
+    if not correct or not piece.correct or anchors is None or len(anchors) == 0:
+        return 0
+    if piece.kind == "slot" and not anchors.exact:
+        return min(n, max(b.length for b in anchors.slot_deltas))
+    return n
 
 
 def key_correction_norms(src_k: torch.Tensor, dst_k: torch.Tensor, shift: int, inv_freq: torch.Tensor,
@@ -188,10 +197,9 @@ def correction_norms(pieces: list[Piece], out: KVBlock, inv_freq: torch.Tensor, 
     deviation.fill_(-1.0)
     total = out.k.shape[2]
     for piece in pieces:
-        n = min(piece.src.length, total - piece.start)
-        if n <= 0 or not correct or not piece.correct or piece.anchors is None or len(piece.anchors) == 0:
+        n = _corrected_tokens(piece, max(0, min(piece.src.length, total - piece.start)), correct)
+        if n == 0:
             continue
-        n = n if piece.kind != "slot" or piece.anchors.exact else min(n, max(b.length for b in piece.anchors.slot_deltas))
         deviation[piece.start : piece.start + n] = key_correction_norms(
             piece.src.k[:, :, :n], out.k[:, :, piece.start : piece.start + n], piece.shift, inv_freq, config)
 
