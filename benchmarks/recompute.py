@@ -1,13 +1,16 @@
-"""The selective recompute's forward on the CPU: folded attention (in causal row chunks, and in one
-pass) against SDPA's, same run.
+"""The selective recompute's forward on the CPU: its attention over grouped K/V heads in place
+(torch's SDPA, ``enable_gqa``), as folded matmuls, and as transformers' SDPA, same run.
 
 A reuse call at ``fidelity`` 1-4 recomputes a few tokens (the query, the first tokens of every
 moved piece) over the reused KV in the static buffer (:meth:`StaticPromptCache.recompute`). On the
-CPU its attention runs as folded matmuls (``many_query_attention``), its rows in chunks that read
-only the keys they can see (``causal_chunks``); this script times that against the same folded
-attention in one pass and against SDPA's function, over the same slots, with random KV in the
-buffer, and prints a table. The selection is laid out like a ``fidelity=2`` call's: runs of 4
-tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Asserts nothing.
+CPU its attention runs through ``many_query_attention``, its rows in chunks that read only the keys
+they can see (``causal_chunks``); this script times that (grouped SDPA, the default from torch 2.5)
+against the folded matmuls used before, against the grouped SDPA in one pass, and against
+transformers' SDPA function (which copies every K/V head out per query head), over the same slots,
+with random KV in the buffer, and prints a table. The selection is laid out like a ``fidelity=2``
+call's: runs of 4 tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Each row
+times the variants in turn, ``--repeat`` rounds, and keeps each one's median, so a noisy machine
+slows them alike. Asserts nothing.
 
     python benchmarks/recompute.py                       # SmolLM2-135M, the DAG's and the bench's sizes
     python benchmarks/recompute.py --sizes 941:41,3629:53 --threads 2
@@ -16,9 +19,13 @@ tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Asserts n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,15 +33,21 @@ from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.models import load_model
 
 
-def time_recompute(buf: StaticPromptCache, ids: list[int], selected: torch.Tensor, repeat: int) -> tuple[float, torch.Tensor]:
-    """Best of ``repeat`` recomputes after one warm-up, in ms, and the last logits."""
-    logits = buf.recompute(ids, selected)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        logits = buf.recompute(ids, selected)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3, logits
+def time_variants(buf: StaticPromptCache, ids: list[int], selected: torch.Tensor, repeat: int,
+                  variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]],
+                  ) -> dict[str, tuple[float, torch.Tensor]]:
+    """Each variant's median recompute time in ms over ``repeat`` interleaved rounds (after one
+    warm-up each), and its logits."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    logits: dict[str, torch.Tensor] = {}
+    for round_ in range(repeat + 1):
+        for name, setting in variants.items():
+            with setting():
+                t0 = time.perf_counter()
+                logits[name] = buf.recompute(ids, selected)
+                if round_:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(times[name]), logits[name]) for name in variants}
 
 
 def fidelity2_selection(prompt: int, recomputed: int) -> torch.Tensor:
@@ -51,18 +64,36 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sizes", default="180:33,941:41,3629:53", help="prompt:recomputed pairs")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     static = importlib.import_module("kvcomm.fastpath.static_cache")
-    folded_applies = static._many_applies
     model = load_model(args.model, progress=False).model
-    print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads)")
-    overhead = static.CHUNK_OVERHEAD
-    print(f"{'prompt':>6}  {'recomputed':>10}  {'chunked ms':>10}  {'folded ms':>9}  {'SDPA ms':>8}  "
-          f"{'folded/chunked':>14}  {'SDPA/chunked':>12}  {'max |d logit|':>13}")
+    print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
+
+    @contextlib.contextmanager
+    def setting(grouped: bool = True, one_pass: bool = False, transformers_sdpa: bool = False) -> Iterator[None]:
+        saved = static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies
+        static.GROUPED_SDPA = grouped and saved[0]
+        if one_pass:
+            static.CHUNK_OVERHEAD = 1 << 62
+        if transformers_sdpa:  # every layer's attention goes on to transformers' SDPA function
+            static._many_applies = lambda *_: False
+        try:
+            yield
+        finally:
+            static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies = saved
+
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+        "grouped": setting,
+        "folded": functools.partial(setting, grouped=False),
+        "one pass": functools.partial(setting, one_pass=True),
+        "HF SDPA": functools.partial(setting, transformers_sdpa=True),
+    }
+    print(f"{'prompt':>6}  {'recomputed':>10}  {'grouped ms':>10}  {'folded ms':>9}  {'one pass ms':>11}  "
+          f"{'HF SDPA ms':>10}  {'folded/grouped':>14}  {'HF/grouped':>10}  {'max |d logit|':>13}")
     for size in args.sizes.split(","):
         prompt, recomputed = (int(x) for x in size.split(":"))
         ids = torch.randint(100, 40000, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -70,17 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         buf.k.normal_()
         buf.v.normal_()
         selected = fidelity2_selection(prompt, recomputed)
-        try:
-            chunked_ms, chunked = time_recompute(buf, ids, selected, args.repeat)
-            static.CHUNK_OVERHEAD = 1 << 62  # one chunk: the folded attention in one pass
-            folded_ms, folded = time_recompute(buf, ids, selected, args.repeat)
-            static._many_applies = lambda *_: False  # every layer's attention goes on to SDPA
-            sdpa_ms, sdpa = time_recompute(buf, ids, selected, args.repeat)
-        finally:
-            static._many_applies, static.CHUNK_OVERHEAD = folded_applies, overhead
-        diff = max(float((chunked - sdpa).abs().max()), float((folded - sdpa).abs().max()))
-        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {chunked_ms:>10.1f}  {folded_ms:>9.1f}  {sdpa_ms:>8.1f}  "
-              f"{folded_ms / chunked_ms:>14.2f}  {sdpa_ms / chunked_ms:>12.2f}  {diff:>13.2e}")
+        got = time_variants(buf, ids, selected, args.repeat, variants)
+        ms = {name: got[name][0] for name in variants}
+        ref = got["HF SDPA"][1]
+        diff = max(float((got[name][1] - ref).abs().max()) for name in variants)
+        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {ms['grouped']:>10.1f}  {ms['folded']:>9.1f}  "
+              f"{ms['one pass']:>11.1f}  {ms['HF SDPA']:>10.1f}  {ms['folded'] / ms['grouped']:>14.2f}  "
+              f"{ms['HF SDPA'] / ms['grouped']:>10.2f}  {diff:>13.2e}")
     return 0
 
 

@@ -152,9 +152,19 @@ class _Module:  # what transformers hands an attention function (the grouped-hea
         self.num_key_value_groups, self.is_causal, self.training = groups, True, False
 
 
+@pytest.fixture(params=[True, False], ids=["grouped-sdpa", "folded"])
+def grouped_sdpa(request, monkeypatch):
+    """Both ways the many-query attention reads grouped K/V heads: torch's SDPA (torch >= 2.5) and
+    the folded matmuls (before)."""
+    if request.param and not static_module.GROUPED_SDPA:
+        pytest.skip("torch < 2.5: SDPA has no enable_gqa")
+    monkeypatch.setattr(static_module, "GROUPED_SDPA", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads, kv_heads, q, S", [(9, 3, 7, 40), (4, 4, 3, 17), (8, 2, 2, 64)])
-def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S):
+def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, grouped_sdpa):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(heads * 100 + q)
@@ -188,7 +198,7 @@ def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_chunked_many_query_attention_equals_one_pass(dtype, tol):
+def test_chunked_many_query_attention_equals_one_pass(dtype, tol, grouped_sdpa):
     g = torch.Generator().manual_seed(7)
     S, q = 96, 12
     positions = [2, 3, 4, 30, 31, 32, 60, 61, 92, 93, 94, 95]
@@ -211,10 +221,10 @@ def test_chunked_many_query_attention_equals_one_pass(dtype, tol):
 
 @pytest.mark.parametrize("overhead", [0, None])  # 0: the recompute's rows go in chunks
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_recompute_with_folded_attention_equals_sdpa(arch, overhead, monkeypatch):
-    """StaticPromptCache.recompute on the CPU (folded matmuls over the prompt's slots only, in
-    causal row chunks or not) gives SDPA's logits and KV over the whole buffer, and leaves the
-    model's attention setting alone."""
+def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeypatch, grouped_sdpa):
+    """StaticPromptCache.recompute on the CPU (grouped SDPA or folded matmuls over the prompt's
+    slots only, in causal row chunks or not) gives transformers' SDPA's logits and KV over the
+    whole buffer, and leaves the model's attention setting alone."""
     plans = []
     if overhead is not None:
         monkeypatch.setattr(static_module, "CHUNK_OVERHEAD", overhead)
@@ -246,7 +256,7 @@ def test_recompute_with_folded_attention_equals_sdpa(arch, overhead, monkeypatch
         out[fold] = (buf.recompute(ids, selected), buf.k.clone(), buf.v.clone())
         assert model.config._attn_implementation == "sdpa"
     (la, ka, va), (lb, kb, vb) = out[True], out[False]
-    assert len(folded) == model.config.num_hidden_layers  # the folded attention ran, in every layer
+    assert len(folded) == model.config.num_hidden_layers  # kvcomm's attention ran, in every layer
     if overhead == 0:
         assert [len(p) for p in plans] == [4, 4]  # [2, 3], [9], [15], [19]: both runs planned 4 chunks
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)

@@ -91,6 +91,9 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
 
 
 MANY_ATTN_IMPLEMENTATION = "kvcomm_many"
+#: torch's SDPA reads grouped K/V heads in place from 2.5 on (``enable_gqa``); transformers asks for
+#: that only without a mask, and copies every K/V head out per query head (``repeat_kv``) with one
+GROUPED_SDPA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 #: A query chunk's fixed cost in query x key products, for :func:`causal_chunks`: one more chunk
@@ -148,27 +151,41 @@ def many_query_attention(
     """A transformers attention function for a selective recompute on the CPU: a few queries over
     a long KV buffer, else SDPA.
 
-    SDPA's CPU kernel takes this shape (tens of queries, thousands of keys, a float mask) after
-    copying every grouped K/V head out (``repeat_kv``). Here the query heads that share a K/V head
-    are folded into one matrix, so the attention is two batched matmuls and a softmax, and K/V are
-    read once, in place. During :meth:`StaticPromptCache.recompute` the rows go in chunks
-    (:func:`causal_chunks`), each reading only the keys its tokens can see: a fidelity-2 recompute
-    of 53 tokens over 3,629 positions took 335 ms against SDPA's 504 (2 cores), about even with it
-    at a few hundred positions (``benchmarks/recompute.py``). Same contract as SDPA's function; anything else (one
-    query, CUDA, dropout, softcap, sinks, a mask of another shape) is SDPA's.
+    transformers hands SDPA this shape (tens of queries, thousands of keys, a float mask) after
+    copying every grouped K/V head out once per query head (``repeat_kv``); torch's SDPA reads
+    the grouped heads in place (``enable_gqa``, torch >= 2.5), and before that the query heads of
+    one K/V head are folded into one matrix (two batched matmuls and a softmax). During
+    :meth:`StaticPromptCache.recompute` the rows go in chunks (:func:`causal_chunks`), each reading
+    only the keys its tokens can see. ``benchmarks/recompute.py`` times the three side by side.
+    Same contract as SDPA's function; anything else (one query, CUDA, dropout, softcap, sinks, a
+    mask of another shape) is SDPA's.
     """
     if not _many_applies(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     chunks = _QUERY_CHUNKS.get()
     if attention_mask is None or chunks is None or len(chunks) < 2 or chunks[-1][1] != query.shape[2]:
-        return _folded_attention(query, key, value, attention_mask, scale).contiguous(), None
+        return _grouped_attention(query, key, value, attention_mask, scale).contiguous(), None
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for first, end, keys in chunks:
         keys = min(keys, key.shape[2])  # the keys after a chunk's last token are masked for all its rows
-        out[:, first:end] = _folded_attention(query[:, :, first:end], key[:, :, :keys], value[:, :, :keys],
-                                              attention_mask[:, :, first:end], scale)
+        out[:, first:end] = _grouped_attention(query[:, :, first:end], key[:, :, :keys], value[:, :, :keys],
+                                               attention_mask[:, :, first:end], scale)
     return out, None
+
+
+def _grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """Attention of ``query [B, Hq, q, D]`` over the grouped ``key/value [B, Hkv, S, D]`` (additive
+    ``mask`` ``[B|1, 1, q, >= S]``) without copying K/V heads: ``[B, q, Hq, D]``. torch's SDPA where
+    it takes grouped heads (its CPU kernel goes over the keys in blocks, no ``[q, S]`` scores in
+    memory), else :func:`_folded_attention`."""
+    if not GROUPED_SDPA:
+        return _folded_attention(query, key, value, mask, scale)
+    S = key.shape[2]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=None if mask is None else mask[..., :S], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def _folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -380,8 +397,8 @@ class StaticPromptCache:
         mask[0, 0].masked_fill_(~visible, self.min)
         tokens = torch.tensor([ids], device=dev)[:, positions]
         self._positions, self._visible = positions, P
-        # on the CPU the attention runs as folded matmuls (many_query_attention), not SDPA's kernel,
-        # in row chunks that read only the keys their tokens can see (causal_chunks)
+        # on the CPU the attention reads the grouped K/V heads in place (many_query_attention), in
+        # row chunks that read only the keys their tokens can see (causal_chunks)
         name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
         chunk_plan = _QUERY_CHUNKS.set(causal_chunks(positions.tolist()) if name else None)
         try:
@@ -400,7 +417,8 @@ class StaticPromptCache:
         seeing the cache and the tokens before it; returns their logits ``[len(tokens), V]``.
 
         Teacher forcing knows every token in advance, so its decode is one forward, not one per
-        token. Eager (SDPA) always: the captured graph is for one token.
+        token. Eager always (the captured graph is for one token); on the CPU its attention is
+        :func:`many_query_attention`'s, elsewhere SDPA's.
         """
         q = len(tokens)
         if position != self._length or position + q > self.capacity:
@@ -412,9 +430,10 @@ class StaticPromptCache:
             torch.triu(torch.full((q, q), self.min, dtype=self.mask.dtype, device=dev), diagonal=1))
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(position)
-        out = self.model(input_ids=torch.tensor([tokens], device=dev),
-                         position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
-                         attention_mask=mask, cache=self.cache, use_cache=True)
+        with self._attention(MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None):  # as recompute's
+            out = self.model(input_ids=torch.tensor([tokens], device=dev),
+                             position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
+                             attention_mask=mask, cache=self.cache, use_cache=True)
         self.mask[..., position : position + q] = 0
         self._length += q
         return out.logits[0].float()
