@@ -13,7 +13,13 @@ selections of tokens besides the query (the template's tail and the prompt's las
 - ``residual k`` (an oracle: needs the prompt's real KV, i.e. a prefill): k per piece where the
   corrected KV is furthest from the prefill's.
 
-Usage: ``python benchmarks/recompute_choice.py --n 40`` (about 20 minutes on 2 CPU cores).
+Each score is spent two ways: over all the moved pieces at once (k times the number of pieces,
+where it is largest: ``recompute_boundary_by=deviation``), and ``per piece`` (k in every piece,
+where it is largest in that piece; ``+first``: the piece's first token, then k - 1 of the rest).
+
+Usage: ``python benchmarks/recompute_choice.py --n 40`` (about 20 minutes on 2 CPU cores);
+``--workload rag --n 30`` runs the RAG pipeline's three agents over their retrieved passages
+instead; ``--k 4`` compares the rules at fidelity 2's budget only.
 """
 
 from __future__ import annotations
@@ -48,11 +54,21 @@ def top(score: torch.Tensor, candidates: list[int], budget: int) -> list[int]:
     return [candidates[i] for i in idx]
 
 
+def top_per_piece(score: torch.Tensor, pieces: list[tuple[int, int]], k: int, keep_first: int = 0) -> list[int]:
+    """k tokens in every piece ``[start, end)``: its first ``keep_first``, then the largest scores."""
+    chosen: list[int] = []
+    for start, end in pieces:
+        head = list(range(start, min(end, start + keep_first)))
+        chosen += head + top(score, list(range(start + len(head), end)), k - len(head))
+    return chosen
+
+
 class Probe:
     """Hooks on one engine: what its reuse calls assembled, and the selections compared over it."""
 
-    def __init__(self, engine: KVCommEngine) -> None:
+    def __init__(self, engine: KVCommEngine, ks: tuple[int, ...] = (1, 2, 3, 4)) -> None:
         self.engine = engine
+        self.ks = ks
         self.rows: list[dict[str, Any]] = []
         self.ref: torch.Tensor | None = None
         self.call: dict[str, Any] = {}
@@ -90,6 +106,7 @@ class Probe:
         query_from = max(floor, min(seg_starts[-1], last - QUERY_TOKENS))
         query = list(range(query_from, last))
         starts = sorted(s for s in {*slot_starts, *seg_starts[1:]} if s < query_from)
+        pieces = list(zip(starts, [*starts[1:], query_from], strict=True))
         candidates = list(range(c["seg0"], query_from))
         scores = {
             "deviation": per_token(corrected.k, moved.k),
@@ -97,11 +114,14 @@ class Probe:
             "residual (oracle)": per_token(corrected.k, real.k) + per_token(corrected.v, real.v),
         }
         selections: dict[str, list[int]] = {"last token only (fidelity 0)": [], "query only (fidelity 1)": query}
-        for k in (1, 2, 4, 8):
+        for k in sorted({*self.ks, 2 * max(self.ks)}):
             selections[f"first {k}"] = query + [t for s in starts for t in range(s, min(s + k, query_from))]
         for name, score in scores.items():
-            for k in (1, 2, 3, 4):
+            for k in self.ks:
                 selections[f"{name} {k}"] = query + top(score, candidates, k * len(starts))
+                selections[f"{name} {k} per piece"] = query + top_per_piece(score, pieces, k)
+                if k > 1:
+                    selections[f"{name} {k} per piece +first"] = query + top_per_piece(score, pieces, k, 1)
         row: dict[str, Any] = {}
         for name, chosen in selections.items():
             sel = torch.tensor(sorted(set(chosen)), dtype=torch.long)
@@ -114,12 +134,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=40, help="requests (the first 4 only fill the anchor pools)")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--workload", choices=("dag", "rag"), default="dag",
+                    help="dag: HumanEval prompts through 4 agents; rag: the RAG pipeline's agents and passages")
+    ap.add_argument("--k", default="1,2,3,4", help="boundary tokens per moved piece to compare, comma-separated")
     args = ap.parse_args()
+    ks = tuple(int(k) for k in args.k.split(","))
     torch.set_grad_enabled(False)
     lm = load_model(args.model, progress=False)
-    engines = make_engines(lm.model, lm.tokenizer, lm.fingerprint, row_configs(["kvcomm"], None, KVCommConfig(), 32))
-    probe = Probe(engines["kvcomm"])
-    work = dag_workload(4, load_questions(args.n))
+    tokens = 48 if args.workload == "rag" else 32  # as kvcomm eval
+    engines = make_engines(lm.model, lm.tokenizer, lm.fingerprint, row_configs(["kvcomm"], None, KVCommConfig(), tokens))
+    probe = Probe(engines["kvcomm"], ks)
+    if args.workload == "rag":
+        from kvcomm.tools.rag_eval import rag_index, rag_workload
+
+        work = rag_workload(rag_index(lm.tokenizer), args.n)
+    else:
+        work = dag_workload(4, load_questions(args.n))
     for eng in engines.values():
         for name, tmpl in work.agents:
             eng.register_agent(name, tmpl)
@@ -137,10 +167,10 @@ def main() -> None:
     if not probe.rows:
         sys.exit("no reuse calls: run more requests (--n)")
     print(f"\n{len(probe.rows)} reuse calls; every selection over the same corrected KV, plus the last token\n")
-    print(f"{'recomputed besides the last token':34s} {'tokens':>7s} {'1st tok = dense %':>18s} {'KL 1st':>8s}")
+    print(f"{'recomputed besides the last token':44s} {'tokens':>7s} {'1st tok = dense %':>18s} {'KL 1st':>8s}")
     for name in probe.rows[0]:
         cells = [row[name] for row in probe.rows]
-        print(f"{name:34s} {statistics.fmean(c[0] for c in cells):7.1f} "
+        print(f"{name:44s} {statistics.fmean(c[0] for c in cells):7.1f} "
               f"{100 * statistics.fmean(c[2] for c in cells):18.1f} {statistics.fmean(c[1] for c in cells):8.4f}")
 
 

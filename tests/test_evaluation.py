@@ -220,6 +220,7 @@ def test_run_eval_rejects_an_unknown_upstream(smollm2):
     (["--workload", "web"], "'web' is not one of 'dag', 'rag'"),
     (["--plot", "eval.jpg"], "give a file name ending in .png"),
     (["--policies", ","], "no policy given"),
+    (["--no-free-run"], "the dag workload is teacher-forced only"),
 ])
 def test_eval_bad_options_fail_in_one_line_before_the_model_loads(args, says):
     res = CliRunner().invoke(main, ["eval", "--model", "/no/such/model", *args])

@@ -49,3 +49,26 @@ def test_run_rag_eval_reports_hit_rates_against_dense_and_teacher_forced_fidelit
     assert all(set(a["final"]) == {"naive", "dense"} for a in task["answers"])
     text = render_task(task)
     assert "RAG pipeline, free-running" in text and "hit − dense" in text and "final differs" in text
+
+
+def test_rag_eval_without_the_free_run_gives_the_fidelity_tables_only(smollm2, monkeypatch):
+    from click.testing import CliRunner
+
+    import kvcomm.models
+    import kvcomm.tools.rag_eval as rag_eval
+    from kvcomm.tools.cli import main
+
+    def no_free_run(*args, **kwargs):
+        raise AssertionError("the free run ran")
+
+    monkeypatch.setattr(rag_eval, "run_task", no_free_run)
+    out = run_rag_eval(smollm2.model, smollm2.tokenizer, fingerprint=smollm2.fingerprint, policies=["naive"],
+                       n_requests=1, max_new_tokens=2, exact_tokens=2, progress=False, resamples=50,
+                       free_running=False)
+    assert out["task"] is None and [r["policy"] for r in out["rows"]] == ["naive", "dense"]
+    assert len(out["calls"]) == 2 * 1 * 3
+    monkeypatch.setattr(kvcomm.models, "load_model", lambda *a, **k: smollm2)
+    res = CliRunner().invoke(main, ["eval", "--workload", "rag", "--no-free-run", "--n", "1", "--max-new-tokens", "2",
+                                    "--policies", "naive"])
+    assert res.exit_code == 0, res.output
+    assert "RAG agents, teacher-forced" in res.output and "free-running" not in res.output

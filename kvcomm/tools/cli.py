@@ -294,6 +294,7 @@ _EVAL_HELP = """Fidelity of every policy against full prefill on real tasks, tea
     kvcomm eval --n 40                                  # the 4-agent DAG over HumanEval prompts
     kvcomm eval --n 40 --upstream exact --plot eval.png
     kvcomm eval --workload rag --n 40 --json rag.json   # the RAG pipeline, free-running + teacher-forced
+    kvcomm eval --workload rag --no-free-run            # the RAG agents' fidelity tables only
 
 Every row (dense, each policy, each --gamma/--variant/--store row) decodes the dense run's
 answer tokens. The first table gives each row's figures over its own calls; the paired tables
@@ -308,7 +309,8 @@ producer's answer KV, so each call shows its own error only.
 --workload rag runs the RAG pipeline (retrieve -> expert -> critic -> final, over the standard
 library's docstrings, as examples/rag_pipeline.py) twice: free-running under every row (hit
 rate against dense's, final answers that differ from dense's) and teacher-forced on its three
-agents (the fidelity tables). --agents does not apply to it.
+agents (the fidelity tables). --no-free-run leaves the free run out (it decodes every row's
+answers token by token, most of the time on a CPU). --agents does not apply to it.
 """
 
 
@@ -333,6 +335,8 @@ agents (the fidelity tables). --agents does not apply to it.
 @click.option("--store", "store_urls", multiple=True, metavar="URL",
               help="also a kvcomm row whose entries go through this store (repeat for tiers, fastest first; "
                    "e.g. redis://...?codec=int8), in a fresh namespace")
+@click.option("--free-run/--no-free-run", "free_run", default=True, show_default=True,
+              help="rag workload: also run the pipeline free under every row (hit rates, answers against dense's)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results as JSON here")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="draw reuse-call TTFT speed-up against reuse-call first-token agreement, one point per row, "
@@ -340,7 +344,7 @@ agents (the fidelity tables). --agents does not apply to it.
 @click.pass_context
 def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_agents: int, max_new_tokens: int,
              policies: str, upstream: str, gammas: tuple[float, ...], variants: tuple[str, ...],
-             store_urls: tuple[str, ...], json_path: str | None, plot_path: str | None) -> None:
+             store_urls: tuple[str, ...], free_run: bool, json_path: str | None, plot_path: str | None) -> None:
     from kvcomm.config import KVCommConfig
     from kvcomm.models import load_model
     from kvcomm.tools.evaluation import render, run_eval
@@ -354,8 +358,11 @@ def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_a
     if plot_path and not plot_path.lower().endswith(".png"):
         raise click.BadParameter(f"{plot_path!r}: the plot is a PNG, give a file name ending in .png",
                                  param_hint="--plot")
-    given = {name for name in ("n_agents", "max_new_tokens")
+    given = {name for name in ("n_agents", "max_new_tokens", "free_run")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if workload != "rag" and "free_run" in given:
+        raise click.BadParameter("the dag workload is teacher-forced only; the free run is the rag workload's",
+                                 param_hint="--free-run/--no-free-run")
     if workload == "rag":
         from kvcomm.tools.rag import QUESTIONS
 
@@ -386,9 +393,11 @@ def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_a
     if workload == "rag":
         from kvcomm.tools.rag_eval import render_task, run_rag_eval
 
-        out = run_rag_eval(loaded.model, loaded.tokenizer, **common)
-        click.echo(render_task(out["task"]))
-        click.echo("\nRAG agents, teacher-forced (the same passages and questions):")
+        out = run_rag_eval(loaded.model, loaded.tokenizer, free_running=free_run, **common)
+        if out["task"] is not None:
+            click.echo(render_task(out["task"]))
+            click.echo("")
+        click.echo("RAG agents, teacher-forced (the same passages and questions):")
     else:
         out = run_eval(loaded.model, loaded.tokenizer, n_agents=n_agents, **common)
     click.echo(render(out))
