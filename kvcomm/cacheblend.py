@@ -6,19 +6,26 @@ KV of the others, with an explicit position-aware mask. Selections:
 - CacheBlend's (:func:`deviation_selection`): the real layer-1 values of the whole prompt are
   computed (a forward stopped after layer 1, 2/L of a prefill) and compared with the reused
   ones; the top ``ratio`` of reused tokens by L2 deviation;
-- spans (:func:`span_selection`): EPIC's first k tokens of every moved piece, the query.
+- spans (:func:`span_selection`): EPIC's first k tokens of every moved piece, the query;
+- by deviation (:func:`deviation_boundary_selection`): as many tokens per moved piece, where the
+  anchors' correction was largest.
+
+:func:`recompute_selection` combines them as a policy's :class:`~kvcomm.policies.Recompute` asks.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
 
 from kvcomm.kv import KVBlock, cache_from_block
 from kvcomm.reuse import layer_deviation
+
+if TYPE_CHECKING:
+    from kvcomm.policies import Recompute
 
 
 class _Stop(Exception):
@@ -99,6 +106,40 @@ def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch
         top = torch.topk(deviation[positions], min(budget, int(positions.numel()))).indices
         chosen = torch.cat([chosen, positions[top]])
     return chosen.unique(sorted=True)
+
+
+def recompute_selection(want: Recompute, model: Any, ids: list[int], block: KVBlock, fixed: int,
+                        seg_starts: list[int], slot_starts: list[int], deviation: torch.Tensor | None = None,
+                        served: int = 0) -> torch.Tensor:
+    """The reused positions (< P-1) a reuse call recomputes besides the last token, as ``want``
+    (its policy's :class:`~kvcomm.policies.Recompute`) asks.
+
+    ``ids``: the prompt, its fixed prefix the first ``fixed`` tokens, its slot contents starting
+    at ``slot_starts`` and the template segments after them at ``seg_starts[1:]``; ``block``: its
+    assembled KV. ``deviation``: the per-token key correction norms ``assemble`` reported (the
+    boundary recompute by deviation spends its tokens there); ``served``: the positions before it
+    are exact (a continued call's prefix), no piece there is a boundary to recompute.
+    """
+    last = len(ids) - 1
+    parts = [deviation_selection(model, ids, block, fixed, want.ratio)]
+    spans: list[tuple[int, int]] = []
+    query_from = last
+    if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
+        floor = slot_starts[0] if slot_starts else seg_starts[-1]
+        query_from = max(floor, min(seg_starts[-1], last - want.query_tokens))
+        spans.append((query_from, last))
+    if want.boundary > 0:  # the moved pieces: each slot content and/or the segment after it
+        starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
+                  "contents": slot_starts}[want.boundary_at]
+        if deviation is not None:  # as many tokens, where the correction was largest (before the query's)
+            bounds = sorted({*slot_starts, *seg_starts[1:], query_from})
+            ends = dict(zip(bounds, [*bounds[1:], query_from], strict=True))
+            pieces = [(s, min(ends[s], query_from)) for s in sorted(set(starts)) if served <= s < query_from]
+            parts.append(deviation_boundary_selection(pieces, deviation, want.boundary, want.keep_first))
+        else:
+            spans += [(start, start + want.boundary) for start in starts]
+    parts.append(span_selection(spans, last, block.k.device))
+    return torch.cat(parts).unique(sorted=True)
 
 
 @torch.inference_mode()

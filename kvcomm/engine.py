@@ -17,12 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcomm.cacheblend import (
-    deviation_boundary_selection,
-    deviation_selection,
-    selective_recompute,
-    span_selection,
-)
+from kvcomm.cacheblend import recompute_selection, selective_recompute
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
@@ -479,34 +474,10 @@ class KVCommEngine:
     def _recompute_selection(self, prompt: AgentPrompt, ids: list[int], block: KVBlock, seg_starts: list[int],
                              slot_starts: list[int], deviation: torch.Tensor | None = None,
                              served: int = 0) -> torch.Tensor:
-        """The reused positions (< P-1) the policy recomputes besides the last token.
-
-        ``deviation``: the per-token key correction norms ``assemble`` reported (the boundary
-        recompute by deviation spends its tokens there); ``served``: the positions before it are
-        exact (a continued call's prefix), no piece there is a boundary to recompute.
-        """
-        want = self.policy.recompute(self.config)
-        last = len(ids) - 1
-        device = block.k.device
-        parts = [deviation_selection(self.model, ids, block, len(prompt.segments[0]), want.ratio)]
-        spans: list[tuple[int, int]] = []
-        query_from = last
-        if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
-            floor = slot_starts[0] if slot_starts else seg_starts[-1]
-            query_from = max(floor, min(seg_starts[-1], last - want.query_tokens))
-            spans.append((query_from, last))
-        if want.boundary > 0:  # the moved pieces: each slot content and/or the segment after it
-            starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
-                      "contents": slot_starts}[want.boundary_at]
-            if deviation is not None:  # as many tokens, where the correction was largest (before the query's)
-                bounds = sorted({*slot_starts, *seg_starts[1:], query_from})
-                ends = dict(zip(bounds, [*bounds[1:], query_from], strict=True))
-                pieces = [(s, min(ends[s], query_from)) for s in sorted(set(starts)) if served <= s < query_from]
-                parts.append(deviation_boundary_selection(pieces, deviation, want.boundary, want.keep_first))
-            else:
-                spans += [(start, start + want.boundary) for start in starts]
-        parts.append(span_selection(spans, last, device))
-        return torch.cat(parts).unique(sorted=True)
+        """The reused positions (< P-1) the policy recomputes besides the last token
+        (:func:`kvcomm.cacheblend.recompute_selection`)."""
+        return recompute_selection(self.policy.recompute(self.config), self.model, ids, block, len(prompt.segments[0]),
+                                   seg_starts, slot_starts, deviation, served)
 
     def _boundary_by_deviation(self) -> bool:
         """Whether this engine's boundary recompute chooses its tokens by the correction's size."""

@@ -70,7 +70,7 @@ class Recompute:
     boundary_at: str = "all"
     query_tokens: int = 0
     boundary_by: str = "first"
-    keep_first: int = 0
+    keep_first: int = 1  # as KVCommConfig.recompute_boundary_keep_first
 
     @property
     def any(self) -> bool:

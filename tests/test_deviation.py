@@ -226,3 +226,33 @@ def test_boundary_by_deviation_spends_k_per_piece_where_the_deviation_is_largest
     assert deviation_boundary_selection(pieces, deviation, 2).tolist() == [0, 5, 6, 7, 9, 10]
     # a budget larger than the corrected tokens takes them all
     assert deviation_boundary_selection([(0, 2)], deviation, 5).tolist() == [0, 1]
+
+
+def test_recompute_selection_combines_the_query_and_the_boundaries() -> None:
+    from kvcomm.cacheblend import recompute_selection
+    from kvcomm.policies import Recompute
+
+    # a 20-token prompt: fixed prefix [0, 3), content [3, 8), segment [8, 10), content [10, 15), tail [15, 20)
+    ids, fixed, slot_starts, seg_starts = list(range(20)), 3, [3, 10], [0, 8, 15]
+    block = KVBlock(torch.zeros(2, 1, 19, 4), torch.zeros(2, 1, 19, 4))
+
+    def pick(want: Recompute, deviation: torch.Tensor | None = None, served: int = 0) -> list[int]:
+        return recompute_selection(want, None, ids, block, fixed, seg_starts, slot_starts, deviation, served).tolist()
+
+    assert pick(Recompute()) == []
+    # the query: the template's tail [15, 19) (the last token is always computed, never selected)
+    assert pick(Recompute(query=True)) == [15, 16, 17, 18]
+    # query_tokens reaches back into the last content
+    assert pick(Recompute(query=True, query_tokens=6)) == [13, 14, 15, 16, 17, 18]
+    # the first 2 of every moved piece: the contents at 3 and 10, the segments at 8 and 15
+    assert pick(Recompute(boundary=2)) == [3, 4, 8, 9, 10, 11, 15, 16]
+    assert pick(Recompute(boundary=2, boundary_at="contents")) == [3, 4, 10, 11]
+    # by deviation: 2 per piece before the query, the first kept, the other where the correction is largest
+    deviation = torch.zeros(19)
+    deviation[[6, 9, 12]] = 5.0
+    assert pick(Recompute(query=True, boundary=2, boundary_by="deviation", keep_first=1), deviation) == [
+        3, 6, 8, 9, 10, 12, 15, 16, 17, 18]
+    # nothing inside an exact prefix that serves the first content and segment
+    by_deviation = Recompute(boundary=2, boundary_at="contents", boundary_by="deviation", keep_first=1)
+    assert pick(by_deviation, deviation, served=10) == [10, 12]
+    assert pick(by_deviation, deviation) == [3, 6, 10, 12]
