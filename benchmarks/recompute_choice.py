@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kvcomm.cacheblend import selective_recompute
+from kvcomm.cacheblend import query_start, selective_recompute
 from kvcomm.config import KVCommConfig
 from kvcomm.engine import KVCommEngine
 from kvcomm.kv import KVBlock, block_from_cache, prefill
@@ -102,8 +102,7 @@ class Probe:
         _, cache = prefill(model, ids[:-1])
         real = block_from_cache(cache)
         seg_starts, slot_starts = c["seg_starts"], c["slot_starts"]
-        floor = slot_starts[0] if slot_starts else seg_starts[-1]
-        query_from = max(floor, min(seg_starts[-1], last - QUERY_TOKENS))
+        query_from = query_start(last, seg_starts, slot_starts, QUERY_TOKENS)
         query = list(range(query_from, last))
         starts = sorted(s for s in {*slot_starts, *seg_starts[1:]} if s < query_from)
         pieces = list(zip(starts, [*starts[1:], query_from], strict=True))

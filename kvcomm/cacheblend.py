@@ -108,6 +108,14 @@ def deviation_boundary_selection(pieces: list[tuple[int, int]], deviation: torch
     return chosen.unique(sorted=True)
 
 
+def query_start(last: int, seg_starts: list[int], slot_starts: list[int], query_tokens: int) -> int:
+    """Where the query recompute starts in a prompt whose last token is at ``last``: the template's
+    tail (the segment after the last slot), reaching back to at least ``query_tokens`` before the
+    answer, but not before the first slot (the fixed prefix before it is exact)."""
+    floor = slot_starts[0] if slot_starts else seg_starts[-1]
+    return max(floor, min(seg_starts[-1], last - query_tokens))
+
+
 def recompute_selection(want: Recompute, model: Any, ids: list[int], block: KVBlock, fixed: int,
                         seg_starts: list[int], slot_starts: list[int], deviation: torch.Tensor | None = None,
                         served: int = 0) -> torch.Tensor:
@@ -117,21 +125,22 @@ def recompute_selection(want: Recompute, model: Any, ids: list[int], block: KVBl
     ``ids``: the prompt, its fixed prefix the first ``fixed`` tokens, its slot contents starting
     at ``slot_starts`` and the template segments after them at ``seg_starts[1:]``; ``block``: its
     assembled KV. ``deviation``: the per-token key correction norms ``assemble`` reported (the
-    boundary recompute by deviation spends its tokens there); ``served``: the positions before it
-    are exact (a continued call's prefix), no piece there is a boundary to recompute.
+    boundary recompute by deviation spends its tokens there; without them, as for a piece moved
+    without a correction, the first tokens); ``served``: the positions before it are exact (a
+    continued call's prefix), no piece there is a boundary to recompute.
     """
     last = len(ids) - 1
     parts = [deviation_selection(model, ids, block, fixed, want.ratio)]
     spans: list[tuple[int, int]] = []
     query_from = last
-    if want.query:  # the template's tail, and at least query_tokens before the answer (reused ones)
-        floor = slot_starts[0] if slot_starts else seg_starts[-1]
-        query_from = max(floor, min(seg_starts[-1], last - want.query_tokens))
+    if want.query:
+        query_from = query_start(last, seg_starts, slot_starts, want.query_tokens)
         spans.append((query_from, last))
     if want.boundary > 0:  # the moved pieces: each slot content and/or the segment after it
         starts = {"all": (*slot_starts, *seg_starts[1:]), "segments": seg_starts[1:],
                   "contents": slot_starts}[want.boundary_at]
-        if deviation is not None:  # as many tokens, where the correction was largest (before the query's)
+        if want.boundary_by == "deviation" and deviation is not None:
+            # as many tokens, where the correction was largest (before the query's)
             bounds = sorted({*slot_starts, *seg_starts[1:], query_from})
             ends = dict(zip(bounds, [*bounds[1:], query_from], strict=True))
             pieces = [(s, min(ends[s], query_from)) for s in sorted(set(starts)) if served <= s < query_from]

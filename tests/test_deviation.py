@@ -256,3 +256,5 @@ def test_recompute_selection_combines_the_query_and_the_boundaries() -> None:
     by_deviation = Recompute(boundary=2, boundary_at="contents", boundary_by="deviation", keep_first=1)
     assert pick(by_deviation, deviation, served=10) == [10, 12]
     assert pick(by_deviation, deviation) == [3, 6, 10, 12]
+    # the first k where the policy asks for them, whatever deviation is at hand
+    assert pick(Recompute(boundary=2, boundary_at="contents"), deviation) == [3, 4, 10, 11]
