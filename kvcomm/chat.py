@@ -51,21 +51,18 @@ final text.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
-import threading
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from kvcomm.errors import ContextLengthError, TemplateError
+from kvcomm.chat_session import Answer, ChatSession, Continuation, session
+from kvcomm.errors import ContextLengthError
 from kvcomm.keys import MetricsKey
-from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill
+from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill, sync_device
 from kvcomm.messages import SYSTEM_PLACEHOLDER, MessageTemplate, Rendered, normalize, render
 from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.prompt import Content
@@ -79,118 +76,6 @@ _LABEL = re.compile(r"[^\w.\-]+")
 R = TypeVar("R")
 
 
-# -- per-engine state -------------------------------------------------------------------------------
-@dataclass
-class _Answer:
-    """An answer's producer KV: token ids and their KV at positions 0..T-1."""
-
-    label: str
-    ids: tuple[int, ...]
-    kv: KVBlock
-    # its pieces already published ((piece, pool) -> content): the end markers' KV is a forward
-    pieces: dict[tuple[tuple[int, ...], str], Content] = field(default_factory=dict)
-
-
-@dataclass
-class _Continuation:
-    """One agent's latest call: ``ids`` (prompt + answer) and the KV of a prefix of them.
-
-    ``block`` holds ``ids[:len(block)]``; when ``tail`` is set, ``tail`` (the answer's producer KV,
-    keys rotated to its positions) follows it.
-    """
-
-    ids: tuple[int, ...]
-    prompt_len: int
-    block: KVBlock
-    tail: KVBlock | None = None
-
-    @property
-    def covered(self) -> int:
-        return self.block.length + (self.tail.length if self.tail is not None else 0)
-
-
-class ChatSession:
-    """An engine's message-segment state: labels, answers, continuations, settings.
-
-    One per engine (:func:`session`), used under the engine's lock.
-
-    Attributes:
-        max_message_slots: the most message slots a template has (>= 2).
-        fold_block: past ``max_message_slots``, the oldest messages fold ``fold_block`` at a time
-            (1 <= fold_block < max_message_slots).
-        continuation: reuse an agent's earlier call where a conversation continues it.
-        max_answers: answers kept for the AI messages that carry them (least recent dropped).
-        max_continuations: agents whose latest call's KV is kept.
-    """
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.max_message_slots = 16
-        self.fold_block = 8
-        self.continuation = True
-        self.max_answers = 1024
-        self.max_continuations = 8
-        self.labels: dict[str, str] = {}  # label -> agent identity (digest of its head)
-        self.answers: OrderedDict[str, _Answer] = OrderedDict()  # "id:<message id>" / "text:<text>"
-        self.continuations: OrderedDict[str, _Continuation] = OrderedDict()
-        self._frame: tuple[tuple[int, ...], ...] | None = None  # an assistant message's markers
-        self._frames: dict[tuple[int, ...], KVBlock] = {}  # their base KV
-        self._sink_kv: KVBlock | None = None  # the KV of the sink messages are published behind
-        self._texts: OrderedDict[str, str | None] = OrderedDict()
-
-    # the templates this session registered (bounded: see the module docstring)
-    @property
-    def templates(self) -> list[str]:
-        return [name for name, p in self.engine.agents.items() if isinstance(p.template, MessageTemplate)]
-
-    def slot_layout(self, n_messages: int) -> tuple[int, int]:
-        """``(folded, slots)``: how many oldest messages fold into the first slot, and the slot count."""
-        k, b = self.max_message_slots, self.fold_block
-        if not (k >= 2 and 1 <= b < k):
-            raise TemplateError(f"max_message_slots={k} and fold_block={b}: need max_message_slots >= 2 "
-                                "and 1 <= fold_block < max_message_slots")
-        if n_messages <= k:
-            return 0, n_messages
-        folded = b * math.ceil((n_messages - k + 1) / b)
-        return folded, n_messages - folded + 1
-
-    def continues(self, engine: Any) -> bool:
-        """Whether calls may continue an earlier call (never under ``dense``: the reference)."""
-        return self.continuation and engine.config.policy != "dense"
-
-    def remember_answer(self, key: str, answer: _Answer) -> None:
-        _remember(self.answers, key, answer, self.max_answers)
-
-    def remember_continuation(self, identity: str, cont: _Continuation) -> None:
-        _remember(self.continuations, identity, cont, self.max_continuations)
-
-    def rendering(self, key: str, make: Callable[[], str | None]) -> str | None:
-        """A message's own rendering, cached by the message (least recent dropped)."""
-        if key not in self._texts:
-            _remember(self._texts, key, make(), 4096)
-        return self._texts[key]
-
-
-def _remember(table: OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
-    table[key] = value
-    table.move_to_end(key)
-    while len(table) > limit:
-        table.popitem(last=False)
-
-
-_SESSIONS: weakref.WeakKeyDictionary[Any, ChatSession] = weakref.WeakKeyDictionary()
-_SESSIONS_LOCK = threading.Lock()
-
-
-def session(engine: Any) -> ChatSession:
-    """The engine's :class:`ChatSession` (created on first use, dropped with the engine)."""
-    with _SESSIONS_LOCK:
-        if engine not in _SESSIONS:
-            _SESSIONS[engine] = ChatSession(engine)
-        return _SESSIONS[engine]
-
-
-# -- one call ---------------------------------------------------------------------------------------
 def chat(
     engine: Any,
     system_prompt: str | None,
@@ -283,7 +168,7 @@ class _Call:
 
 
 def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int, stopper: Stopper,
-              exact: KVBlock | None = None) -> tuple[Any, _Answer | None]:
+              exact: KVBlock | None = None) -> tuple[Any, Answer | None]:
     """The template path: publish every segment, generate with the template ``<label>#<n>``.
 
     ``exact``: the KV of the prompt's first tokens (an earlier call of this agent that the
@@ -311,12 +196,12 @@ def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int, stopper: Sto
     published = engine.latest.get(f"agent:{call.name}")
     if not answer_ids or not isinstance(published, Content) or published.ids != answer_ids:
         return result, None
-    answer = _Answer(call.label, answer_ids, published.kv)
+    answer = Answer(call.label, answer_ids, published.kv)
     if keep and prompt_kv is not None:
         prompt = tuple(rendered.ids)
         # the answer's KV continues the prompt's only where it is the producer's own
         tail = _at(engine, published.kv, len(prompt)) if engine.config.answer_base == "producer" else None
-        sess.remember_continuation(call.identity, _Continuation(prompt + answer_ids, len(prompt), prompt_kv, tail))
+        sess.remember_continuation(call.identity, Continuation(prompt + answer_ids, len(prompt), prompt_kv, tail))
     return result, answer
 
 
@@ -336,7 +221,7 @@ def _segment(engine: Any, sess: ChatSession, m: Mapping[str, Any], piece: tuple[
     return engine.publish(f"{MESSAGE_SLOT_PREFIX}{m['role']}@{bucket}", ids=list(piece))
 
 
-def _answer_content(engine: Any, sess: ChatSession, answer: _Answer, piece: tuple[int, ...], pool: str) -> Content | None:
+def _answer_content(engine: Any, sess: ChatSession, answer: Answer, piece: tuple[int, ...], pool: str) -> Content | None:
     """The piece ``pre + answer + post`` with base KV = frame KV around the producer's answer KV."""
     pre, post = _frame(engine, sess)
     k = len(piece) - len(pre) - len(post)
@@ -398,7 +283,7 @@ def _fold(engine: Any, contents: list[Content]) -> Content:
     return folded
 
 
-def _continued(call: _Call) -> tuple[_Continuation, int] | None:
+def _continued(call: _Call) -> tuple[Continuation, int] | None:
     """The agent's latest call and how many prompt tokens its KV serves, where this call's
     prompt continues it (starts with that call's whole prompt); else None."""
     ids = call.rendered.ids
@@ -423,21 +308,21 @@ def _starts_after(rendered: Rendered, n: int) -> bool:
     return False
 
 
-def _continue(call: _Call, cont: _Continuation, reuse: int, stopper: Stopper,
-              result_type: Callable[..., Any]) -> tuple[Any, _Answer | None]:
+def _continue(call: _Call, cont: Continuation, reuse: int, stopper: Stopper,
+              result_type: Callable[..., Any]) -> tuple[Any, Answer | None]:
     """The continuation path: the agent's latest call's KV (``reuse`` tokens) as the prefix, the
     rest (no whole message: the end of the last one, the generation prompt) prefilled, decoded here."""
     engine, sess, ids = call.engine, call.sess, call.rendered.ids
     model = engine.model
-    _sync(model.device)
+    sync_device(model.device)
     t0 = time.perf_counter()
     cache = cache_from_block(_prefix_block(cont, reuse), model.config)
     logits, cache = prefill(model, ids[reuse:], start=reuse, cache=cache)
-    _sync(model.device)
+    sync_device(model.device)
     ttft = (time.perf_counter() - t0) * 1e3
     t1 = time.perf_counter()
     out, step_logits = _decode(model, cache, logits, len(ids), call.n_new, engine.eos_ids, call.forced_ids, stopper)
-    _sync(model.device)
+    sync_device(model.device)
     rec = CallRecord(agent=call.name, policy=engine.config.policy, mode="prefix", prompt_tokens=len(ids),
                      reused_tokens=reuse, recomputed_tokens=len(ids) - reuse, new_tokens=len(out), ttft_ms=ttft,
                      first_token_ms=ttft, decode_ms=(time.perf_counter() - t1) * 1e3, request_id=call.request_id,
@@ -450,7 +335,7 @@ def _continue(call: _Call, cont: _Continuation, reuse: int, stopper: Stopper,
     if answer_ids and cache.get_seq_length() < end:  # the last token was sampled, never fed
         prefill(model, list(answer_ids[-1:]), start=end - 1, cache=cache)
     block = block_from_cache(cache, 0, end)
-    sess.remember_continuation(call.identity, _Continuation(tuple(ids) + answer_ids, len(ids), block))
+    sess.remember_continuation(call.identity, Continuation(tuple(ids) + answer_ids, len(ids), block))
     answer = None
     if answer_ids:
         if engine.config.answer_base == "producer":
@@ -458,13 +343,13 @@ def _continue(call: _Call, cont: _Continuation, reuse: int, stopper: Stopper,
             kv = KVBlock(shift_keys(raw.k, -len(ids), engine.inv_freq), raw.v)
         else:  # as the engine's answers: prefilled alone
             kv = engine.publish(f"agent:{call.name}", ids=list(answer_ids)).kv
-        answer = _Answer(call.label, answer_ids, kv)
+        answer = Answer(call.label, answer_ids, kv)
     text = engine.tokenizer.decode(list(answer_ids), skip_special_tokens=True)
     logits_out = step_logits if call.return_logits else None
     return result_type(text, out, "prefix", rec, logits_out, None), answer
 
 
-def _prefix_block(cont: _Continuation, n: int) -> KVBlock:
+def _prefix_block(cont: Continuation, n: int) -> KVBlock:
     """The KV of ``cont.ids[:n]``."""
     if n <= cont.block.length or cont.tail is None:
         return cont.block.slice(0, n)
@@ -518,11 +403,6 @@ def _label(sess: ChatSession, agent: str | None, identity: str) -> str:
         label = f"{label}-{identity[:6]}"
         sess.labels.setdefault(label, identity)
     return label
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 __all__ = ["ChatSession", "chat", "session"]

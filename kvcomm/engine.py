@@ -17,18 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvcomm.cacheblend import recompute_selection, selective_recompute
+from kvcomm.call import CallLayout, ExactPrefix, PromptBuilder
 from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
 from kvcomm.keys import ContentKey, MetricsKey, TemplateKey, model_id
-from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, next_token_margin, prefill
+from kvcomm.kv import KVBlock, block_from_cache, greedy_decode, next_token_margin, prefill, sync_device
 from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
-from kvcomm.policies import Plan, fallback_margin, policy
+from kvcomm.policies import fallback_margin, policy
 from kvcomm.prompt import AgentPrompt, Content
-from kvcomm.reuse import Piece
 from kvcomm.rope import model_inv_freq, shift_keys
 from kvcomm.template import Template, chat_prefix, common_suffix, message_prefix, slot_kind
 
@@ -78,28 +77,6 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
     return locked
 
 
-@dataclass(frozen=True)
-class _Exact:
-    """A call's exact prefix (``generate(exact_kv=...)``): the KV of its prompt's first ``length``
-    tokens, ``slots``, how many slots start before that end (served by it and the gap after it),
-    and ``served``, where the first slot it does not serve starts (the prompt's last token if none)."""
-
-    kv: KVBlock
-    length: int
-    slots: int
-    served: int
-
-    @classmethod
-    def of(cls, kv: KVBlock | None, slot_starts: list[int], prompt_len: int) -> _Exact | None:
-        if kv is None:
-            return None
-        n = min(kv.length, prompt_len - 1)  # the last prompt token is always computed
-        if n <= 0:
-            return None
-        slots = next((j for j, start in enumerate(slot_starts) if start >= n), len(slot_starts))
-        return cls(kv, n, slots, slot_starts[slots] if slots < len(slot_starts) else prompt_len - 1)
-
-
 class KVCommEngine:
     """Cross-agent KV reuse over a Hugging Face causal LM (batch 1, greedy).
 
@@ -146,6 +123,7 @@ class KVCommEngine:
         self.records: list[CallRecord] = []
         self.last_prompt_ids: list[int] = []
         self.fast = FastPath(model, self.config)
+        self.builder = PromptBuilder(model, self.config, self.policy, self.planner, self.fast, self.inv_freq)
         sink = self.config.sink_text
         self._chat_prefix = chat_prefix(tokenizer) if sink in ("chat", "context") else sink
         # a whole message (message-segment mode) follows the previous message, not a user header
@@ -290,14 +268,8 @@ class KVCommEngine:
             contents.append(value if isinstance(value, Content) else self.publish(slot, str(value)))
         publish_ms = (time.perf_counter() - t_pub) * 1e3
 
-        # the prompt's token ids: seg_0 c_1 seg_1 ... c_n seg_n, and where each piece starts
-        ids = list(prompt.segments[0])
-        seg_starts, slot_starts = [0], []
-        for content, seg in zip(contents, prompt.segments[1:], strict=True):
-            slot_starts.append(len(ids))
-            ids += content.ids
-            seg_starts.append(len(ids))
-            ids += seg
+        call = CallLayout.build(prompt, contents)
+        ids = call.ids
         prompt_len = len(ids)
         self.last_prompt_ids = ids
         if prompt_len + n_new > self.max_positions:
@@ -305,28 +277,28 @@ class KVCommEngine:
                 f"agent {agent!r}: prompt of {prompt_len} tokens + {n_new} new tokens exceeds the model's "
                 f"context of {self.max_positions}"
             )
-        exact = _Exact.of(exact_kv, slot_starts, prompt_len) if self.policy.name != "dense" else None
-        _sync(self.model.device)
+        exact = ExactPrefix.of(exact_kv, call.slot_starts, prompt_len) if self.policy.name != "dense" else None
+        sync_device(self.model.device)
         t0 = time.perf_counter()  # TTFT counts planning, i.e. fetching anchors and deltas
-        plan = self._plan(prompt, contents, exact)
+        plan = self.builder.plan(call, exact)
         rec = CallRecord(agent=agent, policy=self.config.policy, mode=plan.mode, prompt_tokens=prompt_len,
                          reused_tokens=0, recomputed_tokens=prompt_len, publish_ms=publish_ms, request_id=request_id,
                          timestamp=time.time(), slots=plan.slot_state)
         if exact is not None:
             rec.slots[CONTINUATION_KEY] = f"{exact.length}/{prompt_len}"
         if plan.mode in ("dense", "prefix"):
-            logits, cache = self._prefill(prompt, ids, rec, exact)
+            logits, cache = self.builder.prefill(call, rec, exact)
         else:
-            logits, cache = self._reuse(prompt, contents, ids, seg_starts, slot_starts, plan, rec, t0, n_new, exact)
+            logits, cache = self.builder.reuse(call, plan, rec, t0, n_new, exact)
             if self._fallback_margin > 0 and next_token_margin(logits) < self._fallback_margin:
                 # the reused KV leaves the first token a near-tie with its runner-up, where any
                 # deviation can swap the two: pay for a prefill, whose answer is exact
                 t_full = time.perf_counter()
-                logits, cache = self._prefill(prompt, ids, rec, exact)
-                _sync(self.model.device)
+                logits, cache = self.builder.prefill(call, rec, exact)
+                sync_device(self.model.device)
                 rec.first_token_ms = (time.perf_counter() - t_full) * 1e3  # fetch/correct_ms: the attempt
                 rec.fallback = True
-        _sync(self.model.device)
+        sync_device(self.model.device)
         rec.ttft_ms = (time.perf_counter() - t0) * 1e3
         if plan.mode not in ("reuse", "partial"):
             rec.first_token_ms = rec.ttft_ms
@@ -334,7 +306,7 @@ class KVCommEngine:
         prompt_kv = block_from_cache(cache, 0, prompt_len) if return_cache else None
         t1 = time.perf_counter()
         if plan.record_slots:
-            self.planner.record_deltas(prompt, contents, cache, seg_starts, slot_starts, plan.record_slots)
+            self.planner.record_deltas(prompt, contents, cache, call.seg_starts, call.slot_starts, plan.record_slots)
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()
@@ -345,115 +317,13 @@ class KVCommEngine:
         answer = [t for t in out_ids if t not in self.eos_ids]
         if publish_answer and answer:
             self._publish_answer(agent, answer, cache, prompt_len)
-        _sync(self.model.device)
+        sync_device(self.model.device)
         rec.decode_ms = (time.perf_counter() - t2) * 1e3
         rec.new_tokens = len(out_ids)
         self.records.append(rec)
         self.store.append_record(str(MetricsKey(self.model_id)), rec.to_dict())
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return Result(text, out_ids, rec.mode, rec, step_logits if return_logits else None, prompt_kv)
-
-    def _plan(self, prompt: AgentPrompt, contents: list[Content], exact: _Exact | None) -> Plan:
-        """The policy's plan; with an exact prefix, of the slots after it only (those before are
-        served by it: no anchors needed, no deltas recorded)."""
-        if exact is None:
-            return self.policy.plan(self.planner, prompt, contents)
-        k = exact.slots
-        plan = self.policy.plan(self.planner, prompt, contents[k:]) if k < len(contents) else Plan("prefix")
-        if plan.mode in ("reuse", "partial"):
-            plan.anchors = [None] * k + plan.anchors
-        plan.record_slots = [k + j for j in plan.record_slots]
-        if plan.mode == "partial":
-            plan.reused_slots += k
-        plan.slot_state = {**{c.slot: "exact-prefix" for c in contents[:k]}, **plan.slot_state}
-        return plan
-
-    def _prefill(self, prompt: AgentPrompt, ids: list[int], rec: CallRecord,
-                 exact: _Exact | None = None) -> tuple[torch.Tensor, Any]:
-        """A prefill of the prompt: after the agent's fixed prefix, whose KV (the registered
-        template's, at the same positions) is exact, where the policy and ``exact_prefix`` allow
-        (mode ``prefix``), or after ``exact``'s tokens where they are more; else of every token
-        (mode ``dense``). Sets ``rec``'s mode and counts."""
-        n_fixed = len(prompt.segments[0])
-        if exact is not None and exact.length > n_fixed:
-            block, n = exact.kv, exact.length
-        else:
-            from_prefix = self.policy.name == "prefix" or (self.policy.name != "dense" and self.config.exact_prefix)
-            if not from_prefix or not 0 < n_fixed < len(ids):
-                rec.mode, rec.reused_tokens, rec.recomputed_tokens = "dense", 0, len(ids)
-                return prefill(self.model, ids)
-            block, n = prompt.block, n_fixed
-        cache = cache_from_block(block.slice(0, n), self.model.config)
-        rec.mode, rec.reused_tokens, rec.recomputed_tokens = "prefix", n, len(ids) - n
-        return prefill(self.model, ids[n:], start=n, cache=cache)
-
-    def _reuse(self, prompt: AgentPrompt, contents: list[Content], ids: list[int], seg_starts: list[int],
-               slot_starts: list[int], plan: Plan, rec: CallRecord, t0: float, n_new: int,
-               exact: _Exact | None = None) -> tuple[torch.Tensor, Any]:
-        """The reuse path: move (and correct) every piece, then recompute the last prompt token.
-
-        A ``partial`` plan moves the pieces before its first unreused slot only and recomputes
-        every token from there on (a prefill over the reused KV). With ``exact``, its KV stands
-        for every piece before its first unserved slot, and the tokens between its end and that
-        slot are recomputed. Fills ``rec``'s timings and token counts; returns (first-token
-        logits, cache).
-        """
-        prompt_len = len(ids)
-        t_fetch = time.perf_counter()
-        rec.fetch_ms = (t_fetch - t0) * 1e3  # anchors and deltas were fetched while planning
-        pieces = self.planner.pieces(prompt, contents, seg_starts, slot_starts, plan.anchors)
-        prefill_from = slot_starts[plan.reused_slots] if plan.mode == "partial" else prompt_len - 1
-        pieces = [piece for piece in pieces if piece.start < prefill_from]
-        if exact is not None:  # its KV, already at its positions, in place of the pieces it serves
-            # kind "slot": a captured correction graph copies it in (it is new on every call)
-            pieces = [Piece(0, exact.kv.slice(0, exact.length), 0, kind="slot"),
-                      *(piece for piece in pieces if piece.start >= exact.served)]
-        static = self.config.fast_path
-        t_stack = time.perf_counter()
-        self.fast.stack_anchors(plan.anchors)
-        rec.stack_ms = (time.perf_counter() - t_stack) * 1e3
-        timings: dict[str, float] = {}
-        # where the boundary recompute goes by the correction's size, the correction reports it per token
-        deviation = (torch.empty(prompt_len - 1, dtype=torch.float32, device=self.model.device)
-                     if self._boundary_by_deviation() else None)
-        block = self.fast.assemble(pieces, prompt_len - 1, self.inv_freq, correct=self.policy.corrects,
-                                   capacity=prompt_len + n_new if static else None, timings=timings,
-                                   deviation=deviation)
-        rec.weights_ms, rec.apply_ms = timings.get("weights", 0.0), timings.get("apply", 0.0)
-        rec.anchors_matched = sum(len(found) for found in plan.anchors if found is not None)
-        rec.bytes_moved = block.nbytes
-        _sync(self.model.device)
-        t_corr = time.perf_counter()
-        rec.correct_ms = (t_corr - t_fetch) * 1e3
-        cache: Any
-        partial = prefill_from < prompt_len - 1
-        gap = exact is not None and exact.length < exact.served
-        if self._recomputes() or partial or gap:
-            selected = (self._recompute_selection(prompt, ids, block, seg_starts, slot_starts, deviation,
-                                                  exact.served if exact is not None else 0)
-                        if self._recomputes() else torch.zeros(0, dtype=torch.long, device=block.k.device))
-            if exact is not None:  # nothing inside the exact prefix; all of the gap after it
-                between = torch.arange(exact.length, exact.served, device=selected.device)
-                selected = torch.cat([selected[selected >= exact.served], between]).unique(sorted=True)
-            if partial:  # every token from the first unreused slot on
-                tail = torch.arange(prefill_from, prompt_len - 1, device=selected.device)
-                selected = torch.cat([selected[selected < prefill_from], tail])
-            n_recomputed = int(selected.numel()) + 1
-            if static:  # written over the reused KV in the static buffer, which stays in prompt order
-                logits, cache = self.fast.recompute(ids, selected)
-            else:
-                logits, cache, _ = selective_recompute(self.model, ids, block, selected)
-        elif static:
-            logits, cache = self.fast.first_token(ids[-1], prompt_len - 1)
-            n_recomputed = 1
-        else:
-            cache = cache_from_block(block, self.model.config)
-            logits, cache = prefill(self.model, ids[-1:], start=prompt_len - 1, cache=cache)
-            n_recomputed = 1
-        _sync(self.model.device)
-        rec.first_token_ms = (time.perf_counter() - t_corr) * 1e3
-        rec.reused_tokens, rec.recomputed_tokens = prompt_len - n_recomputed, n_recomputed
-        return logits, cache
 
     def _publish_answer(self, agent: str, answer: list[int], cache: Any, prompt_len: int) -> None:
         slot = f"agent:{agent}"
@@ -471,24 +341,7 @@ class KVCommEngine:
         # the answer's KV belongs to this prompt: the same tokens after another prompt are another content
         self.latest[slot] = self.publish(slot, ids=answer, kv=kv, context=self.last_prompt_ids)
 
-    def _recompute_selection(self, prompt: AgentPrompt, ids: list[int], block: KVBlock, seg_starts: list[int],
-                             slot_starts: list[int], deviation: torch.Tensor | None = None,
-                             served: int = 0) -> torch.Tensor:
-        """The reused positions (< P-1) the policy recomputes besides the last token
-        (:func:`kvcomm.cacheblend.recompute_selection`)."""
-        return recompute_selection(self.policy.recompute(self.config), self.model, ids, block, len(prompt.segments[0]),
-                                   seg_starts, slot_starts, deviation, served)
-
-    def _boundary_by_deviation(self) -> bool:
-        """Whether this engine's boundary recompute chooses its tokens by the correction's size."""
-        want = self.policy.recompute(self.config)
-        return want.boundary > 0 and want.boundary_by == "deviation" and self.policy.corrects
-
     # -- helpers ----------------------------------------------------------------------------
-    def _recomputes(self) -> bool:
-        """Whether reuse calls recompute selected tokens (cacheblend, epic; kvcomm's recompute knobs)."""
-        return self.policy.recompute(self.config).any
-
     def sink_ids(self, slot: str) -> list[int]:
         """The token ids a content of ``slot`` is prefilled behind (and dropped from) for its base KV."""
         return list(self._sink_ids(slot))
@@ -550,10 +403,5 @@ def _kv_digest(kv: KVBlock) -> str:
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # timers need the GPU's queued work finished
-        torch.cuda.synchronize(device)
-
 
 __all__ = ["Content", "KVCommEngine", "Result"]

@@ -50,6 +50,13 @@ def next_token_margin(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously: a timer read without this
+    would time the launches, not the work); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def prefill(model: Any, ids: list[int], *, start: int = 0, cache: Any = None) -> tuple[torch.Tensor, Any]:
     """Run ``ids`` at positions start.. over ``cache``; returns (last logits [V], cache)."""

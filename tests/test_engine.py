@@ -177,8 +177,8 @@ def _reuse_call_selection(smollm2, **cfg):
     for q in (Q1, Q2):
         eng.generate("planner", {"question": q})
     picked: list[torch.Tensor] = []
-    original = eng._recompute_selection
-    eng._recompute_selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
+    original = eng.builder.selection
+    eng.builder.selection = lambda *a: picked.append(original(*a)) or picked[-1]  # type: ignore[method-assign]
     out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
     assert out.mode == "reuse" and len(picked) == 1
     return eng, out, picked[0]
@@ -212,7 +212,7 @@ def test_boundary_recompute_by_deviation_spends_as_many_tokens_where_the_correct
     for q in (Q1, Q2):
         eng.generate("planner", {"question": q})
     seen: dict[str, torch.Tensor] = {}
-    assemble, select = eng.fast.assemble, eng._recompute_selection
+    assemble, select = eng.fast.assemble, eng.builder.selection
 
     def spy_assemble(*a, **kw):
         out = assemble(*a, **kw)
@@ -220,7 +220,7 @@ def test_boundary_recompute_by_deviation_spends_as_many_tokens_where_the_correct
         return out
 
     eng.fast.assemble = spy_assemble  # type: ignore[method-assign]
-    eng._recompute_selection = lambda *a: seen.setdefault("picked", select(*a))  # type: ignore[method-assign]
+    eng.builder.selection = lambda *a: seen.setdefault("picked", select(*a))  # type: ignore[method-assign]
     out = eng.generate("planner", {"question": Q3}, max_new_tokens=2)
     assert out.mode == "reuse"
     prompt = eng.agents["planner"]
