@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    static = importlib.import_module("kvcomm.fastpath.static_cache")
+    static = importlib.import_module("kvcomm.fastpath.attention")
     model = load_model(args.model, progress=False).model
     print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
 

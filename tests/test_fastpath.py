@@ -145,6 +145,7 @@ def test_a_failing_decode_kernel_falls_back_to_sdpa(monkeypatch, caplog):
 
 # -- the selective recompute's attention on the CPU (many queries over the buffer) -------------------
 static_module = importlib.import_module("kvcomm.fastpath.static_cache")
+attention_module = importlib.import_module("kvcomm.fastpath.attention")
 
 
 class _Module:  # what transformers hands an attention function (the grouped-heads count)
@@ -156,9 +157,9 @@ class _Module:  # what transformers hands an attention function (the grouped-hea
 def grouped_sdpa(request, monkeypatch):
     """Both ways the many-query attention reads grouped K/V heads: torch's SDPA (torch >= 2.5) and
     the folded matmuls (before)."""
-    if request.param and not static_module.GROUPED_SDPA:
+    if request.param and not attention_module.GROUPED_SDPA:
         pytest.skip("torch < 2.5: SDPA has no enable_gqa")
-    monkeypatch.setattr(static_module, "GROUPED_SDPA", request.param)
+    monkeypatch.setattr(attention_module, "GROUPED_SDPA", request.param)
     return request.param
 
 
@@ -174,11 +175,11 @@ def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, gro
     visible = torch.arange(S + 5).unsqueeze(0) <= positions.unsqueeze(1)  # a mask wider than the keys
     mask = torch.zeros(1, 1, q, S + 5, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     module = _Module(heads // kv_heads)
-    got, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    got, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
     want, _ = sdpa_attention_forward(module, query, key, value, mask[..., :S], scaling=0.25)
     assert got.shape == want.shape == (1, q, heads, 16)
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
-    one, _ = static_module.many_query_attention(module, query[:, :, :1], key, value, mask[:, :, :1, :S])
+    one, _ = attention_module.many_query_attention(module, query[:, :, :1], key, value, mask[:, :, :1, :S])
     ref, _ = sdpa_attention_forward(module, query[:, :, :1], key, value, mask[:, :, :1, :S])
     assert torch.equal(one, ref)  # one query: SDPA's own result
 
@@ -186,15 +187,15 @@ def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, gro
 def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
     positions = [3, 4, 5, 6, 20, 21, 22, 23, 40, 41, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99]
     for overhead in (0, 8, 64, 10_000):
-        chunks = static_module.causal_chunks(positions, overhead=overhead)
+        chunks = attention_module.causal_chunks(positions, overhead=overhead)
         assert [c[0] for c in chunks] == [0, *[c[1] for c in chunks[:-1]]] and chunks[-1][1] == len(positions)
         for first, end, keys in chunks:
             assert keys == positions[end - 1] + 1  # every row of the chunk sees all it may: keys <= its position
             assert all(positions[i] + 1 <= keys for i in range(first, end))
-    assert static_module.causal_chunks(positions, overhead=0) == ((0, 4, 7), (4, 8, 24), (8, 10, 42), (10, 20, 100))
-    assert static_module.causal_chunks(positions, overhead=10_000) == ((0, 20, 100),)  # not worth a cut
+    assert attention_module.causal_chunks(positions, overhead=0) == ((0, 4, 7), (4, 8, 24), (8, 10, 42), (10, 20, 100))
+    assert attention_module.causal_chunks(positions, overhead=10_000) == ((0, 20, 100),)  # not worth a cut
     many = list(range(0, 2000, 7))  # a scattered selection: at most max_cuts + 1 chunks
-    assert len(static_module.causal_chunks(many, overhead=0, max_cuts=16)) <= 17
+    assert len(attention_module.causal_chunks(many, overhead=0, max_cuts=16)) <= 17
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -207,14 +208,11 @@ def test_chunked_many_query_attention_equals_one_pass(dtype, tol, grouped_sdpa):
     visible = torch.arange(S).unsqueeze(0) <= torch.tensor(positions).unsqueeze(1)
     mask = torch.zeros(1, 1, q, S, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     module = _Module(3)
-    whole, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
-    plan = static_module.causal_chunks(positions, overhead=0)
+    whole, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    plan = attention_module.causal_chunks(positions, overhead=0)
     assert len(plan) == 4
-    token = static_module._QUERY_CHUNKS.set(plan)
-    try:
-        chunked, _ = static_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
-    finally:
-        static_module._QUERY_CHUNKS.reset(token)
+    with attention_module.chunked_rows(plan):
+        chunked, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
     assert chunked.shape == whole.shape and chunked.is_contiguous()
     assert torch.allclose(chunked.float(), whole.float(), atol=tol, rtol=tol)
 
@@ -227,8 +225,8 @@ def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeyp
     whole buffer, and leaves the model's attention setting alone."""
     plans = []
     if overhead is not None:
-        monkeypatch.setattr(static_module, "CHUNK_OVERHEAD", overhead)
-        real_chunks = static_module.causal_chunks
+        monkeypatch.setattr(attention_module, "CHUNK_OVERHEAD", overhead)
+        real_chunks = attention_module.causal_chunks
         monkeypatch.setattr(static_module, "causal_chunks", lambda p: plans.append(real_chunks(p)) or plans[-1])
     model = tiny_random_model(arch)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))[0].tolist()
@@ -239,7 +237,7 @@ def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeyp
     selected = torch.tensor([2, 3, 9, 15])
     out = {}
     folded = []
-    real = static_module._many_applies
+    real = attention_module._many_applies
 
     def applies(*args, fold: bool):  # fold False: every call goes on to SDPA's function
         if fold and real(*args):
@@ -248,7 +246,7 @@ def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeyp
         return False
 
     for fold in (True, False):
-        monkeypatch.setattr(static_module, "_many_applies", functools.partial(applies, fold=fold))
+        monkeypatch.setattr(attention_module, "_many_applies", functools.partial(applies, fold=fold))
         buf = StaticPromptCache(model, 64)
         view = buf.prompt_views(len(ids) - 1)
         view.k.copy_(blk.k.add(0.05))  # "reused" KV a little off, so the recomputed tokens differ from it
