@@ -62,7 +62,7 @@ import torch
 from kvcomm.chat_session import Answer, ChatSession, Continuation, session
 from kvcomm.errors import ContextLengthError
 from kvcomm.keys import MetricsKey
-from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, prefill, sync_device
+from kvcomm.kv import KVBlock, block_from_cache, cache_from_block, greedy_decode, prefill, sync_device
 from kvcomm.messages import SYSTEM_PLACEHOLDER, MessageTemplate, Rendered, normalize, render
 from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.prompt import Content
@@ -186,10 +186,8 @@ def _generate(call: _Call, msgs: list[dict[str, Any]], folded: int, stopper: Sto
                              request_id=call.request_id, forced_ids=call.forced_ids,
                              return_logits=call.return_logits, return_cache=keep, exact_kv=exact,
                              on_token=None if call.forced_ids is not None else stopper)
-    if call.forced_ids is not None:  # a forced decode reports no tokens: they come now
-        for tok in result.token_ids:
-            if stopper(tok):
-                break
+    if call.forced_ids is not None:
+        _report_forced(stopper, result.token_ids)
     result.record.publish_ms += segments_ms  # off the TTFT path, as the engine's own publishing
     prompt_kv, result.cache = result.cache, None  # asked for the continuation, not by the caller
     answer_ids = tuple(t for t in result.token_ids if t not in engine.eos_ids)
@@ -321,7 +319,13 @@ def _continue(call: _Call, cont: Continuation, reuse: int, stopper: Stopper,
     sync_device(model.device)
     ttft = (time.perf_counter() - t0) * 1e3
     t1 = time.perf_counter()
-    out, step_logits = _decode(model, cache, logits, len(ids), call.n_new, engine.eos_ids, call.forced_ids, stopper)
+    # as the template path decodes (KVCommEngine.generate): the same stops, and a forced decode runs
+    # every forced token in one forward and reports them after it
+    forced = call.forced_ids
+    out, step_logits = greedy_decode(model, cache, logits, len(ids), call.n_new, engine.eos_ids, forced=forced,
+                                     on_token=None if forced is not None else stopper)
+    if forced is not None:
+        _report_forced(stopper, out)
     sync_device(model.device)
     rec = CallRecord(agent=call.name, policy=engine.config.policy, mode="prefix", prompt_tokens=len(ids),
                      reused_tokens=reuse, recomputed_tokens=len(ids) - reuse, new_tokens=len(out), ttft_ms=ttft,
@@ -357,21 +361,12 @@ def _prefix_block(cont: Continuation, n: int) -> KVBlock:
     return KVBlock(torch.cat([head.k, tail.k], dim=2), torch.cat([head.v, tail.v], dim=2))
 
 
-@torch.inference_mode()
-def _decode(model: Any, cache: Any, logits: torch.Tensor, start: int, n_new: int, eos: set[int],
-            forced: list[int] | None, stopper: Stopper) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding (as :func:`kvcomm.kv.greedy_decode`) that reports each token as it comes."""
-    out: list[int] = []
-    all_logits = [logits]
-    steps = n_new if forced is None else min(n_new, len(forced))
-    for i in range(steps):
-        tok = forced[i] if forced is not None else int(logits.argmax())  # host sync: the token decides
-        out.append(tok)
-        if stopper(tok) or (forced is None and tok in eos) or i == steps - 1:
+def _report_forced(stopper: Stopper, tokens: list[int]) -> None:
+    """Report a forced decode's tokens to ``stopper`` (and its ``on_token``), up to its stop: a
+    forced decode feeds every forced token, so they are reported after it."""
+    for tok in tokens:
+        if stopper(tok):
             break
-        logits, cache = prefill(model, [tok], start=start + i, cache=cache)
-        all_logits.append(logits)
-    return out, all_logits
 
 
 # -- helpers ----------------------------------------------------------------------------------------

@@ -164,6 +164,28 @@ def test_a_continuation_reuses_the_earlier_call_exactly(make_engine):
     assert dense.chat(PLANNER, history, agent="planner").mode == "dense"
 
 
+def test_a_forced_continuation_decodes_as_the_template_path(make_engine, smollm2):
+    """The continuation path (only the generation prompt after the earlier call) decodes as
+    KVCommEngine.generate does: a forced decode feeds every forced token (logits for each, equal to
+    dense's), reports them to on_token up to the stop, and only the text is cut there."""
+    tok = smollm2.tokenizer
+    forced = list(tok("First, check the tyre. Then patch it.", add_special_tokens=False).input_ids)
+    engine = make_engine("kvcomm")
+    history = [{"role": "user", "content": TASKS[2]}]
+    first = engine.chat(PLANNER, history, agent="planner")
+    history = [*history, {"role": "assistant", "content": first.text}]
+    seen: list[int] = []
+    got = engine.chat(PLANNER, history, agent="planner", forced_ids=forced, max_new_tokens=len(forced),
+                      stop=[","], on_token=seen.append, return_logits=True)
+    assert CONTINUATION_KEY in got.record.slots and got.mode == "prefix"
+    assert got.token_ids == forced and len(got.logits) == len(forced)
+    assert got.text == "First" and tok.decode(seen).startswith("First,") and len(seen) < len(forced)
+    ref = make_engine("dense").chat(PLANNER, history, forced_ids=forced, max_new_tokens=len(forced), stop=[","],
+                                    return_logits=True)
+    assert ref.token_ids == forced and ref.text == got.text
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits, ref.logits, strict=True)) < 1e-3
+
+
 def test_templates_stay_bounded_over_a_30_message_conversation(make_engine):
     engine = make_engine("kvcomm", max_new_tokens=1)
     sess = session(engine)
