@@ -17,6 +17,12 @@ Each score is spent two ways: over all the moved pieces at once (k times the num
 where it is largest: ``recompute_boundary_by=deviation``), and ``per piece`` (k in every piece,
 where it is largest in that piece; ``+first``: the piece's first token, then k - 1 of the rest).
 
+It also prints how much of the real deviation the correction removes at the KV level, over the
+moved pieces' tokens (before any recompute): ``removed`` = 1 - |real - corrected|^2 / |real -
+moved|^2 (negative: the correction moved the KV away from the prefill's), and ``best scale`` =
+<real - moved, corrected - moved> / |corrected - moved|^2, the factor on the correction that would
+have removed most (1: the anchors' estimate is as large as it should be; below 1: too large).
+
 Usage: ``python benchmarks/recompute_choice.py --n 40`` (about 20 minutes on 2 CPU cores);
 ``--workload rag --n 30`` runs the RAG pipeline's three agents over their retrieved passages
 instead; ``--k 4`` compares the rules at fidelity 2's budget only.
@@ -72,7 +78,8 @@ class Probe:
         self.rows: list[dict[str, Any]] = []
         self.ref: torch.Tensor | None = None
         self.call: dict[str, Any] = {}
-        fast, select = engine.fast, engine._recompute_selection
+        self.kv_fit: list[dict[str, float]] = []  # per reuse call: removed / best scale, keys and values
+        fast, select = engine.fast, engine.builder.selection
         assemble_fn, recompute_fn = fast.assemble, fast.recompute
 
         def spy_assemble(pieces, total, inv_freq, **kw):  # type: ignore[no-untyped-def]
@@ -81,9 +88,10 @@ class Probe:
             self.call["corrected"] = KVBlock(out.k.clone(), out.v.clone())
             return out
 
-        def spy_select(prompt, ids, block, seg_starts, slot_starts, *rest):  # type: ignore[no-untyped-def]
-            self.call.update(seg_starts=list(seg_starts), slot_starts=list(slot_starts), seg0=len(prompt.segments[0]))
-            return select(prompt, ids, block, seg_starts, slot_starts, *rest)
+        def spy_select(call, *rest):  # type: ignore[no-untyped-def]
+            self.call.update(seg_starts=list(call.seg_starts), slot_starts=list(call.slot_starts),
+                             seg0=len(call.prompt.segments[0]))
+            return select(call, *rest)
 
         def spy_recompute(ids, selected):  # type: ignore[no-untyped-def]
             if self.ref is not None and "seg_starts" in self.call:
@@ -92,7 +100,7 @@ class Probe:
             return recompute_fn(ids, selected)
 
         fast.assemble, fast.recompute = spy_assemble, spy_recompute  # type: ignore[method-assign]
-        engine._recompute_selection = spy_select  # type: ignore[method-assign]
+        engine.builder.selection = spy_select  # type: ignore[method-assign]
 
     def compare(self, ids: list[int]) -> dict[str, Any]:
         assert self.ref is not None
@@ -107,6 +115,7 @@ class Probe:
         starts = sorted(s for s in {*slot_starts, *seg_starts[1:]} if s < query_from)
         pieces = list(zip(starts, [*starts[1:], query_from], strict=True))
         candidates = list(range(c["seg0"], query_from))
+        self.kv_fit.append(kv_fit(moved, corrected, real, c["seg0"], query_from))
         scores = {
             "deviation": per_token(corrected.k, moved.k),
             "deviation(K+V)": per_token(corrected.k, moved.k) + per_token(corrected.v, moved.v),
@@ -127,6 +136,17 @@ class Probe:
             logits, _, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), sel)
             row[name] = (int(sel.numel()) + 1, _kl(self.ref, logits), int(logits.argmax()) == int(self.ref.argmax()))
         return row
+
+
+def kv_fit(moved: KVBlock, corrected: KVBlock, real: KVBlock, start: int, end: int) -> dict[str, float]:
+    """How well the correction fits the real deviation over positions [start, end), keys and values."""
+    fit: dict[str, float] = {}
+    for name, m, c, r in (("K", moved.k, corrected.k, real.k), ("V", moved.v, corrected.v, real.v)):
+        m, c, r = (t[:, :, start:end].double() for t in (m, c, r))
+        want, got = r - m, c - m
+        fit[f"removed {name}"] = 1.0 - float((r - c).square().sum() / want.square().sum().clamp_min(1e-30))
+        fit[f"best scale {name}"] = float((want * got).sum() / got.square().sum().clamp_min(1e-30))
+    return fit
 
 
 def main() -> None:
@@ -171,6 +191,12 @@ def main() -> None:
         cells = [row[name] for row in probe.rows]
         print(f"{name:44s} {statistics.fmean(c[0] for c in cells):7.1f} "
               f"{100 * statistics.fmean(c[2] for c in cells):18.1f} {statistics.fmean(c[1] for c in cells):8.4f}")
+    print("\nthe correction against the real deviation, KV level, over the moved pieces (median [quartiles] over calls)")
+    for name in probe.kv_fit[0]:
+        q = statistics.quantiles([fit[name] for fit in probe.kv_fit], n=4) if len(probe.kv_fit) > 1 else [0.0] * 3
+        below = sum(fit[name] < (0 if name.startswith("removed") else 1) for fit in probe.kv_fit)
+        print(f"{name:14s} {q[1]:7.3f} [{q[0]:.3f}, {q[2]:.3f}]   below {'0' if name.startswith('removed') else '1'}: "
+              f"{below} of {len(probe.kv_fit)} calls")
 
 
 if __name__ == "__main__":
