@@ -58,6 +58,11 @@ class KVCommConfig:
         "renormalised); 1: every anchor (CPU path; the Triton kernels read every anchor)"
     )
     correction_top_k: int = _field(0, "and at most this many anchors per piece; 0: no limit")
+    correction_scale: float = _field(
+        1.0, "the anchors' estimated deviation is added times this: 1, as estimated (the paper's); below 1, "
+        "shrunk toward the moved KV (an average of other contents' deviations overshoots the content's own; "
+        "benchmarks/recompute_choice.py prints the scale that would have fit best)"
+    )
     delta_dtype: str = _field(
         "model", "precision anchors' deltas are stored and read in: 'model' (the KV's dtype) or 'bfloat16' "
         "(half the bytes of float32; the correction accumulates in float32)"
@@ -152,6 +157,8 @@ class KVCommConfig:
             raise ConfigError(f"correction_top_p={self.correction_top_p} must be in (0, 1]")
         if self.correction_top_k < 0:
             raise ConfigError(f"correction_top_k={self.correction_top_k} must be >= 0")
+        if not 0 <= self.correction_scale <= 2:
+            raise ConfigError(f"correction_scale={self.correction_scale} must be in [0, 2]")
         if not 0 <= self.cacheblend_ratio <= 1:
             raise ConfigError(f"cacheblend_ratio={self.cacheblend_ratio} must be in [0, 1]")
         if not 0 <= self.recompute_ratio <= 1:

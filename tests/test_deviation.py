@@ -8,6 +8,7 @@ import torch
 
 from kvcomm import reuse
 from kvcomm.config import KVCommConfig
+from kvcomm.errors import ConfigError
 from kvcomm.deviation import Workspace, keep_top
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, SlotAnchors, _correct_listed, _correct_stacked
@@ -118,6 +119,29 @@ def test_top_k_one_applies_the_heaviest_anchor_alone() -> None:
     want_v = content.v.clone()
     want_v[1:] += anchors.slot_deltas[0].v[1:]  # layer 0 uncorrected
     torch.testing.assert_close(got.v, want_v)
+
+
+@pytest.mark.parametrize(("kind", "exact"), [("slot", False), ("seg", False), ("slot", True)])
+def test_correction_scale_multiplies_the_correction_on_both_paths(kind, exact) -> None:
+    """correction_scale s: out = moved + s * (corrected - moved), on the CPU path and the kernels'
+    (the rotation is linear); 0 leaves the moved KV; an exact anchor's deltas are applied whole."""
+    anchors = _anchors([7] if exact else [7, 7], 6, torch.float32, exact)
+    if kind == "slot":
+        piece, n = Piece(10, _kv(7), 10, anchors, "slot"), 7
+    else:
+        piece, n = Piece(17, _kv(6), 4, anchors, "seg", _kv(7)), 6
+    full, _ = _both(piece, anchors, n, KVCommConfig(), torch.float32)
+    moved, _ = _both(piece, anchors, n, KVCommConfig(correction_scale=0.0), torch.float32)
+    half_stacked, half_listed = _both(piece, anchors, n, KVCommConfig(correction_scale=0.5), torch.float32)
+    if exact:  # the same content seen before: its measured deviation, not an estimate
+        torch.testing.assert_close(moved.v, full.v)
+        return
+    assert (full.v - moved.v)[1:].abs().max() > 1e-3  # layer 0 is never corrected
+    for got in (half_stacked, half_listed):
+        torch.testing.assert_close(got.k, moved.k + 0.5 * (full.k - moved.k), **TOL[torch.float32])
+        torch.testing.assert_close(got.v, moved.v + 0.5 * (full.v - moved.v), **TOL[torch.float32])
+    with pytest.raises(ConfigError, match="correction_scale"):
+        KVCommConfig(correction_scale=-0.1)
 
 
 def test_weights_are_computed_once_per_content_and_anchor_set() -> None:
