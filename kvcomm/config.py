@@ -59,7 +59,7 @@ class KVCommConfig:
     )
     correction_top_k: int = _field(0, "and at most this many anchors per piece; 0: no limit")
     correction_scale: float = _field(
-        1.0, "the anchors' estimated deviation is added times this: 1, as estimated (the paper's); below 1, "
+        0.75, "the anchors' estimated deviation is added times this: 1, as estimated (the paper's); below 1, "
         "shrunk toward the moved KV (an average of other contents' deviations overshoots the content's own; "
         "benchmarks/recompute_choice.py prints the scale that would have fit best)"
     )

@@ -8,8 +8,8 @@ import torch
 
 from kvcomm import reuse
 from kvcomm.config import KVCommConfig
-from kvcomm.errors import ConfigError
 from kvcomm.deviation import Workspace, keep_top
+from kvcomm.errors import ConfigError
 from kvcomm.kv import KVBlock
 from kvcomm.reuse import Piece, SlotAnchors, _correct_listed, _correct_stacked
 
@@ -110,7 +110,7 @@ def test_keep_top_renormalises_the_kept_mass() -> None:
 
 
 def test_top_k_one_applies_the_heaviest_anchor_alone() -> None:
-    config = KVCommConfig(correction_top_k=1)
+    config = KVCommConfig(correction_top_k=1, correction_scale=1.0)
     anchors = _anchors([6, 6], 4, torch.float32)
     content = anchors.base[0].slice(0, 6)  # identical to anchor 0: nearly all weight there
     piece = Piece(2, KVBlock(content.k.clone(), content.v.clone()), 2, anchors, "slot")
@@ -130,7 +130,7 @@ def test_correction_scale_multiplies_the_correction_on_both_paths(kind, exact) -
         piece, n = Piece(10, _kv(7), 10, anchors, "slot"), 7
     else:
         piece, n = Piece(17, _kv(6), 4, anchors, "seg", _kv(7)), 6
-    full, _ = _both(piece, anchors, n, KVCommConfig(), torch.float32)
+    full, _ = _both(piece, anchors, n, KVCommConfig(correction_scale=1.0), torch.float32)
     moved, _ = _both(piece, anchors, n, KVCommConfig(correction_scale=0.0), torch.float32)
     half_stacked, half_listed = _both(piece, anchors, n, KVCommConfig(correction_scale=0.5), torch.float32)
     if exact:  # the same content seen before: its measured deviation, not an estimate
