@@ -204,9 +204,12 @@ def correction_norms(pieces: list[Piece], out: KVBlock, inv_freq: torch.Tensor, 
             piece.src.k[:, :, :n], out.k[:, :, piece.start : piece.start + n], piece.shift, inv_freq, config)
 
 
-def _scaled(weights: torch.Tensor, config: KVCommConfig) -> torch.Tensor:
-    """The anchors' weights times ``correction_scale`` (a new tensor: the weights may be memoised)."""
-    return weights if config.correction_scale == 1.0 else weights * config.correction_scale
+def _scaled(weights: torch.Tensor, anchors: SlotAnchors, config: KVCommConfig) -> torch.Tensor:
+    """The anchors' weights times ``correction_scale`` (a new tensor: the weights may be memoised);
+    an exact anchor's (the same content's own measured deviation, not an estimate) as they are."""
+    if anchors.exact or config.correction_scale == 1.0:
+        return weights
+    return weights * config.correction_scale
 
 
 def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
@@ -241,8 +244,7 @@ def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBl
             lengths = stack.lengths_on_device if stack.lengths_on_device is not None else stack.lengths
             wk = channel_weights(ck, stack.base.k, tau=config.tau, anchor_lengths=lengths)
             wv = channel_weights(cv, stack.base.v, tau=config.tau, anchor_lengths=lengths)
-    if not anchors.exact:
-        wk, wv = _scaled(wk, config), _scaled(wv, config)
+    wk, wv = _scaled(wk, anchors, config), _scaled(wv, anchors, config)
     rotate = config.rerotate_key_deltas
     if not rotate:
         # reference variant: each anchor's key deltas back in the frame it was measured in
@@ -287,8 +289,7 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
                                 lambda: deviation.channel_weights(cv, bases_v, config.tau, ws))
     keep_k, wk = deviation.keep_top(wk, config.correction_top_p, config.correction_top_k)
     keep_v, wv = deviation.keep_top(wv, config.correction_top_p, config.correction_top_k)
-    if not anchors.exact:
-        wk, wv = _scaled(wk, config), _scaled(wv, config)
+    wk, wv = _scaled(wk, anchors, config), _scaled(wv, anchors, config)
     t1 = time.perf_counter()
     rerotate = config.rerotate_key_deltas
     for dst_t, src_t, keep, w, rotated in ((dst.k, src.k, keep_k, wk, True), (dst.v, src.v, keep_v, wv, False)):
