@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,6 +28,22 @@ def test_subpackages_import_without_transformers():
     code = "import sys, kvcomm.store, kvcomm.kernels; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_python_started_in_the_clone_root_gets_the_installed_kernels_package(repo_root):
+    # the root on sys.path puts kernels/ (kvcomm.kernels) before the Hugging Face `kernels` that
+    # transformers imports: loading a model from a REPL in a clone failed with an ImportError
+    try:
+        installed = Path(str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")))
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Hugging Face kernels distribution is not installed")
+    code = ("import kernels, kvcomm.kernels; from transformers.integrations import hub_kernels; "
+            "print(kernels.__file__); print(kvcomm.kernels.rope_shift.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    bare, ours = out.stdout.split()
+    assert Path(bare).resolve() == installed.resolve()
+    assert ours == "kvcomm.kernels.rope_shift"
 
 
 def test_wheel_contains_every_subpackage(tmp_path, repo_root):
