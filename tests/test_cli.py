@@ -105,7 +105,7 @@ def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pyt
         "anchor_cache_bytes": BENCH_ANCHOR_CACHE_BYTES}
     assert cli["config"] == scr["config"] == {
         k: v for k, v in bench_config(gamma=1.0).to_dict().items() if k not in ("policy", "max_new_tokens")}
-    untimed = ("policy", "agent", "prompt_tokens", "reuse_pct", "reused_tokens")
+    untimed = ("policy", "agent", "prompt_tokens", "reuse_pct", "reused_tokens", "recomputed_tokens")
     assert [[r[k] for k in untimed] for r in cli["rows"]] == [[r[k] for k in untimed] for r in scr["rows"]]
     assert len(cli["rows"]) == 10 and [r["policy"] for r in cli["rows"]][-2:] == ["fidelity=0"] * 2
     variant_rows = [r for r in cli["rows"] if r["policy"] == "fidelity=0"]
@@ -113,9 +113,11 @@ def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pyt
     default_rows = [r for r in cli["rows"] if r["policy"] == "kvcomm"]
     assert all(v["reused_tokens"] >= d["reused_tokens"] for v, d in zip(variant_rows, default_rows, strict=True))
     assert any(v["reused_tokens"] > d["reused_tokens"] for v, d in zip(variant_rows, default_rows, strict=True))
+    for r in cli["rows"]:  # every prompt token is reused or recomputed, on every path
+        assert r["reused_tokens"] + r["recomputed_tokens"] == r["prompt_tokens"], r
     for out in (res.output, printed):
         assert "| gamma 1.0" in out and "engine config: gamma=1.0, anchor_cache_bytes=" in out
-        assert "TTFT p50 ms" in out and "shift+corr ms" in out and "agent 2:  kvcomm  TTFT p50" in out
+        assert "TTFT p50 ms" in out and "shift+corr ms" in out and "recomp tok" in out and "agent 2:  kvcomm  TTFT p50" in out
 
 
 def test_eval_store_is_one_tiered_store_in_a_fresh_namespace(redis_url: str) -> None:

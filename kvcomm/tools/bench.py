@@ -246,6 +246,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
                 "prompt_tokens": recs[0].prompt_tokens,
                 "reuse_pct": 100.0 * sum(x.mode == "reuse" for x in recs) / len(recs),
                 "reused_tokens": statistics.fmean(x.reused_tokens for x in recs),
+                # what a reuse call's first-token forward costs: its recompute (fidelity) or a prefill
+                "recomputed_tokens": statistics.fmean(x.recomputed_tokens for x in recs),
                 "ttft_p50_ms": p50,
                 "fetch_ms": statistics.fmean(x.fetch_ms for x in recs),
                 "correct_ms": statistics.fmean(x.correct_ms for x in recs),
@@ -267,6 +269,7 @@ TTFT_COLUMNS = [
     ("prompt_tokens", "prompt", "d"),
     ("reuse_pct", "reuse %", ".0f"),
     ("reused_tokens", "reused tok", ".0f"),
+    ("recomputed_tokens", "recomp tok", ".0f"),
     ("ttft_p50_ms", "TTFT p50 ms", ".2f"),
     ("fetch_ms", "fetch ms", ".2f"),
     ("correct_ms", "shift+corr ms", ".2f"),
