@@ -25,7 +25,7 @@ from kvcomm.errors import EntryFormatError
 from kvcomm.keys import is_chunk_key
 from kvcomm.store import chunks
 from kvcomm.store.buffers import BufferPool, writable
-from kvcomm.store.codec import MAGIC, is_signed
+from kvcomm.store.framing import MAGIC, is_signed
 from kvcomm.store.nodes import Node, Topology, TopologyError
 from kvcomm.store.wire import Batch, Reply
 

@@ -11,30 +11,34 @@ and only signed entries are accepted. Reads are bounded per entry (``max_entry_b
 Speed (:mod:`kvcomm.store.wire`, :mod:`kvcomm.store.buffers`): reads of entries go out as one
 pipelined batch per server (every shard of a cluster at once), and each reply is received
 straight into a reused buffer that the decoded tensors then view, without further copies.
+
+The class is assembled from parts, one concept each: :mod:`kvcomm.store.redis_entries` (entry
+reads and writes, the fetch budget), :mod:`kvcomm.store.redis_pools` (anchor-pool maps and
+records) and :mod:`kvcomm.store.redis_io` (routing, batches, faults); this module holds the
+construction from a URL or spec, the namespace's keys (``contains``, ``scan``, ``clear``) and
+the housekeeping (``ping``, ``usage``, ``stats``, ``close``).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvcomm.errors import EntryFormatError, StoreError
+from kvcomm.errors import StoreError
 from kvcomm.keys import is_chunk_key, namespace_prefix, parse_key
-from kvcomm.store import chunks
 from kvcomm.store.base import KVStore, check_key
-from kvcomm.store.buffers import BufferPool, writable
-from kvcomm.store.codec import DEFAULT_MAX_ENTRY_BYTES, decode, encode
-from kvcomm.store.entry import KVEntry
-from kvcomm.store.nodes import Cluster, Node, SingleServer, TopologyError
-from kvcomm.store.redis_io import AUTH_ERRORS, Read, ServerIO, glob_escape, node_usage, url_user
+from kvcomm.store.buffers import BufferPool
+from kvcomm.store.codec import DEFAULT_MAX_ENTRY_BYTES
+from kvcomm.store.nodes import Cluster, SingleServer, TopologyError
+from kvcomm.store.redis_entries import EntryIO
+from kvcomm.store.redis_io import AUTH_ERRORS, glob_escape, node_usage, url_user
+from kvcomm.store.redis_pools import PoolAndRecordIO
 from kvcomm.store.security import redact, resolve_secret, scrub
 from kvcomm.store.spec import RedisSpec
 from kvcomm.store.url import DEFAULT_REDIS_URL, redis_spec
@@ -44,7 +48,7 @@ DEFAULT_URL = DEFAULT_REDIS_URL
 __all__ = ["DEFAULT_URL", "RedisStore", "redact"]
 
 
-class RedisStore(ServerIO, KVStore):
+class RedisStore(EntryIO, PoolAndRecordIO, KVStore):
     """A store on one Redis server or a Redis Cluster, shared across processes and hosts.
 
     Each entry is one Redis string written by one ``SET`` (header and payload in one value), so a
@@ -213,220 +217,6 @@ class RedisStore(ServerIO, KVStore):
     def _full(self, key: str) -> str:
         return self._prefix + check_key(key)
 
-    # -- entries -------------------------------------------------------------------------------
-    def get(self, key: str, *, fingerprint: str | None = None) -> KVEntry | None:
-        check_key(key)
-        cap = self._budget_left()
-        if cap <= 0:
-            self._fault("budget", f"GET {key!r}: the fetch budget of {self.max_fetch_bytes} bytes per "
-                                  f"{self.fetch_window:g} s is spent")
-            self.counters.miss()
-            return None
-        return self._get_entries([key], fingerprint, cap)[0]
-
-    def get_many(self, keys: Sequence[str], *, fingerprint: str | None = None) -> list[KVEntry | None]:
-        """The entries under ``keys`` in one pipelined round trip per server (chunked entries: one
-        more for their chunks). With a fetch budget, one key at a time (the budget is exact)."""
-        keys = list(keys)
-        for key in keys:
-            check_key(key)
-        if self.max_fetch_bytes is not None:
-            return [self.get(key, fingerprint=fingerprint) for key in keys]
-        return self._get_entries(keys, fingerprint, self.max_entry_bytes) if keys else []
-
-    def _get_entries(self, keys: list[str], fingerprint: str | None, cap: int) -> list[KVEntry | None]:
-        fulls = [self._prefix + key for key in keys]
-        what = f"GET {keys[0]!r}" if len(keys) == 1 else f"GET of {len(keys)} keys"
-        reads = self._read_values(fulls, [cap] * len(keys), what)
-        out: list[KVEntry | None] = [None] * len(keys)
-        sizes = [read.length for read in reads]
-        manifests: dict[int, chunks.Manifest] = {}
-        for i, (key, read) in enumerate(zip(keys, reads, strict=True)):
-            if read.fault is not None:
-                self._fault(*read.fault)
-                continue
-            if read.length == 0:  # a missing key
-                continue
-            self._charge(read.length)
-            if read.length > cap and cap < self.max_entry_bytes:
-                self._fault("budget", f"GET {key!r}: the value is larger than the {cap} bytes left of the fetch "
-                                      f"budget ({self.max_fetch_bytes} bytes per {self.fetch_window:g} s)")
-                continue
-            if read.buffer is not None and chunks.is_manifest(read.blob()[:4]):
-                try:
-                    manifest = chunks.parse(read.blob(), max_total=self.max_entry_bytes)
-                except EntryFormatError as exc:
-                    self._fault(exc.kind, f"entry {key!r}: {exc}")
-                    continue
-                if manifest.total > cap:
-                    self._fault("budget", f"GET {key!r}: the chunked entry of {manifest.total} bytes is larger than "
-                                          f"the {cap} bytes left of the fetch budget")
-                    continue
-                manifests[i] = manifest
-                continue
-            out[i] = self._decode(key, read, fingerprint)
-        if manifests:
-            for i, read in self._read_chunked({i: (keys[i], m) for i, m in manifests.items()}).items():
-                if read.fault is not None:
-                    self._fault(*read.fault)
-                    continue
-                self._charge(read.length)
-                sizes[i] = read.length
-                out[i] = self._decode(keys[i], read, fingerprint)
-        for entry, size in zip(out, sizes, strict=True):
-            if entry is None:
-                self.counters.miss()
-            else:
-                self.counters.hit(size)
-        return out
-
-    def _decode(self, key: str, read: Read, fingerprint: str | None) -> KVEntry | None:
-        if read.buffer is None:  # longer than max_entry_bytes: dropped unread
-            self._fault("oversize", f"entry {key!r}: value of more than {self.max_entry_bytes} bytes is over "
-                                    f"max_entry_bytes")
-            return None
-        try:
-            entry = decode(read.blob(), namespace=self.namespace, key=key, fingerprint=fingerprint,
-                           max_entry_bytes=self.max_entry_bytes, device=self.device, secret=self._secret, owned=True)
-        except EntryFormatError as exc:
-            self._fault(exc.kind, f"entry {key!r}: {exc}")
-            return None
-        if self.device.type == "cuda":  # the copies from the pinned buffer are done before it is reused
-            torch.cuda.current_stream(self.device).synchronize()
-        return entry
-
-    def _read_chunked(self, wanted: dict[int, tuple[str, chunks.Manifest]]) -> dict[int, Read]:
-        """Every chunk of every manifest in one batch per server, each into its place in one buffer."""
-        out = {i: Read(length=m.total, buffer=self._buffers.take(m.total)) for i, (_, m) in wanted.items()}
-        fulls, caps, places = [], [], []
-        for i, (key, manifest) in wanted.items():
-            for c in range(manifest.count):
-                start, stop = manifest.span(c)
-                fulls.append(self._prefix + manifest.key(key, c))
-                caps.append(stop - start)  # GETRANGE 0 cap: one byte more than a chunk may hold
-                places.append((i, start, stop, c))
-
-        def into(j: int, n: int) -> memoryview | None:
-            i, start, stop, _ = places[j]
-            buffer = out[i].buffer
-            return writable(buffer)[start:stop] if buffer is not None and n == stop - start else None
-
-        reads = self._read_values(fulls, caps, f"GET chunks of {len(wanted)} entries", sink=into)
-        for (i, start, stop, c), read in zip(places, reads, strict=True):
-            if out[i].fault is not None:
-                continue
-            key, manifest = wanted[i]
-            where = f"entry {key!r}: chunk {c} of {manifest.count}"
-            if read.fault is not None:
-                out[i].fault = (read.fault[0], f"{where}: {read.fault[1]}")
-            elif read.length == 0:
-                out[i].fault = ("truncated", f"{where} is missing (evicted or expired)")
-            elif read.length != stop - start:
-                kind = "truncated" if read.length < stop - start else "corrupt"
-                out[i].fault = (kind, f"{where} holds {read.length} bytes, the manifest says {stop - start}")
-        for read in out.values():
-            if read.fault is not None:
-                read.buffer = None
-        return out
-
-    def put(self, key: str, entry: KVEntry, *, ttl: float | None = None) -> bool:
-        full = self._full(key)
-        if entry.nbytes > 2 * self.max_entry_bytes:  # skip quantizing what cannot fit anyway
-            return self._reject(key, entry.nbytes)
-        blob = encode(entry, namespace=self.namespace, key=key, codec=self.codec, secret=self._secret)
-        if len(blob) > self.max_entry_bytes:
-            return self._reject(key, len(blob))
-        ttl = self.ttl if ttl is None else ttl
-        px = max(1, int(ttl * 1000)) if ttl else None
-        manifest = None
-        if len(blob) > self.chunk_bytes:
-            manifest = chunks.plan(len(blob), self.chunk_bytes, blob[:8])
-            if not self._put_chunks(key, manifest, memoryview(blob), px):
-                self.counters.put_failed()
-                return False
-        value = manifest.encode() if manifest is not None else blob
-        old = self._on_key(full, f"SET {key!r}", lambda c: self._swap(c, full, value, px), None)
-        if old is None:
-            if manifest is not None:
-                self._unlink(self._chunk_fulls(key, manifest), f"UNLINK chunks of {key!r}")
-            self.counters.put_failed()
-            return False
-        self._drop_old_chunks(key, old, keep=manifest)
-        self.counters.put(len(blob))
-        return True
-
-    @staticmethod
-    def _swap(client: redis.Redis, full: str, value: bytes | bytearray, px: int | None) -> bytes:
-        """Set ``full`` and return the start of its old value (a manifest names chunks to drop)."""
-        pipe = client.pipeline(transaction=True)
-        pipe.getrange(full, 0, chunks.MANIFEST_MAX_BYTES - 1)
-        pipe.set(full, value, px=px)
-        head, _ = pipe.execute()
-        return cast(bytes, head)
-
-    def _chunk_fulls(self, key: str, manifest: chunks.Manifest) -> list[str]:
-        return [self._prefix + k for k in manifest.keys(key)]
-
-    def _drop_old_chunks(self, key: str, head: bytes, keep: chunks.Manifest | None = None) -> None:
-        if not chunks.is_manifest(head):
-            return
-        try:
-            old = chunks.parse(head, max_total=1 << 62)
-        except EntryFormatError:
-            return
-        if keep is None or old.generation != keep.generation:
-            self._unlink(self._chunk_fulls(key, old), f"UNLINK old chunks of {key!r}")
-
-    def _put_chunks(self, key: str, manifest: chunks.Manifest, view: memoryview, px: int | None) -> bool:
-        """Write every chunk (one batch per server, all at once); False (and none left) on a fault."""
-        fulls = self._chunk_fulls(key, manifest)
-        what = f"SET chunks of {key!r}"
-        groups = self._route(fulls, what)
-        if groups is None:
-            return False
-        expiry: tuple[Any, ...] = ("PX", px) if px else ()
-        work: dict[Node, tuple[list[tuple[Any, ...]], list[Any]]] = {}
-        for node, idx in groups.items():
-            commands: list[tuple[Any, ...]] = []
-            for c in idx:
-                start, stop = manifest.span(c)
-                commands.append(("SET", fulls[c], view[start:stop], *expiry))
-            work[node] = (commands, [None] * len(commands))
-        ok = True
-        for node, result in self._exchange(work, what).items():
-            if isinstance(result, tuple):
-                self._fault(*result)
-                ok = False
-                continue
-            for reply in result:
-                if reply.kind == "error":
-                    self._fault(*self._reply_fault(node, reply, what))
-                    ok = False
-                    break
-        if not ok:
-            self._unlink(fulls, f"UNLINK chunks of {key!r}")
-        return ok
-
-    def _reject(self, key: str, nbytes: int) -> bool:
-        self._fault("oversize", f"entry {key!r} of {nbytes} bytes is over max_entry_bytes={self.max_entry_bytes}")
-        self.counters.put_failed()
-        self.delete(key)  # drop the stale one
-        return False
-
-    def delete(self, key: str) -> bool:
-        full = self._full(key)
-
-        def run(client: redis.Redis) -> tuple[bytes, int]:
-            pipe = client.pipeline(transaction=True)
-            pipe.getrange(full, 0, chunks.MANIFEST_MAX_BYTES - 1)
-            pipe.unlink(full)
-            head, n = pipe.execute()
-            return cast(bytes, head), int(n)
-
-        head, removed = self._on_key(full, f"UNLINK {key!r}", run, (b"", 0))
-        self._drop_old_chunks(key, head)
-        return bool(removed)
-
     def contains(self, key: str) -> bool:
         full = self._full(key)
         return bool(self._on_key(full, f"EXISTS {key!r}", lambda c: c.exists(full), 0))
@@ -460,74 +250,6 @@ class RedisStore(ServerIO, KVStore):
                         orphans.append(self._prefix + rel)
             self._unlink(orphans, "clear")
         return removed
-
-    # -- anchor-pool state (Redis hashes) and records (Redis lists) ---------------------------------
-    def pool_read(self, key: str) -> dict[str, str]:
-        full = self._full(key)
-        empty: dict[bytes, bytes] = {}
-        raw = self._on_key(full, f"HGETALL {key!r}", lambda c: cast("dict[bytes, bytes]", c.hgetall(full)), empty)
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def pool_read_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
-        """``HGETALL`` of every map in one pipelined round trip per server."""
-        fulls = [self._full(key) for key in keys]
-        out: list[dict[str, str]] = [{} for _ in fulls]
-        what = f"HGETALL of {len(fulls)} maps"
-        groups = self._route(fulls, what) if fulls else {}
-        if not groups:
-            return out
-        work = {node: ([("HGETALL", fulls[i]) for i in idx], [None] * len(idx)) for node, idx in groups.items()}
-        for node, result in self._exchange(cast(Any, work), what).items():
-            if isinstance(result, tuple):
-                for _ in groups[node]:
-                    self._fault(*result)
-                continue
-            for i, reply in zip(groups[node], result, strict=True):
-                if reply.kind == "error":
-                    self._fault(*self._reply_fault(node, reply, what))
-                elif isinstance(reply.value, list):
-                    items = reply.value
-                    out[i] = {bytes(items[j]).decode(): bytes(items[j + 1]).decode() for j in range(0, len(items) - 1, 2)}
-        return out
-
-    def pool_write(self, key: str, mapping: dict[str, str | int | float]) -> bool:
-        full = self._full(key)
-        if not mapping:
-            return True
-        fields: dict[Any, Any] = dict(mapping)  # redis-py's own key/value union
-        return self._on_key(full, f"HSET {key!r}", lambda c: c.hset(full, mapping=fields) is not None, False)
-
-    def pool_remove(self, key: str, *fields: str) -> int:
-        full = self._full(key)
-        if not fields:
-            return 0
-        return int(self._on_key(full, f"HDEL {key!r}", lambda c: c.hdel(full, *fields), 0))
-
-    def pool_increment(self, key: str, field: str, amount: int = 1) -> int | None:
-        full = self._full(key)
-        return self._on_key(full, f"HINCRBY {key!r}", lambda c: int(c.hincrby(full, field, amount)), None)
-
-    def append_record(self, key: str, record: dict[str, Any]) -> bool:
-        full = self._full(key)
-        try:
-            line = json.dumps(record)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"record for {key!r} is not JSON-serializable: {exc}") from None
-        return self._on_key(full, f"RPUSH {key!r}", lambda c: c.rpush(full, line) > 0, False)
-
-    def read_records(self, key: str) -> list[dict[str, Any]]:
-        full = self._full(key)
-        out: list[dict[str, Any]] = []
-        none: list[bytes] = []
-        for line in self._on_key(full, f"LRANGE {key!r}", lambda c: cast("list[bytes]", c.lrange(full, 0, -1)), none):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                self._fault("corrupt", f"record list {key!r} holds a line that is not JSON")
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
 
     # -- housekeeping ------------------------------------------------------------------------------
     def ping(self) -> None:
@@ -577,20 +299,3 @@ class RedisStore(ServerIO, KVStore):
     def close(self) -> None:
         self.topology.close()
         self._buffers.clear()
-
-    # -- fetch budget ----------------------------------------------------------------------------------
-    def _budget_left(self) -> int:
-        """Bytes this get may read: max_entry_bytes, or less when the fetch budget is nearly spent."""
-        if self.max_fetch_bytes is None:
-            return self.max_entry_bytes
-        with self._budget_lock:
-            now = time.monotonic()
-            if now - self._window_start >= self.fetch_window:
-                self._window_start, self._fetched = now, 0
-            return min(self.max_entry_bytes, self.max_fetch_bytes - self._fetched)
-
-    def _charge(self, nbytes: int) -> None:
-        if self.max_fetch_bytes is not None:
-            with self._budget_lock:
-                self._fetched += nbytes
-
