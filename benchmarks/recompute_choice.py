@@ -22,6 +22,10 @@ moved pieces' tokens (before any recompute): ``removed`` = 1 - |real - corrected
 moved|^2 (negative: the correction moved the KV away from the prefill's), and ``best scale`` =
 <real - moved, corrected - moved> / |corrected - moved|^2, the factor on the correction that would
 have removed most (1: the anchors' estimate is as large as it should be; below 1: too large).
+(Both relative to the correction as applied, ``correction_scale`` times the estimate.) Then the
+fit per kind of moved piece (a slot's content or the template text after it, by slot kind: an
+input such as the question, or an agent's answer), pooled over the calls, as the scale on the
+anchors' estimate itself: where one ``correction_scale`` is a compromise between pieces.
 
 Usage: ``python benchmarks/recompute_choice.py --n 40`` (about 20 minutes on 2 CPU cores);
 ``--workload rag --n 30`` runs the RAG pipeline's three agents over their retrieved passages
@@ -43,6 +47,7 @@ from kvcomm.engine import KVCommEngine
 from kvcomm.kv import KVBlock, block_from_cache, prefill
 from kvcomm.models.loading import load_model
 from kvcomm.reuse import assemble
+from kvcomm.template import slot_kind
 from kvcomm.tools.evaluation import _kl, _own, dag_workload, load_questions, make_engines, row_configs
 
 QUERY_TOKENS = 16
@@ -79,6 +84,8 @@ class Probe:
         self.ref: torch.Tensor | None = None
         self.call: dict[str, Any] = {}
         self.kv_fit: list[dict[str, float]] = []  # per reuse call: removed / best scale, keys and values
+        # per kind of piece ("content input", "text after agent"...) and K/V: [<want, got>, |got|^2, |want|^2]
+        self.piece_fit: dict[str, list[float]] = {}
         fast, select = engine.fast, engine.builder.selection
         assemble_fn, recompute_fn = fast.assemble, fast.recompute
 
@@ -90,7 +97,7 @@ class Probe:
 
         def spy_select(call, *rest):  # type: ignore[no-untyped-def]
             self.call.update(seg_starts=list(call.seg_starts), slot_starts=list(call.slot_starts),
-                             seg0=len(call.prompt.segments[0]))
+                             seg0=len(call.prompt.segments[0]), slots=[content.slot for content in call.contents])
             return select(call, *rest)
 
         def spy_recompute(ids, selected):  # type: ignore[no-untyped-def]
@@ -116,6 +123,7 @@ class Probe:
         pieces = list(zip(starts, [*starts[1:], query_from], strict=True))
         candidates = list(range(c["seg0"], query_from))
         self.kv_fit.append(kv_fit(moved, corrected, real, c["seg0"], query_from))
+        self.fit_pieces(moved, corrected, real, last)
         scores = {
             "deviation": per_token(corrected.k, moved.k),
             "deviation(K+V)": per_token(corrected.k, moved.k) + per_token(corrected.v, moved.v),
@@ -136,6 +144,23 @@ class Probe:
             logits, _, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), sel)
             row[name] = (int(sel.numel()) + 1, _kl(self.ref, logits), int(logits.argmax()) == int(self.ref.argmax()))
         return row
+
+
+    def fit_pieces(self, moved: KVBlock, corrected: KVBlock, real: KVBlock, last: int) -> None:
+        """Add this call's moved pieces (every token up to the last, layer 0 left out: never
+        corrected) to :attr:`piece_fit`, by piece kind and slot kind."""
+        c = self.call
+        starts = [(s, "content", slot) for s, slot in zip(c["slot_starts"], c["slots"], strict=True)]
+        starts += [(s, "text after", slot) for s, slot in zip(c["seg_starts"][1:], c["slots"], strict=True)]
+        starts.sort()
+        for (start, piece, slot), end in zip(starts, [s for s, _, _ in starts[1:]] + [last], strict=True):
+            for name, m, got, r in (("K", moved.k, corrected.k, real.k), ("V", moved.v, corrected.v, real.v)):
+                m, got, r = (t[1:, :, start:end].double() for t in (m, got, r))
+                want, got = r - m, got - m
+                sums = self.piece_fit.setdefault(f"{piece} {slot_kind(slot)} {name}", [0.0, 0.0, 0.0])
+                sums[0] += float((want * got).sum())
+                sums[1] += float(got.square().sum())
+                sums[2] += float(want.square().sum())
 
 
 def kv_fit(moved: KVBlock, corrected: KVBlock, real: KVBlock, start: int, end: int) -> dict[str, float]:
@@ -197,6 +222,14 @@ def main() -> None:
         below = sum(fit[name] < (0 if name.startswith("removed") else 1) for fit in probe.kv_fit)
         print(f"{name:14s} {q[1]:7.3f} [{q[0]:.3f}, {q[2]:.3f}]   below {'0' if name.startswith('removed') else '1'}: "
               f"{below} of {len(probe.kv_fit)} calls")
+    # the engine applied correction_scale times the anchors' estimate: got = s * estimate
+    s0 = probe.engine.config.correction_scale
+    print(f"\nby kind of moved piece, pooled over the calls: the scale on the anchors' estimate that fits best, "
+          f"and the share of the real deviation removed at correction_scale={s0} and at that best scale")
+    print(f"{'piece (slot kind) K/V':24s} {'best scale':>10s} {'removed at ' + str(s0):>15s} {'at best':>8s}")
+    for name, (num, den, want) in sorted(probe.piece_fit.items()):
+        if den > 0 and want > 0:  # removed at a factor a on got: 1 - |want - a got|^2 / |want|^2
+            print(f"{name:24s} {s0 * num / den:10.3f} {(2 * num - den) / want:15.3f} {num * num / (den * want):8.3f}")
 
 
 if __name__ == "__main__":
