@@ -6,6 +6,11 @@ load lazily, so ``import kvcomm.agents`` does not import langchain-core.
 
 from __future__ import annotations
 
+if __name__ == "agents":  # the clone's root on sys.path: an installed `agents` gets the name
+    from kvcomm._shadow import hand_over
+
+    hand_over(__name__, __file__)
+
 from typing import TYPE_CHECKING
 
 from kvcomm._lazy import lazy_exports

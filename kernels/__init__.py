@@ -8,29 +8,10 @@ The kernels are inference-only (no autograd).
 
 from __future__ import annotations
 
-import sys
+if __name__ == "kernels":  # the clone's root on sys.path: the installed `kernels` gets the name
+    from kvcomm._shadow import hand_over
 
-if __name__ == "kernels":  # pragma: no cover - run in a subprocess by tests/test_package.py
-    # This folder installs as kvcomm.kernels. A Python started in a clone's root (a REPL, `python
-    # -m ...`, `python -c`) has the root on sys.path, so a bare `import kernels` finds this folder
-    # before the Hugging Face `kernels` distribution that transformers imports (and fails on).
-    # Hand the name over to the installed one where there is one: `import` returns what
-    # sys.modules holds when the module's code ends.
-    import importlib.machinery
-    import importlib.util
-    import os
-
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _others = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _others)
-    if _spec is not None and _spec.loader is not None:
-        _installed = importlib.util.module_from_spec(_spec)
-        sys.modules["kernels"] = _installed
-        try:
-            _spec.loader.exec_module(_installed)
-        except BaseException:
-            del sys.modules["kernels"]
-            raise
+    hand_over(__name__, __file__)
 
 from kvcomm.kernels.anchor_weights import (
     channel_weights,

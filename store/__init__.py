@@ -17,6 +17,11 @@ set (``secret=`` or ``$KVCOMM_STORE_KEY``), bound to their namespace and key; bo
 
 from __future__ import annotations
 
+if __name__ == "store":  # the clone's root on sys.path: an installed `store` gets the name
+    from kvcomm._shadow import hand_over
+
+    hand_over(__name__, __file__)
+
 from kvcomm.errors import EntryFormatError
 from kvcomm.store.base import FAULT_KINDS, KVStore, StoreStats
 from kvcomm.store.codec import FORMAT_VERSION, decode, encode

@@ -46,6 +46,26 @@ def test_a_python_started_in_the_clone_root_gets_the_installed_kernels_package(r
     assert ours == "kvcomm.kernels.rope_shift"
 
 
+@pytest.mark.parametrize("name", ["store", "kernels", "agents"])
+def test_a_bare_import_in_the_clone_root_gets_the_installed_package_of_that_name(name, repo_root, tmp_path):
+    # e.g. openai-agents installs a top-level `agents`: a REPL in a clone must not run our folder for it
+    site = tmp_path / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text("WHOSE = 'installed'\n")
+    code = (f"import {name}, kvcomm.{name} as ours; print({name}.WHOSE); "
+            f"print(ours.__name__, getattr(ours, 'WHOSE', 'ours'))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["installed", f"kvcomm.{name}", "ours"]
+
+    if name != "kernels":  # (transformers installs a `kernels`) with no namesake, the folder, as before
+        alone = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__file__)"], cwd=repo_root,
+                               capture_output=True, text=True)
+        assert alone.returncode == 0, alone.stderr
+        assert Path(alone.stdout.strip()) == repo_root / name / "__init__.py"
+
+
 def test_wheel_contains_every_subpackage(tmp_path, repo_root):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
