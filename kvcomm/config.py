@@ -63,11 +63,6 @@ class KVCommConfig:
         "shrunk toward the moved KV (an average of other contents' deviations overshoots the content's own; "
         "benchmarks/recompute_choice.py prints the scale that would have fit best)"
     )
-    correction_scale_fit: bool = _field(
-        False, "fit the correction's scale per slot, piece (content or the template text after it) and keys/values "
-        "to the real deviations of prefilled calls: each slot such a call shared through anchors, estimated as a reuse "
-        "call would (least squares, correction_scale counting as one observation; kvcomm/scale_fit.py)"
-    )
     delta_dtype: str = _field(
         "model", "precision anchors' deltas are stored and read in: 'model' (the KV's dtype) or 'bfloat16' "
         "(half the bytes of float32; the correction accumulates in float32)"

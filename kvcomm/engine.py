@@ -307,8 +307,6 @@ class KVCommEngine:
         t1 = time.perf_counter()
         if plan.record_slots:
             self.planner.record_deltas(prompt, contents, cache, call.seg_starts, call.slot_starts, plan.record_slots)
-        if self.config.correction_scale_fit and rec.mode in ("dense", "prefix"):  # a prefill: the real KV
-            self.planner.observe_scales(prompt, contents, cache, call.seg_starts, call.slot_starts, plan.anchors)
         rec.record_ms = (time.perf_counter() - t1) * 1e3
 
         t2 = time.perf_counter()

@@ -18,9 +18,7 @@ from kvcomm.keys import ContentKey, DeltaKey, StoreKey
 from kvcomm.kv import KVBlock, block_from_cache
 from kvcomm.policies import Plan
 from kvcomm.prompt import AgentPrompt, Content
-from kvcomm.reuse import Piece, SlotAnchors, assemble, key_delta
-from kvcomm.rope import shift_keys
-from kvcomm.scale_fit import ScaleFits
+from kvcomm.reuse import Piece, SlotAnchors, key_delta
 from kvcomm.template import slot_kind
 
 if TYPE_CHECKING:
@@ -48,7 +46,6 @@ class Planner:
         self.device = device
         self.inv_freq = inv_freq
         self.pools: dict[str, AnchorPool] = {}
-        self.scales = ScaleFits(config.correction_scale)  # used where config.correction_scale_fit
 
     def pool(self, slot: str) -> AnchorPool:
         """The slot's anchor pool (its state lives in the store)."""
@@ -185,21 +182,14 @@ class Planner:
         pieces = [Piece(0, agent.segment_block(0), 0)]
         for j, content in enumerate(contents):
             found = anchors[j] if j < len(anchors) else None
-            fix = self.corrects_slot(content, found)
-            fit = self.config.correction_scale_fit
-            pieces.append(Piece(slot_starts[j], content.kv, slot_starts[j], found, "slot", correct=fix,
-                                scale=self.scales.scale(content.slot, "slot") if fit else None))
+            # an answer's base KV was computed in its producer's context already: averaging other
+            # answers' per-position deltas can add more error than it removes (config switch)
+            fix = (self.config.correct_answer_slots or slot_kind(content.slot) != "agent"
+                   or (found is not None and found.exact))
+            pieces.append(Piece(slot_starts[j], content.kv, slot_starts[j], found, "slot", correct=fix))
             pieces.append(Piece(seg_starts[j + 1], agent.segment_block(j + 1),
-                                seg_starts[j + 1] - agent.reg_starts[j + 1], found, "seg", content.kv,
-                                scale=self.scales.scale(content.slot, "seg") if fit else None))
+                                seg_starts[j + 1] - agent.reg_starts[j + 1], found, "seg", content.kv))
         return pieces
-
-    def corrects_slot(self, content: Content, found: SlotAnchors | None) -> bool:
-        """Whether a slot's content is corrected, not only moved. An answer's base KV was computed
-        in its producer's context already: averaging other answers' per-position deltas can add
-        more error than it removes (``correct_answer_slots``)."""
-        return (self.config.correct_answer_slots or slot_kind(content.slot) != "agent"
-                or (found is not None and found.exact))
 
     def record_deltas(self, agent: AgentPrompt, contents: list[Content], cache: Any, seg_starts: list[int],
                       slot_starts: list[int], which: list[int]) -> None:
@@ -222,38 +212,6 @@ class Planner:
             entry = self.entry(deltas,
                                {"ph_shift": q, "pf_shift": p - registered, "agent": agent.name, "slot": content.slot})
             self.store.put(str(DeltaKey(self.model, content.hash, agent.name)), entry)
-
-    def observe_scales(self, agent: AgentPrompt, contents: list[Content], cache: Any, seg_starts: list[int],
-                       slot_starts: list[int], anchors: list[SlotAnchors | None]) -> None:
-        """Feed the correction's scale fit (:class:`kvcomm.scale_fit.ScaleFits`) from a prefilled
-        call's real ``cache``: every slot the plan shared through anchors (``anchors[j]``, not
-        exact), its content and the template text after it, estimated by those anchors as a
-        reuse call would (unscaled), against the real deviation from the moved KV.
-
-        Only contents that were *shared* are observed: a new anchor is the kind of content the
-        pool covers worst (the entropy test admitted it for that), so its deviations, estimated
-        by the other anchors, fit a scale biased low. A shared slot sits in a prefilled call
-        because another slot needed measuring (or the call fell back), whatever its own fit."""
-        shared = [j for j, found in enumerate(anchors[: len(contents)]) if found is not None and not found.exact]
-        if not shared:
-            return
-        real = block_from_cache(cache, 0, seg_starts[-1] + len(agent.segments[-1]))
-        skip = 0 if self.config.correct_first_layer else 1  # layers the correction leaves alone
-        for j in shared:
-            content, found = contents[j], anchors[j]
-            q, p = slot_starts[j], seg_starts[j + 1]
-            seg = agent.segment_block(j + 1)
-            pieces = [Piece(p, seg, p - agent.reg_starts[j + 1], found, "seg", content.kv, scale=(1.0, 1.0))]
-            if self.corrects_slot(content, found):
-                pieces.insert(0, Piece(q, content.kv, q, found, "slot", scale=(1.0, 1.0)))
-            estimated = assemble(pieces, p + seg.length, self.inv_freq, self.config, correct=True)
-            for piece in pieces:
-                lo, hi = piece.start, piece.start + piece.src.length
-                moved = KVBlock(shift_keys(piece.src.k, piece.shift, self.inv_freq), piece.src.v)
-                for which, est, mov, rl in (("k", estimated.k, moved.k, real.k), ("v", estimated.v, moved.v, real.v)):
-                    self.scales.observe(content.slot, piece.kind, which,
-                                        (est[skip:, :, lo:hi] - mov[skip:]).float(),
-                                        (rl[skip:, :, lo:hi] - mov[skip:]).float())
 
     def entry(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> KVEntry:
         """A store entry of this model's KV."""

@@ -104,7 +104,6 @@ class Piece:
     kind: str = "seg"  # "seg" (weights per channel) or "slot" (weights per token)
     content: KVBlock | None = None  # the slot content whose distances weight a "seg" piece
     correct: bool = True  # False: move only (config.correct_answer_slots off for this answer slot)
-    scale: tuple[float, float] | None = None  # the correction's (keys, values) scale; None: correction_scale
 
 
 def assemble(
@@ -205,18 +204,12 @@ def correction_norms(pieces: list[Piece], out: KVBlock, inv_freq: torch.Tensor, 
             piece.src.k[:, :, :n], out.k[:, :, piece.start : piece.start + n], piece.shift, inv_freq, config)
 
 
-def _scales(piece: Piece, config: KVCommConfig) -> tuple[float, float]:
-    """The (keys, values) factors on a piece's correction: its own (a fitted scale,
-    :mod:`kvcomm.scale_fit`), else ``correction_scale``."""
-    return piece.scale if piece.scale is not None else (config.correction_scale, config.correction_scale)
-
-
-def _scaled(weights: torch.Tensor, anchors: SlotAnchors, scale: float) -> torch.Tensor:
-    """The anchors' weights times ``scale`` (a new tensor: the weights may be memoised); an exact
-    anchor's (the same content's own measured deviation, not an estimate) as they are."""
-    if anchors.exact or scale == 1.0:
+def _scaled(weights: torch.Tensor, anchors: SlotAnchors, config: KVCommConfig) -> torch.Tensor:
+    """The anchors' weights times ``correction_scale`` (a new tensor: the weights may be memoised);
+    an exact anchor's (the same content's own measured deviation, not an estimate) as they are."""
+    if anchors.exact or config.correction_scale == 1.0:
         return weights
-    return weights * scale
+    return weights * config.correction_scale
 
 
 def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlock, inv_freq: torch.Tensor,
@@ -251,8 +244,7 @@ def _correct_stacked(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBl
             lengths = stack.lengths_on_device if stack.lengths_on_device is not None else stack.lengths
             wk = channel_weights(ck, stack.base.k, tau=config.tau, anchor_lengths=lengths)
             wv = channel_weights(cv, stack.base.v, tau=config.tau, anchor_lengths=lengths)
-    scale_k, scale_v = _scales(piece, config)
-    wk, wv = _scaled(wk, anchors, scale_k), _scaled(wv, anchors, scale_v)
+    wk, wv = _scaled(wk, anchors, config), _scaled(wv, anchors, config)
     rotate = config.rerotate_key_deltas
     if not rotate:
         # reference variant: each anchor's key deltas back in the frame it was measured in
@@ -297,8 +289,7 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
                                 lambda: deviation.channel_weights(cv, bases_v, config.tau, ws))
     keep_k, wk = deviation.keep_top(wk, config.correction_top_p, config.correction_top_k)
     keep_v, wv = deviation.keep_top(wv, config.correction_top_p, config.correction_top_k)
-    scale_k, scale_v = _scales(piece, config)
-    wk, wv = _scaled(wk, anchors, scale_k), _scaled(wv, anchors, scale_v)
+    wk, wv = _scaled(wk, anchors, config), _scaled(wv, anchors, config)
     t1 = time.perf_counter()
     rerotate = config.rerotate_key_deltas
     for dst_t, src_t, keep, w, rotated in ((dst.k, src.k, keep_k, wk, True), (dst.v, src.v, keep_v, wv, False)):

@@ -144,27 +144,6 @@ def test_correction_scale_multiplies_the_correction_on_both_paths(kind, exact) -
         KVCommConfig(correction_scale=-0.1)
 
 
-@pytest.mark.parametrize("kind", ["slot", "seg"])
-def test_a_pieces_own_scale_replaces_correction_scale_for_keys_and_values_apart(kind) -> None:
-    """A piece's ``scale`` (keys, values), a fitted one (kvcomm.scale_fit), wins over the config's,
-    each on its own half of the KV, on both paths."""
-    anchors = _anchors([7, 7], 6, torch.float32)
-    src, content = _kv(7 if kind == "slot" else 6), _kv(7)
-    n = src.length
-
-    def new_piece(scale: tuple[float, float]) -> Piece:
-        if kind == "slot":
-            return Piece(10, src, 10, anchors, "slot", scale=scale)
-        return Piece(17, src, 4, anchors, "seg", content, scale=scale)
-
-    config = KVCommConfig(correction_scale=0.75)  # overridden by every piece below
-    full, _ = _both(new_piece((1.0, 1.0)), anchors, n, config, torch.float32)
-    moved, _ = _both(new_piece((0.0, 0.0)), anchors, n, config, torch.float32)
-    for got in _both(new_piece((1.25, 0.5)), anchors, n, config, torch.float32):
-        torch.testing.assert_close(got.k, moved.k + 1.25 * (full.k - moved.k), **TOL[torch.float32])
-        torch.testing.assert_close(got.v, moved.v + 0.5 * (full.v - moved.v), **TOL[torch.float32])
-
-
 def test_weights_are_computed_once_per_content_and_anchor_set() -> None:
     """A second agent reading the same content over the same anchors reuses the first one's
     weights; an edited or different content recomputes them."""

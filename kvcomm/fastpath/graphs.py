@@ -107,7 +107,7 @@ def layout_of(
     for t in (inv_freq, out.k, out.v):
         lay.address(t)
     for p in pieces:
-        lay.key += [p.start, p.shift, p.kind, p.correct, p.scale]  # a captured correction holds its scale
+        lay.key += [p.start, p.shift, p.kind, p.correct]
         for t in (p.src.k, p.src.v):
             lay.copy(t) if _by_copy(p) else lay.address(t)
         if p.content is not None and _reads_content(p, correct):
