@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -154,22 +155,28 @@ class Probe:
         starts += [(s, "text after", slot) for s, slot in zip(c["seg_starts"][1:], c["slots"], strict=True)]
         starts.sort()
         for (start, piece, slot), end in zip(starts, [s for s, _, _ in starts[1:]] + [last], strict=True):
-            for name, m, got, r in (("K", moved.k, corrected.k, real.k), ("V", moved.v, corrected.v, real.v)):
-                m, got, r = (t[1:, :, start:end].double() for t in (m, got, r))
-                want, got = r - m, got - m
+            for name, want, got in deviations(moved, corrected, real, start, end, first_layer=1):
                 sums = self.piece_fit.setdefault(f"{piece} {slot_kind(slot)} {name}", [0.0, 0.0, 0.0])
                 sums[0] += float((want * got).sum())
                 sums[1] += float(got.square().sum())
                 sums[2] += float(want.square().sum())
 
 
+def deviations(moved: KVBlock, corrected: KVBlock, real: KVBlock, start: int, end: int, first_layer: int = 0
+               ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Keys, then values, over positions [start, end) from layer ``first_layer`` on, in float64:
+    (name, ``want`` = real - moved: the real deviation, ``got`` = corrected - moved: the correction)."""
+    for name, m, c, r in (("K", moved.k, corrected.k, real.k), ("V", moved.v, corrected.v, real.v)):
+        m, c, r = (t[first_layer:, :, start:end].double() for t in (m, c, r))
+        yield name, r - m, c - m
+
+
 def kv_fit(moved: KVBlock, corrected: KVBlock, real: KVBlock, start: int, end: int) -> dict[str, float]:
     """How well the correction fits the real deviation over positions [start, end), keys and values."""
     fit: dict[str, float] = {}
-    for name, m, c, r in (("K", moved.k, corrected.k, real.k), ("V", moved.v, corrected.v, real.v)):
-        m, c, r = (t[:, :, start:end].double() for t in (m, c, r))
-        want, got = r - m, c - m
-        fit[f"removed {name}"] = 1.0 - float((r - c).square().sum() / want.square().sum().clamp_min(1e-30))
+    for name, want, got in deviations(moved, corrected, real, start, end):
+        # want - got = real - corrected (float32 values: their float64 differences are exact)
+        fit[f"removed {name}"] = 1.0 - float((want - got).square().sum() / want.square().sum().clamp_min(1e-30))
         fit[f"best scale {name}"] = float((want * got).sum() / got.square().sum().clamp_min(1e-30))
     return fit
 
