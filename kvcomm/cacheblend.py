@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
-from kvcomm.kv import KVBlock, cache_from_block
+from kvcomm.kv import KVBlock, cache_from_block, forward_over
 from kvcomm.reuse import layer_deviation
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def real_values_at_layer(model: Any, ids: list[int], layer: int = 1) -> torch.Te
 
     handle = model.model.layers[layer].register_forward_hook(stop)
     try:
-        model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
+        forward_over(model, cache, input_ids=torch.tensor([ids], device=model.device), use_cache=True)
     except _Stop:
         pass
     finally:
@@ -174,18 +174,19 @@ def selective_recompute(
     allowed = kv_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
     mask = torch.zeros(allowed.shape, dtype=model.dtype, device=dev)
     mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
-    out = model(
+    logits, cache = forward_over(
+        model,
+        cache,
         input_ids=torch.tensor([[ids[i] for i in query_pos.tolist()]], device=dev),
         position_ids=query_pos.unsqueeze(0),
         attention_mask=mask[None, None],
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
     # the forward appended the recomputed tokens after the kept ones: put them back in prompt order
     # (attention does not care, but everything that slices the cache by position does)
     order = torch.argsort(kv_pos)
-    for layer in out.cache.layers:
+    for layer in cache.layers:
         layer.keys = layer.keys.index_select(2, order)
         layer.values = layer.values.index_select(2, order)
-    return out.logits[0, -1].float(), out.cache, int(query_pos.numel())
+    return logits[0, -1].float(), cache, int(query_pos.numel())

@@ -22,7 +22,15 @@ from kvcomm.config import KVCommConfig
 from kvcomm.errors import AgentError, ContextLengthError, FingerprintMismatchError, SlotError
 from kvcomm.fastpath import FastPath, StaticPromptCache
 from kvcomm.keys import ContentKey, MetricsKey, TemplateKey, model_id
-from kvcomm.kv import KVBlock, block_from_cache, greedy_decode, next_token_margin, prefill, sync_device
+from kvcomm.kv import (
+    KVBlock,
+    block_from_cache,
+    check_transformers,
+    greedy_decode,
+    next_token_margin,
+    prefill,
+    sync_device,
+)
 from kvcomm.metrics import CONTINUATION_KEY, CallRecord
 from kvcomm.models import model_fingerprint, resolve_device
 from kvcomm.planner import Planner
@@ -89,6 +97,10 @@ class KVCommEngine:
         store: a :class:`kvcomm.store.KVStore` (default: an in-process ``MemoryStore``).
         config: :class:`KVCommConfig`.
         fingerprint: the model fingerprint (computed when not given).
+
+    Raises:
+        DependencyError: the installed transformers is older than kvcomm supports
+            (:data:`kvcomm.kv.MIN_TRANSFORMERS`).
     """
 
     def __init__(
@@ -100,6 +112,7 @@ class KVCommEngine:
         config: KVCommConfig | None = None,
         fingerprint: str | None = None,
     ) -> None:
+        check_transformers()
         self.lock = threading.RLock()  # re-entrant: generate() publishes through publish()
         self.model = model
         self.tokenizer = tokenizer

@@ -16,6 +16,7 @@ Hierarchy::
     │   │   └── EntryFormatError     ... with the fault kind it is counted as (``.kind``)
     │   └── KeyFormatError           a store key kvcomm does not write (:mod:`kvcomm.keys`)
     ├── KernelError                  a kernel called with bad shapes or dtypes
+    ├── DependencyError              an installed package older than kvcomm supports
     └── ReportError                  ``kvcomm report`` found no call records, or cannot read a source
 
     StoreFaultWarning (RuntimeWarning)
@@ -90,6 +91,10 @@ class AgentConfigError(KVCommError, ValueError):
 
 class KernelError(KVCommError, ValueError):
     """A kernel was called with bad shapes, dtypes or devices."""
+
+
+class DependencyError(KVCommError, ImportError):
+    """An installed package kvcomm depends on is older than the oldest it supports."""
 
 
 class ReportError(KVCommError):

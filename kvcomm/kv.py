@@ -1,16 +1,29 @@
 """KV blocks and the few model calls the engine makes (prefill, one-token forward, decode).
 
 A block is stacked over layers: ``k``, ``v`` each ``[L, H_kv, T, D]`` (batch 1 squeezed).
+Every forward over a cache goes through :func:`forward_over`, which names the cache as the
+installed transformers does.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
+
+from kvcomm.errors import DependencyError
+
+#: The oldest transformers kvcomm's tests have run on (pyproject.toml's floor). Older releases keep
+#: their cache layers' state differently, and the fast path writes into those layers in place: under
+#: 5.0 a one-token forward retried after a failed attention kernel returns other logits, no error.
+MIN_TRANSFORMERS = "5.17"
 
 
 @dataclass
@@ -43,6 +56,30 @@ def cache_from_block(block: KVBlock, config: Any) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
+def check_transformers(installed: str | None = None) -> None:
+    """Raise :class:`DependencyError` where the installed transformers (or ``installed``) is older
+    than :data:`MIN_TRANSFORMERS`."""
+    found = installed or transformers.__version__
+    if Version(found) < Version(MIN_TRANSFORMERS):
+        raise DependencyError(f"kvcomm needs transformers>={MIN_TRANSFORMERS}, found {found}: "
+                              f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+
+
+@functools.cache
+def _cache_argument(model_class: Any) -> str:
+    """What a model class's forward calls its KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (5.24 still takes the old name, with a warning)."""
+    params = inspect.signature(model_class.forward).parameters
+    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+
+
+def forward_over(model: Any, cache: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``model(**kwargs)`` over ``cache`` (grown in place); returns (logits, the output's cache)."""
+    out = model(**{_cache_argument(model.__class__): cache}, **kwargs)
+    returned = getattr(out, "cache", None)
+    return out.logits, out.past_key_values if returned is None else returned
+
+
 def next_token_margin(logits: torch.Tensor) -> float:
     """How decisive a next-token distribution is: the top token's log-probability minus the
     runner-up's (nats). Near 0, a small change to the KV can swap the two."""
@@ -65,8 +102,9 @@ def prefill(model: Any, ids: list[int], *, start: int = 0, cache: Any = None) ->
     pos = torch.arange(start, start + len(ids), device=dev).unsqueeze(0)
     if cache is None:
         cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.cache
+    logits, cache = forward_over(model, cache, input_ids=input_ids, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1)
+    return logits[0, -1].float(), cache
 
 
 @torch.inference_mode()
@@ -109,13 +147,9 @@ def greedy_decode(
         if step is not None:
             last = step(tok, start_pos + i)
         else:
-            out = model(
-                input_ids=torch.tensor([[tok]], device=dev),
-                position_ids=torch.tensor([[start_pos + i]], device=dev),
-                cache=cache,
-                use_cache=True,
-            )
-            last = out.logits[0, -1].float()
+            step_logits, _ = forward_over(model, cache, input_ids=torch.tensor([[tok]], device=dev),
+                                          position_ids=torch.tensor([[start_pos + i]], device=dev), use_cache=True)
+            last = step_logits[0, -1].float()
         logits.append(last)
         nxt = int(last.argmax())
     return ids, logits
@@ -132,8 +166,8 @@ def _forced_decode(model: Any, cache: Any, first_logits: torch.Tensor, start_pos
         rest = many(feed, start_pos)
     else:
         dev = model.device
-        out = model(input_ids=torch.tensor([feed], device=dev),
-                    position_ids=torch.arange(start_pos, start_pos + len(feed), device=dev).unsqueeze(0),
-                    cache=cache, use_cache=True)
-        rest = out.logits[0].float()
+        logits, _ = forward_over(model, cache, input_ids=torch.tensor([feed], device=dev),
+                                 position_ids=torch.arange(start_pos, start_pos + len(feed), device=dev).unsqueeze(0),
+                                 use_cache=True)
+        rest = logits[0].float()
     return ids, [first_logits, *rest.unbind(0)]

@@ -34,7 +34,7 @@ from kvcomm.fastpath.attention import (
 )
 from kvcomm.fastpath.graphs import AssembleGraphs
 from kvcomm.kernels.dispatch import use_triton
-from kvcomm.kv import KVBlock
+from kvcomm.kv import KVBlock, forward_over
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,12 @@ class StaticPromptCache:
         name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
         try:
             with self._attention(name), chunked_rows(causal_chunks(positions.tolist()) if name else None):
-                out = self.model(input_ids=tokens, position_ids=positions.unsqueeze(0), attention_mask=mask,
-                                 cache=self.cache, use_cache=True, logits_to_keep=1)
+                logits, _ = forward_over(self.model, self.cache, input_ids=tokens, position_ids=positions.unsqueeze(0),
+                                         attention_mask=mask, use_cache=True, logits_to_keep=1)
         finally:
             self._positions, self._visible = None, self.capacity
         self.begin(P)
-        return out.logits[0, -1].float()
+        return logits[0, -1].float()
 
     @torch.inference_mode()
     def forward_many(self, tokens: list[int], position: int) -> torch.Tensor:
@@ -236,12 +236,12 @@ class StaticPromptCache:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(position)
         with self._attention(MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None):  # as recompute's
-            out = self.model(input_ids=torch.tensor([tokens], device=dev),
-                             position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
-                             attention_mask=mask, cache=self.cache, use_cache=True)
+            logits, _ = forward_over(self.model, self.cache, input_ids=torch.tensor([tokens], device=dev),
+                                     position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
+                                     attention_mask=mask, use_cache=True)
         self.mask[..., position : position + q] = 0
         self._length += q
-        return out.logits[0].float()
+        return logits[0].float()
 
     def _forward(self) -> torch.Tensor:
         with self._attention(ATTN_IMPLEMENTATION if self.decode_kernel else None):
@@ -268,9 +268,9 @@ class StaticPromptCache:
                 cfg._attn_implementation = old
 
     def _model_call(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                         cache=self.cache, use_cache=True)
-        return out.logits
+        logits, _ = forward_over(self.model, self.cache, input_ids=self.ids, position_ids=self.pos,
+                                 attention_mask=self.mask, use_cache=True)
+        return logits
 
     def _capture(self) -> None:
         """Capture the one-token forward; on any failure fall back to eager, with a warning."""

@@ -101,8 +101,13 @@ def load_model(
 
     Raises:
         ModelLoadError: the name/path is none of the accepted forms, or loading failed.
+        DependencyError: the installed transformers is older than kvcomm supports.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcomm.kv import check_transformers
+
+    check_transformers()
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
