@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One batched run on a lent GPU (device tool): GPU kernel tests, the kernel benchmark and the TTFT
-# benchmark in the paper's setting. Wheels the GPU image lacks (transformers 5.24, redis) are
-# carried in .whl/dev. Results land in $OUT. `python3 -P`: the checkout's kvcomm/ must not shadow
-# the installed package (kvcomm.store/kernels/agents exist only installed).
+# benchmark in the paper's setting. The image's torch, triton and transformers are used as they
+# are; what it lacks (redis, hiredis, blake3) travels as wheels in .whl/dev, which
+# `bash benchmarks/gpu_wheels.sh` fills here beforehand: the device call then carries ".whl".
+# Results land in $OUT. `python3 -P`: the checkout's kvcomm/ must not shadow the installed
+# package (kvcomm.store/kernels/agents exist only installed).
 # Stages run alone too: `bash benchmarks/gpu_suite.sh ttft` (or tests, kernels, profile); all four
 # together may exceed one 600 s device call.
 set -uo pipefail
