@@ -17,7 +17,6 @@ PYVER=${PYVER:-3.12}
 DEST=.whl/dev
 PY=.venv/bin/python
 [[ -x $PY ]] || { echo "no .venv here: run 'make install' first" >&2; exit 1; }
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf "$DEST" && mkdir -p "$DEST"
 pins=()
 for name in redis hiredis blake3; do
