@@ -17,6 +17,13 @@ Each score is spent two ways: over all the moved pieces at once (k times the num
 where it is largest: ``recompute_boundary_by=deviation``), and ``per piece`` (k in every piece,
 where it is largest in that piece; ``+first``: the piece's first token, then k - 1 of the rest).
 
+With ``--depths 4,8,16,25`` it also asks whether the boundary tokens need every layer:
+``first K layers<N`` recomputes the first K = max(--k) tokens of every piece through the first N
+layers only (their KV from layer N on stays the corrected reused KV), which would cost N/L of
+their forward. Emulated exactly: the boundary tokens are recomputed in full over the corrected
+KV, their layers < N copied into it, then the query recomputed over the result (a layer's KV
+depends only on the layers below it, so a forward cut after layer N - 1 writes the same KV).
+
 It also prints how much of the real deviation the correction removes at the KV level, over the
 moved pieces' tokens (before any recompute): ``removed`` = 1 - |real - corrected|^2 / |real -
 moved|^2 (negative: the correction moved the KV away from the prefill's), and ``best scale`` =
@@ -78,9 +85,10 @@ def top_per_piece(score: torch.Tensor, pieces: list[tuple[int, int]], k: int, ke
 class Probe:
     """Hooks on one engine: what its reuse calls assembled, and the selections compared over it."""
 
-    def __init__(self, engine: KVCommEngine, ks: tuple[int, ...] = (1, 2, 3, 4)) -> None:
+    def __init__(self, engine: KVCommEngine, ks: tuple[int, ...] = (1, 2, 3, 4), depths: tuple[int, ...] = ()) -> None:
         self.engine = engine
         self.ks = ks
+        self.depths = depths  # boundary recomputes cut after this many layers (see the module doc)
         self.rows: list[dict[str, Any]] = []
         self.ref: torch.Tensor | None = None
         self.call: dict[str, Any] = {}
@@ -141,10 +149,21 @@ class Probe:
                     selections[f"{name} {k} per piece +first"] = query + top_per_piece(score, pieces, k, 1)
         row: dict[str, Any] = {}
         for name, chosen in selections.items():
-            sel = torch.tensor(sorted(set(chosen)), dtype=torch.long)
-            logits, _, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), sel)
-            row[name] = (int(sel.numel()) + 1, _kl(self.ref, logits), int(logits.argmax()) == int(self.ref.argmax()))
+            row[name] = self.score(ids, corrected, chosen)
+        k = max(self.ks)
+        boundary = sorted({t for s in starts for t in range(s, min(s + k, query_from))})
+        for depth, kv in shallow_boundaries(model, ids, corrected, boundary, self.depths):
+            # cost as recomputed tokens: the boundary's at depth / L of a token each
+            row[f"first {k} layers<{depth}"] = self.score(ids, kv, query, len(boundary) * depth / corrected.k.shape[0])
         return row
+
+    def score(self, ids: list[int], kv: KVBlock, chosen: list[int], extra: float = 0.0) -> tuple[float, float, bool]:
+        """(tokens recomputed, KL to dense's first token, same argmax) for recomputing ``chosen``
+        and the last token over a copy of ``kv``; ``extra``: tokens' worth of work done before."""
+        assert self.ref is not None
+        sel = torch.tensor(sorted(set(chosen)), dtype=torch.long)
+        logits, _, _ = selective_recompute(self.engine.model, ids, KVBlock(kv.k.clone(), kv.v.clone()), sel)
+        return int(sel.numel()) + 1 + extra, _kl(self.ref, logits), int(logits.argmax()) == int(self.ref.argmax())
 
 
     def fit_pieces(self, moved: KVBlock, corrected: KVBlock, real: KVBlock, last: int) -> None:
@@ -160,6 +179,24 @@ class Probe:
                 sums[0] += float((want * got).sum())
                 sums[1] += float(got.square().sum())
                 sums[2] += float(want.square().sum())
+
+
+def shallow_boundaries(model: Any, ids: list[int], corrected: KVBlock, boundary: list[int],
+                       depths: tuple[int, ...]) -> Iterator[tuple[int, KVBlock]]:
+    """For each depth N: ``corrected`` with the ``boundary`` tokens' KV of layers < N replaced by
+    their recompute over ``corrected`` (what a forward of them cut after layer N - 1 writes)."""
+    if not depths:
+        return
+    where = torch.tensor(boundary, dtype=torch.long)
+    if boundary:
+        _, cache, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), where)
+        full = block_from_cache(cache, 0, corrected.length)
+    for depth in depths:
+        kv = KVBlock(corrected.k.clone(), corrected.v.clone())
+        if boundary:
+            kv.k[:depth, :, where] = full.k[:depth, :, where]
+            kv.v[:depth, :, where] = full.v[:depth, :, where]
+        yield depth, kv
 
 
 def deviations(moved: KVBlock, corrected: KVBlock, real: KVBlock, start: int, end: int, first_layer: int = 0
@@ -188,13 +225,17 @@ def main() -> None:
     ap.add_argument("--workload", choices=("dag", "rag"), default="dag",
                     help="dag: HumanEval prompts through 4 agents; rag: the RAG pipeline's agents and passages")
     ap.add_argument("--k", default="1,2,3,4", help="boundary tokens per moved piece to compare, comma-separated")
+    ap.add_argument("--depths", default="",
+                    help="also recompute the first max(--k) tokens of every piece through only this many layers, "
+                         "comma-separated (e.g. 4,8,16,25)")
     args = ap.parse_args()
     ks = tuple(int(k) for k in args.k.split(","))
+    depths = tuple(int(n) for n in args.depths.split(",") if n)
     torch.set_grad_enabled(False)
     lm = load_model(args.model, progress=False)
     tokens = 48 if args.workload == "rag" else 32  # as kvcomm eval
     engines = make_engines(lm.model, lm.tokenizer, lm.fingerprint, row_configs(["kvcomm"], None, KVCommConfig(), tokens))
-    probe = Probe(engines["kvcomm"], ks)
+    probe = Probe(engines["kvcomm"], ks, depths)
     if args.workload == "rag":
         from kvcomm.tools.rag_eval import rag_index, rag_workload
 
