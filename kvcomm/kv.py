@@ -20,9 +20,11 @@ from transformers import DynamicCache
 
 from kvcomm.errors import DependencyError
 
-#: The oldest transformers kvcomm's tests have run on (pyproject.toml's floor). Older releases keep
-#: their cache layers' state differently, and the fast path writes into those layers in place: under
-#: 5.0 a one-token forward retried after a failed attention kernel returns other logits, no error.
+#: The oldest transformers kvcomm's whole test suite has run on (pyproject.toml's floor). Before 5.4 a
+#: static cache layer had no ``cumulative_length`` (the fast path's write position) and wrote after
+#: the slots that hold anything: over a buffer left by a longer call, a step wrote past its position
+#: and returned other logits, no error. 5.4 fixes that but loads the packaged SmolLM2 GGUF's tokenizer
+#: as a CodeLlama one, and the real model answers otherwise; 5.5-5.16 were not run whole.
 MIN_TRANSFORMERS = "5.17"
 
 

@@ -66,6 +66,24 @@ def test_static_cache_steps_match_dynamic_forward():
         buf.step(1, 3)
 
 
+def test_a_step_over_a_reused_buffer_writes_at_its_position():
+    """The buffer outlives a call: a shorter call's step writes at its own position, not after the
+    longer call's stale slots (what transformers < 5.4 did: kvcomm.kv.MIN_TRANSFORMERS)."""
+    model = tiny_random_model("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    buf = StaticPromptCache(model, 16)
+    buf.begin(0)
+    for i in range(8):
+        buf.step(int(ids[0, i]), i)
+    before = buf.k.clone()
+    buf.begin(3)  # a new call: its prompt is the first 3 slots, the 5 after them are stale
+    got = buf.step(7, 3)  # another token at position 3: slot 3 is rewritten, and only it
+    changed = (buf.k != before).any(dim=4).any(dim=(0, 1, 2))
+    assert changed.nonzero().flatten().tolist() == [3]
+    want = model(input_ids=torch.cat([ids[:, :3], torch.tensor([[7]])], dim=1)).logits[0, -1].float()
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 # Triton's interpreter is chosen when kvcomm.kernels is imported: `make test` exports it
 decode_module = importlib.import_module("kvcomm.kernels.decode_attention")  # the package attribute is the function
 needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton with TRITON_INTERPRET=1")
