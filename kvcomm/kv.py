@@ -23,9 +23,9 @@ from kvcomm.errors import DependencyError
 #: The oldest transformers kvcomm's whole test suite has run on (pyproject.toml's floor). Before 5.4 a
 #: static cache layer had no ``cumulative_length`` (the fast path's write position) and wrote after
 #: the slots that hold anything: over a buffer left by a longer call, a step wrote past its position
-#: and returned other logits, no error. 5.4 fixes that but loads the packaged SmolLM2 GGUF's tokenizer
-#: as a CodeLlama one, and the real model answers otherwise; 5.5-5.16 were not run whole.
-MIN_TRANSFORMERS = "5.17"
+#: and returned other logits, no error. On 5.4 and 5.5 the packaged SmolLM2 GGUF loads wrong (5.4: its
+#: tokenizer as a CodeLlama one) and the real model answers otherwise.
+MIN_TRANSFORMERS = "5.6"
 
 
 @dataclass

@@ -113,23 +113,23 @@ def test_the_cache_goes_by_the_name_the_forward_takes() -> None:
     torch.testing.assert_close(block_from_cache(cache, 0, n).k, block_from_cache(ref_cache, 0, n).k)
 
 
-@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0", "5.16.1", "5.17.0rc1"])
+@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0", "5.5.4", "5.6.0rc1"])
 def test_a_transformers_older_than_the_floor_is_named(installed: str) -> None:
     with pytest.raises(DependencyError, match=f"transformers>={MIN_TRANSFORMERS}, found {re.escape(installed)}"):
         check_transformers(installed)
 
 
-@pytest.mark.parametrize("installed", [MIN_TRANSFORMERS, "5.17.0", "5.25.0", "6.0.0.dev0"])
+@pytest.mark.parametrize("installed", [MIN_TRANSFORMERS, "5.6.0", "5.17.0", "5.25.0", "6.0.0.dev0"])
 def test_transformers_at_or_above_the_floor_passes(installed: str) -> None:
     check_transformers(installed)
 
 
 def test_the_engine_and_load_model_refuse_an_old_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_random_model("llama", seed=6)
-    monkeypatch.setattr(transformers, "__version__", "5.16.1")
-    with pytest.raises(DependencyError, match="found 5.16.1"):
+    monkeypatch.setattr(transformers, "__version__", "5.5.4")
+    with pytest.raises(DependencyError, match="found 5.5.4"):
         KVCommEngine(model, None)
-    with pytest.raises(DependencyError, match="found 5.16.1"):
+    with pytest.raises(DependencyError, match="found 5.5.4"):
         load_model("smollm2-135m")  # refused before anything is read
 
 
