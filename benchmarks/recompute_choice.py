@@ -188,14 +188,14 @@ def shallow_boundaries(model: Any, ids: list[int], corrected: KVBlock, boundary:
     if not depths:
         return
     where = torch.tensor(boundary, dtype=torch.long)
+    full = corrected  # no boundary tokens (a call with no moved piece): nothing to replace
     if boundary:
         _, cache, _ = selective_recompute(model, ids, KVBlock(corrected.k.clone(), corrected.v.clone()), where)
         full = block_from_cache(cache, 0, corrected.length)
     for depth in depths:
         kv = KVBlock(corrected.k.clone(), corrected.v.clone())
-        if boundary:
-            kv.k[:depth, :, where] = full.k[:depth, :, where]
-            kv.v[:depth, :, where] = full.v[:depth, :, where]
+        kv.k[:depth, :, where] = full.k[:depth, :, where]
+        kv.v[:depth, :, where] = full.v[:depth, :, where]
         yield depth, kv
 
 
