@@ -1,16 +1,18 @@
-"""The selective recompute's forward on the CPU: its attention over grouped K/V heads in place
-(torch's SDPA, ``enable_gqa``), as folded matmuls, and as transformers' SDPA, same run.
+"""The selective recompute's forward on the CPU: its attention as oneDNN matmuls over folded query
+heads, over grouped K/V heads in place (torch's SDPA, ``enable_gqa``), as folded torch matmuls, and
+as transformers' SDPA, same run.
 
 A reuse call at ``fidelity`` 1-4 recomputes a few tokens (the query, the first tokens of every
 moved piece) over the reused KV in the static buffer (:meth:`StaticPromptCache.recompute`). On the
 CPU its attention runs through ``many_query_attention``, its rows in chunks that read only the keys
-they can see (``causal_chunks``); this script times that (grouped SDPA, the default from torch 2.5)
-against the folded matmuls used before, against the grouped SDPA in one pass, and against
-transformers' SDPA function (which copies every K/V head out per query head), over the same slots,
-with random KV in the buffer, and prints a table. The selection is laid out like a ``fidelity=2``
-call's: runs of 4 tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Each row
-times the variants in turn, ``--repeat`` rounds, and keeps each one's median, so a noisy machine
-slows them alike. Asserts nothing.
+they can see (``causal_chunks``); this script times its default (float32 from 1,024 keys on:
+oneDNN's matmuls, ``ONEDNN_FOLDED``) against the grouped SDPA (the default before, and below 1,024
+keys), the folded torch matmuls used before that, the grouped SDPA in one pass, and transformers'
+SDPA function (which copies every K/V head out per query head), over the same slots, with random KV
+in the buffer, and prints a table. The selection is laid out like a ``fidelity=2`` call's: runs of
+4 tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Each row times the
+variants in turn, ``--repeat`` rounds, and keeps each one's median, so a noisy machine slows them
+alike. Asserts nothing.
 
     python benchmarks/recompute.py                       # SmolLM2-135M, the DAG's and the bench's sizes
     python benchmarks/recompute.py --sizes 941:41,3629:53 --threads 2
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
 
     @contextlib.contextmanager
-    def setting(grouped: bool = True, one_pass: bool = False, transformers_sdpa: bool = False) -> Iterator[None]:
-        saved = static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies
-        static.GROUPED_SDPA = grouped and saved[0]
+    def setting(onednn: bool = True, grouped: bool = True, one_pass: bool = False,
+                transformers_sdpa: bool = False) -> Iterator[None]:
+        saved = static.ONEDNN_FOLDED, static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies
+        static.ONEDNN_FOLDED = onednn and saved[0]
+        static.GROUPED_SDPA = grouped and saved[1]
         if one_pass:
             static.CHUNK_OVERHEAD = 1 << 62
         if transformers_sdpa:  # every layer's attention goes on to transformers' SDPA function
@@ -84,16 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             yield
         finally:
-            static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies = saved
+            static.ONEDNN_FOLDED, static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies = saved
 
     variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-        "grouped": setting,
-        "folded": functools.partial(setting, grouped=False),
-        "one pass": functools.partial(setting, one_pass=True),
+        "default": setting,
+        "grouped": functools.partial(setting, onednn=False),
+        "folded": functools.partial(setting, onednn=False, grouped=False),
+        "one pass": functools.partial(setting, onednn=False, one_pass=True),
         "HF SDPA": functools.partial(setting, transformers_sdpa=True),
     }
-    print(f"{'prompt':>6}  {'recomputed':>10}  {'grouped ms':>10}  {'folded ms':>9}  {'one pass ms':>11}  "
-          f"{'HF SDPA ms':>10}  {'folded/grouped':>14}  {'HF/grouped':>10}  {'max |d logit|':>13}")
+    if not static.ONEDNN_FOLDED:
+        print("(this torch has no oneDNN: the default is the grouped SDPA)")
+    print(f"{'prompt':>6}  {'recomputed':>10}  {'default ms':>10}  {'grouped ms':>10}  {'folded ms':>9}  "
+          f"{'one pass ms':>11}  {'HF SDPA ms':>10}  {'grouped/default':>15}  {'HF/default':>10}  {'max |d logit|':>13}")
     for size in args.sizes.split(","):
         prompt, recomputed = (int(x) for x in size.split(":"))
         ids = torch.randint(100, 40000, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -105,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         ms = {name: got[name][0] for name in variants}
         ref = got["HF SDPA"][1]
         diff = max(float((got[name][1] - ref).abs().max()) for name in variants)
-        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {ms['grouped']:>10.1f}  {ms['folded']:>9.1f}  "
-              f"{ms['one pass']:>11.1f}  {ms['HF SDPA']:>10.1f}  {ms['folded'] / ms['grouped']:>14.2f}  "
-              f"{ms['HF SDPA'] / ms['grouped']:>10.2f}  {diff:>13.2e}")
+        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {ms['default']:>10.1f}  {ms['grouped']:>10.1f}  "
+              f"{ms['folded']:>9.1f}  {ms['one pass']:>11.1f}  {ms['HF SDPA']:>10.1f}  "
+              f"{ms['grouped'] / ms['default']:>15.2f}  {ms['HF SDPA'] / ms['default']:>10.2f}  {diff:>13.2e}")
     return 0
 
 

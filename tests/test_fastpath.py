@@ -171,19 +171,25 @@ class _Module:  # what transformers hands an attention function (the grouped-hea
         self.num_key_value_groups, self.is_causal, self.training = groups, True, False
 
 
-@pytest.fixture(params=[True, False], ids=["grouped-sdpa", "folded"])
-def grouped_sdpa(request, monkeypatch):
-    """Both ways the many-query attention reads grouped K/V heads: torch's SDPA (torch >= 2.5) and
-    the folded matmuls (before)."""
-    if request.param and not attention_module.GROUPED_SDPA:
+@pytest.fixture(params=["onednn", "grouped-sdpa", "folded"])
+def many_path(request, monkeypatch):
+    """Every way the many-query attention reads grouped K/V heads: oneDNN's matmuls over folded
+    query heads (float32, where torch has oneDNN; here over any number of keys), torch's SDPA
+    (torch >= 2.5) and the folded torch matmuls (before)."""
+    if request.param == "onednn":
+        if attention_module._LINEAR is None:
+            pytest.skip("this torch has no oneDNN")
+        monkeypatch.setattr(attention_module, "ONEDNN_MIN_KEYS", 0)
+    elif request.param == "grouped-sdpa" and not attention_module.GROUPED_SDPA:
         pytest.skip("torch < 2.5: SDPA has no enable_gqa")
-    monkeypatch.setattr(attention_module, "GROUPED_SDPA", request.param)
+    monkeypatch.setattr(attention_module, "ONEDNN_FOLDED", request.param == "onednn")
+    monkeypatch.setattr(attention_module, "GROUPED_SDPA", request.param != "folded")
     return request.param
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads, kv_heads, q, S", [(9, 3, 7, 40), (4, 4, 3, 17), (8, 2, 2, 64)])
-def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, grouped_sdpa):
+def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, many_path):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     g = torch.Generator().manual_seed(heads * 100 + q)
@@ -202,6 +208,61 @@ def test_many_query_attention_equals_sdpa(dtype, tol, heads, kv_heads, q, S, gro
     assert torch.equal(one, ref)  # one query: SDPA's own result
 
 
+@pytest.mark.skipif(attention_module._LINEAR is None, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("heads, kv_heads, q, S", [(9, 3, 7, 40), (4, 4, 3, 17), (8, 2, 2, 1500), (9, 3, 25, 3629)])
+def test_onednn_folded_attention_equals_sdpa(heads, kv_heads, q, S, monkeypatch):
+    """oneDNN's two matmuls per K/V head, the mask added from the first row's next key on only,
+    give SDPA's attention over grouped heads (float32), and the many-query attention takes that
+    path from ONEDNN_MIN_KEYS keys on."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+    real = attention_module._LINEAR
+    monkeypatch.setattr(attention_module, "_LINEAR", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention_module, "ONEDNN_FOLDED", True)
+    g = torch.Generator().manual_seed(S + q)
+    query = torch.randn(1, heads, q, 64, generator=g)
+    key, value = (torch.randn(1, kv_heads, S + 9, 64, generator=g)[:, :, :S] for _ in range(2))  # buffer views
+    positions = sorted(torch.randperm(S, generator=g)[:q].tolist())
+    visible = torch.arange(S).unsqueeze(0) <= torch.tensor(positions).unsqueeze(1)
+    mask = torch.zeros(1, 1, q, S).masked_fill_(~visible, torch.finfo(torch.float32).min)
+    module = _Module(heads // kv_heads)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
+    for masked_from in (0, positions[0] + 1):
+        got = attention_module._onednn_folded_attention(query, key, value, mask, 0.125, masked_from)
+        assert got.shape == want.shape == (1, q, heads, 64)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 2 * 2 * kv_heads  # two matmuls per K/V head, twice
+    calls.clear()
+    monkeypatch.setattr(attention_module, "ONEDNN_MIN_KEYS", 1024)
+    with attention_module.chunked_rows(None, positions):
+        got, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.125)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert len(calls) == (2 * kv_heads if S >= 1024 else 0)
+
+
+def test_a_failing_onednn_matmul_falls_back_to_sdpa_with_a_warning(monkeypatch, caplog):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def broken(*_):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(attention_module, "_LINEAR", broken)
+    monkeypatch.setattr(attention_module, "ONEDNN_FOLDED", True)
+    monkeypatch.setattr(attention_module, "ONEDNN_MIN_KEYS", 0)
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 9, 4, 16, generator=g)
+    key, value = (torch.randn(1, 3, 30, 16, generator=g) for _ in range(2))
+    mask = torch.zeros(1, 1, 4, 30)
+    module = _Module(3)
+    with caplog.at_level("WARNING", logger="kvcomm.fastpath.attention"):
+        got, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert attention_module.ONEDNN_FOLDED is False  # not tried again
+    assert "oneDNN matmuls failed" in caplog.text and "could not create a primitive" in caplog.text
+
+
 def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
     positions = [3, 4, 5, 6, 20, 21, 22, 23, 40, 41, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99]
     for overhead in (0, 8, 64, 10_000):
@@ -217,7 +278,7 @@ def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_chunked_many_query_attention_equals_one_pass(dtype, tol, grouped_sdpa):
+def test_chunked_many_query_attention_equals_one_pass(dtype, tol, many_path):
     g = torch.Generator().manual_seed(7)
     S, q = 96, 12
     positions = [2, 3, 4, 30, 31, 32, 60, 61, 92, 93, 94, 95]
@@ -233,19 +294,29 @@ def test_chunked_many_query_attention_equals_one_pass(dtype, tol, grouped_sdpa):
         chunked, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
     assert chunked.shape == whole.shape and chunked.is_contiguous()
     assert torch.allclose(chunked.float(), whole.float(), atol=tol, rtol=tol)
+    # with the rows' positions, the mask is added from each chunk's first row's next key on only
+    for chunks in (plan, None):
+        with attention_module.chunked_rows(chunks, positions):
+            got, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+        assert torch.allclose(got.float(), whole.float(), atol=tol, rtol=tol)
+    with attention_module.chunked_rows(plan, positions[:-1]):  # positions of other rows: not used
+        got, _ = attention_module.many_query_attention(module, query, key, value, mask, scaling=0.25)
+    assert torch.allclose(got.float(), whole.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("overhead", [0, None])  # 0: the recompute's rows go in chunks
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeypatch, grouped_sdpa):
+def test_recompute_with_many_query_attention_equals_sdpa(arch, overhead, monkeypatch, many_path):
     """StaticPromptCache.recompute on the CPU (grouped SDPA or folded matmuls over the prompt's
     slots only, in causal row chunks or not) gives transformers' SDPA's logits and KV over the
     whole buffer, and leaves the model's attention setting alone."""
     plans = []
     if overhead is not None:
         monkeypatch.setattr(attention_module, "CHUNK_OVERHEAD", overhead)
+        monkeypatch.setattr(attention_module, "FOLDED_CHUNK_OVERHEAD", overhead)
         real_chunks = attention_module.causal_chunks
-        monkeypatch.setattr(static_module, "causal_chunks", lambda p: plans.append(real_chunks(p)) or plans[-1])
+        monkeypatch.setattr(static_module, "causal_chunks",
+                            lambda p, **kw: plans.append(real_chunks(p, **kw)) or plans[-1])
     model = tiny_random_model(arch)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))[0].tolist()
     from kvcomm.kv import block_from_cache, prefill

@@ -4,7 +4,8 @@
   through :func:`kvcomm.kernels.decode_attention` where Triton runs, else SDPA.
 - ``kvcomm_many`` (:func:`many_query_attention`): a few queries over a long KV buffer on the CPU
   (a selective recompute, a teacher-forced decode), reading grouped K/V heads in place and, inside
-  :func:`chunked_rows`, in causal row chunks (:func:`causal_chunks`).
+  :func:`chunked_rows`, in causal row chunks (:func:`causal_chunks`); in float32 its two matmuls
+  are oneDNN's where torch has it (:data:`ONEDNN_FOLDED`).
 
 :class:`kvcomm.fastpath.static_cache.StaticPromptCache` switches a model to one of them for the
 duration of a forward; anything they do not handle goes to transformers' SDPA function.
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from kvcomm.kernels.decode_attention import decode_attention
 from kvcomm.kernels.dispatch import use_triton
+
+logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "kvcomm_decode"
 # attention-function arguments the kernel does not implement: calls carrying them go to SDPA
@@ -85,14 +89,49 @@ MANY_ATTN_IMPLEMENTATION = "kvcomm_many"
 GROUPED_SDPA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+
+
+def _onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """torch's oneDNN linear op (``mkldnn::_linear_pointwise``, what inductor's CPU code calls:
+    ``x @ w.T`` for a 2D ``w``), or None where this torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return None
+    return torch.ops.mkldnn._linear_pointwise
+
+
+_LINEAR = _onednn_linear()
+#: The many-query attention's float32 path: the query heads of one K/V head folded into one matrix,
+#: its two matmuls oneDNN's (:func:`_onednn_folded_attention`). Where MKL's sgemm runs AVX2 code
+#: on an AVX-512 CPU (AMD's), oneDNN's runs AVX-512: on the bench's 2-core EPYC a 75 x 3,629
+#: score matrix takes 0.14 ms against MKL's 0.25 (``benchmarks/recompute.py``). False: SDPA's
+#: kernel (:data:`GROUPED_SDPA`); it turns False by itself if the op ever fails.
+ONEDNN_FOLDED = _LINEAR is not None
+#: ... over this many keys or more: below, its few more small ops per K/V head cost more than its
+#: faster matmuls save
+ONEDNN_MIN_KEYS = 1024
+
 #: A query chunk's fixed cost in query x key products, for :func:`causal_chunks`: one more chunk
 #: is a few more small ops per layer (about 75 us on 2 cores), one product of a 9-head, 64-dim
-#: model about 20 ns.
+#: model about 20 ns. The oneDNN path costs about 4 times more small ops per chunk (two matmuls,
+#: a softmax and a copy per K/V head) at a third of the time per product.
 CHUNK_OVERHEAD = 4096
+FOLDED_CHUNK_OVERHEAD = 16384
 
-# the row chunks of the selective recompute in progress (set by StaticPromptCache.recompute)
+
+def chunk_overhead(dtype: torch.dtype, keys: int) -> int:
+    """:func:`causal_chunks`'s ``overhead`` for a CPU recompute in ``dtype`` over ``keys`` slots:
+    the oneDNN path's (:data:`FOLDED_CHUNK_OVERHEAD`) where it runs, else SDPA's (:data:`CHUNK_OVERHEAD`)."""
+    if ONEDNN_FOLDED and dtype == torch.float32 and keys >= ONEDNN_MIN_KEYS:
+        return FOLDED_CHUNK_OVERHEAD
+    return CHUNK_OVERHEAD
+
+
+# the row chunks of the selective recompute in progress and its rows' positions (set by
+# StaticPromptCache.recompute through chunked_rows)
 _QUERY_CHUNKS: contextvars.ContextVar[tuple[tuple[int, int, int], ...] | None] = contextvars.ContextVar(
     "kvcomm_query_chunks", default=None)
+_QUERY_POSITIONS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "kvcomm_query_positions", default=None)
 
 
 def causal_chunks(positions: list[int], overhead: int = -1, max_cuts: int = 64) -> tuple[tuple[int, int, int], ...]:
@@ -152,23 +191,35 @@ def many_query_attention(
     if not _many_applies(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    chunks = _QUERY_CHUNKS.get()
+    chunks, positions = _QUERY_CHUNKS.get(), _QUERY_POSITIONS.get()
+    if positions is not None and len(positions) != query.shape[2]:
+        positions = None
     if attention_mask is None or chunks is None or len(chunks) < 2 or chunks[-1][1] != query.shape[2]:
-        return _grouped_attention(query, key, value, attention_mask, scale).contiguous(), None
+        masked_from = positions[0] + 1 if positions else 0
+        return _grouped_attention(query, key, value, attention_mask, scale, masked_from).contiguous(), None
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for first, end, keys in chunks:
         keys = min(keys, key.shape[2])  # the keys after a chunk's last token are masked for all its rows
+        masked_from = positions[first] + 1 if positions else 0
         out[:, first:end] = _grouped_attention(query[:, :, first:end], key[:, :, :keys], value[:, :, :keys],
-                                               attention_mask[:, :, first:end], scale)
+                                               attention_mask[:, :, first:end], scale, masked_from)
     return out, None
 
 
 def _grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+                       scale: float, masked_from: int = 0) -> torch.Tensor:
     """Attention of ``query [B, Hq, q, D]`` over the grouped ``key/value [B, Hkv, S, D]`` (additive
-    ``mask`` ``[B|1, 1, q, >= S]``) without copying K/V heads: ``[B, q, Hq, D]``. torch's SDPA where
-    it takes grouped heads (its CPU kernel goes over the keys in blocks, no ``[q, S]`` scores in
-    memory), else :func:`_folded_attention`."""
+    ``mask`` ``[B|1, 1, q, >= S]``, zero for every row before key ``masked_from``) without copying
+    K/V heads: ``[B, q, Hq, D]``. In float32 :func:`_onednn_folded_attention` where
+    :data:`ONEDNN_FOLDED`; else torch's SDPA where it takes grouped heads (its CPU kernel goes over
+    the keys in blocks, no ``[q, S]`` scores in memory), else :func:`_folded_attention`."""
+    global ONEDNN_FOLDED
+    if ONEDNN_FOLDED and query.dtype == torch.float32 and key.shape[2] >= ONEDNN_MIN_KEYS:
+        try:
+            return _onednn_folded_attention(query, key, value, mask, scale, masked_from)
+        except RuntimeError as exc:  # an optimisation: never fail the forward for it
+            ONEDNN_FOLDED = False
+            logger.warning("oneDNN matmuls failed in the many-query attention, using SDPA's: %s", exc)
     if not GROUPED_SDPA:
         return _folded_attention(query, key, value, mask, scale)
     S = key.shape[2]
@@ -191,6 +242,35 @@ def _folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, groups*q, D]
     return out.view(B, Hq, q, D).transpose(1, 2)
+
+
+def _onednn_folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             mask: torch.Tensor | None, scale: float, masked_from: int = 0) -> torch.Tensor:
+    """:func:`_folded_attention` with oneDNN's matmuls, one K/V head at a time: ``[B, q, Hq, D]``.
+
+    Each K/V head's ``[G*q, S]`` scores (about 1 MB for 75 rows over 3.6K keys: they stay in
+    cache) are one oneDNN matmul against its keys in place, the mask is added from key
+    ``masked_from`` on only (every row sees the keys before it), and the probabilities are one
+    more matmul against its values in place (a transposed view: oneDNN takes the strides).
+    """
+    assert _LINEAR is not None
+    B, Hq, q, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    groups = Hq // Hkv  # query head h reads K/V head h // groups (repeat_kv's order)
+    folded = query.mul(scale).reshape(B, Hkv, groups * q, D)  # a copy: query is a transposed view
+    out = query.new_empty(B, q, Hkv, groups, D)
+    masked_from = max(0, min(masked_from, S))
+    for b in range(B):
+        hidden = None
+        if mask is not None and masked_from < S:
+            hidden = mask[b if mask.shape[0] > 1 else 0, 0, :, masked_from:S]  # [q, S - masked_from]
+        for h in range(Hkv):
+            scores = _LINEAR(folded[b, h], key[b, h], None, "none", [], "")  # [G*q, S]
+            if hidden is not None:
+                scores.view(groups, q, S)[:, :, masked_from:].add_(hidden)
+            probs = torch.softmax(scores, dim=-1)
+            out[b, :, h] = _LINEAR(probs, value[b, h].T, None, "none", [], "").view(groups, q, D).transpose(0, 1)
+    return out.view(B, q, Hq, D)
 
 
 def _many_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
@@ -222,15 +302,20 @@ def register_attention() -> None:
 
 
 @contextlib.contextmanager
-def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None) -> Iterator[None]:
+def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
+                 positions: list[int] | None = None) -> Iterator[None]:
     """Inside, :func:`many_query_attention` runs its rows in ``chunks`` (:func:`causal_chunks` of
-    the query positions; None: one pass)."""
+    the query positions; None: one pass). With the rows' sorted ``positions``, the oneDNN path
+    adds each chunk's mask from its first row's next key on only."""
     token = _QUERY_CHUNKS.set(chunks)
+    token_positions = _QUERY_POSITIONS.set(positions)
     try:
         yield
     finally:
+        _QUERY_POSITIONS.reset(token_positions)
         _QUERY_CHUNKS.reset(token)
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION", "causal_chunks",
-           "chunked_rows", "kvcomm_decode_attention", "many_query_attention", "register_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
+           "ONEDNN_FOLDED", "causal_chunks", "chunk_overhead", "chunked_rows", "kvcomm_decode_attention",
+           "many_query_attention", "register_attention"]
