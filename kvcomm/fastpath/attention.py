@@ -180,11 +180,13 @@ def many_query_attention(
     a long KV buffer, else SDPA.
 
     transformers hands SDPA this shape (tens of queries, thousands of keys, a float mask) after
-    copying every grouped K/V head out once per query head (``repeat_kv``); torch's SDPA reads
-    the grouped heads in place (``enable_gqa``, torch >= 2.5), and before that the query heads of
-    one K/V head are folded into one matrix (two batched matmuls and a softmax). During
+    copying every grouped K/V head out once per query head (``repeat_kv``). Here, in float32 over
+    :data:`ONEDNN_MIN_KEYS` keys or more, the query heads of one K/V head are folded into one
+    matrix and its scores and output are two oneDNN matmuls (:func:`_onednn_folded_attention`);
+    otherwise torch's SDPA reads the grouped heads in place (``enable_gqa``, torch >= 2.5), and
+    before that the folded matrix goes through two batched torch matmuls and a softmax. During
     :meth:`StaticPromptCache.recompute` the rows go in chunks (:func:`causal_chunks`), each reading
-    only the keys its tokens can see. ``benchmarks/recompute.py`` times the three side by side.
+    only the keys its tokens can see. ``benchmarks/recompute.py`` times them side by side.
     Same contract as SDPA's function; anything else (one query, CUDA, dropout, softcap, sinks, a
     mask of another shape) is SDPA's.
     """
