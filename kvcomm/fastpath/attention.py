@@ -89,8 +89,6 @@ MANY_ATTN_IMPLEMENTATION = "kvcomm_many"
 GROUPED_SDPA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-
-
 def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     """torch's oneDNN linear op (``mkldnn::_linear_pointwise``, what inductor's CPU code calls:
     ``x @ w.T`` for a 2D ``w``), or None where this torch has no oneDNN."""
@@ -102,9 +100,10 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
 _LINEAR = _onednn_linear()
 #: The many-query attention's float32 path: the query heads of one K/V head folded into one matrix,
 #: its two matmuls oneDNN's (:func:`_onednn_folded_attention`). Where MKL's sgemm runs AVX2 code
-#: on an AVX-512 CPU (AMD's), oneDNN's runs AVX-512: on the bench's 2-core EPYC a 75 x 3,629
-#: score matrix takes 0.14 ms against MKL's 0.25 (``benchmarks/recompute.py``). False: SDPA's
-#: kernel (:data:`GROUPED_SDPA`); it turns False by itself if the op ever fails.
+#: on an AVX-512 CPU (AMD's), oneDNN's runs AVX-512: on the bench's 2-core EPYC one 75 x 3,629
+#: score matrix and its output took 0.25 ms against MKL's 0.48 (``benchmarks/recompute.py``
+#: times whole recomputes). False: SDPA's kernel (:data:`GROUPED_SDPA`); it turns False by itself
+#: if the op ever fails.
 ONEDNN_FOLDED = _LINEAR is not None
 #: ... over this many keys or more: below, its few more small ops per K/V head cost more than its
 #: faster matmuls save

@@ -208,10 +208,10 @@ class StaticPromptCache:
         # on the CPU the attention reads the grouped K/V heads in place (many_query_attention), in
         # row chunks that read only the keys their tokens can see (causal_chunks)
         name = MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None
-        rows = positions.tolist()
-        chunks = causal_chunks(rows, overhead=chunk_overhead(self.k.dtype, P)) if name else None
+        rows = positions.tolist() if name else None  # (on the CPU: no device sync)
+        chunks = causal_chunks(rows, overhead=chunk_overhead(self.k.dtype, P)) if rows is not None else None
         try:
-            with self._attention(name), chunked_rows(chunks, rows if name else None):
+            with self._attention(name), chunked_rows(chunks, rows):
                 logits, _ = forward_over(self.model, self.cache, input_ids=tokens, position_ids=positions.unsqueeze(0),
                                          attention_mask=mask, use_cache=True, logits_to_keep=1)
         finally:
