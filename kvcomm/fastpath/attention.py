@@ -117,20 +117,21 @@ CHUNK_OVERHEAD = 4096
 FOLDED_CHUNK_OVERHEAD = 16384
 
 
+def _onednn_applies(dtype: torch.dtype, keys: int) -> bool:
+    """Whether attention in ``dtype`` over ``keys`` keys goes through the oneDNN path."""
+    return ONEDNN_FOLDED and dtype == torch.float32 and keys >= ONEDNN_MIN_KEYS
+
+
 def chunk_overhead(dtype: torch.dtype, keys: int) -> int:
     """:func:`causal_chunks`'s ``overhead`` for a CPU recompute in ``dtype`` over ``keys`` slots:
     the oneDNN path's (:data:`FOLDED_CHUNK_OVERHEAD`) where it runs, else SDPA's (:data:`CHUNK_OVERHEAD`)."""
-    if ONEDNN_FOLDED and dtype == torch.float32 and keys >= ONEDNN_MIN_KEYS:
-        return FOLDED_CHUNK_OVERHEAD
-    return CHUNK_OVERHEAD
+    return FOLDED_CHUNK_OVERHEAD if _onednn_applies(dtype, keys) else CHUNK_OVERHEAD
 
 
 # the row chunks of the selective recompute in progress and its rows' positions (set by
 # StaticPromptCache.recompute through chunked_rows)
-_QUERY_CHUNKS: contextvars.ContextVar[tuple[tuple[int, int, int], ...] | None] = contextvars.ContextVar(
-    "kvcomm_query_chunks", default=None)
-_QUERY_POSITIONS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "kvcomm_query_positions", default=None)
+_QUERY_ROWS: contextvars.ContextVar[tuple[tuple[tuple[int, int, int], ...] | None, list[int] | None]] = (
+    contextvars.ContextVar("kvcomm_query_rows", default=(None, None)))
 
 
 def causal_chunks(positions: list[int], overhead: int = -1, max_cuts: int = 64) -> tuple[tuple[int, int, int], ...]:
@@ -192,7 +193,7 @@ def many_query_attention(
     if not _many_applies(query, key, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    chunks, positions = _QUERY_CHUNKS.get(), _QUERY_POSITIONS.get()
+    chunks, positions = _QUERY_ROWS.get()
     if positions is not None and len(positions) != query.shape[2]:
         positions = None
     if attention_mask is None or chunks is None or len(chunks) < 2 or chunks[-1][1] != query.shape[2]:
@@ -215,7 +216,7 @@ def _grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     :data:`ONEDNN_FOLDED`; else torch's SDPA where it takes grouped heads (its CPU kernel goes over
     the keys in blocks, no ``[q, S]`` scores in memory), else :func:`_folded_attention`."""
     global ONEDNN_FOLDED
-    if ONEDNN_FOLDED and query.dtype == torch.float32 and key.shape[2] >= ONEDNN_MIN_KEYS:
+    if _onednn_applies(query.dtype, key.shape[2]):
         try:
             return _onednn_folded_attention(query, key, value, mask, scale, masked_from)
         except RuntimeError as exc:  # an optimisation: never fail the forward for it
@@ -308,13 +309,11 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
     """Inside, :func:`many_query_attention` runs its rows in ``chunks`` (:func:`causal_chunks` of
     the query positions; None: one pass). With the rows' sorted ``positions``, the oneDNN path
     adds each chunk's mask from its first row's next key on only."""
-    token = _QUERY_CHUNKS.set(chunks)
-    token_positions = _QUERY_POSITIONS.set(positions)
+    token = _QUERY_ROWS.set((chunks, positions))
     try:
         yield
     finally:
-        _QUERY_POSITIONS.reset(token_positions)
-        _QUERY_CHUNKS.reset(token)
+        _QUERY_ROWS.reset(token)
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
