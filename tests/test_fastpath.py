@@ -66,6 +66,31 @@ def test_static_cache_steps_match_dynamic_forward():
         buf.step(1, 3)
 
 
+def test_eager_forwards_read_the_filled_slots_only(monkeypatch):
+    """A step and a teacher-forced forward_many hand the attention the slots up to their last
+    token, not the buffer's empty tail (which the mask hides, at the same cost per slot), and
+    give the logits of a forward without the buffer."""
+    attention = importlib.import_module("kvcomm.fastpath.attention")
+    seen: list[int] = []
+    real = attention._sdpa
+    monkeypatch.setattr(attention, "_sdpa", lambda module, q, k, *a: seen.append(k.shape[2]) or real(module, q, k, *a))
+    model = tiny_random_model("llama")
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    ref = model(input_ids=ids).logits[0].float()
+    buf = StaticPromptCache(model, 64)
+    buf.begin(0)
+    for i in range(4):
+        assert torch.allclose(buf.step(int(ids[0, i]), i), ref[i], atol=1e-5), i
+    layers = model.config.num_hidden_layers
+    assert seen == [n for n in range(1, 5) for _ in range(layers)]
+    seen.clear()
+    monkeypatch.setattr(attention, "_many_applies", lambda *_: False)  # its SDPA fallback, seen above
+    got = buf.forward_many(ids[0, 4:].tolist(), 4)
+    assert torch.allclose(got, ref[4:], atol=1e-5)
+    assert seen == [9] * layers
+    assert model.config._attn_implementation == "sdpa" and buf._visible == buf.capacity
+
+
 def test_a_step_over_a_reused_buffer_writes_at_its_position():
     """The buffer outlives a call: a shorter call's step writes at its own position, not after the
     longer call's stale slots (what transformers < 5.4 did: kvcomm.kv.MIN_TRANSFORMERS)."""

@@ -6,6 +6,8 @@
   (a selective recompute, a teacher-forced decode), reading grouped K/V heads in place and, inside
   :func:`chunked_rows`, in causal row chunks (:func:`causal_chunks`); in float32 its two matmuls
   are oneDNN's where torch has it (:data:`ONEDNN_FOLDED`).
+- ``kvcomm_sdpa`` (:func:`visible_sdpa_attention`): transformers' SDPA function with the buffer-wide
+  mask cut to the filled slots that an eager one-token forward hands it.
 
 :class:`kvcomm.fastpath.static_cache.StaticPromptCache` switches a model to one of them for the
 duration of a forward; anything they do not handle goes to transformers' SDPA function.
@@ -46,11 +48,34 @@ def kvcomm_decode_attention(
     Same contract as ``transformers.integrations.sdpa_attention.sdpa_attention_forward``
     (query ``[B, Hq, q_len, D]``, key/value ``[B, Hkv, S, D]``, output ``[B, q_len, Hq, D]``).
     The kernel takes masks shared by all heads (``[B or 1, 1, 1, S]``, additive); anything else
-    (prefill, bool or per-head masks, dropout, softcap, sinks, no Triton) is SDPA's.
+    (prefill, bool or per-head masks, dropout, softcap, sinks, no Triton) is SDPA's. A mask over
+    more slots than ``key`` has is cut to the first ones (an eager step reads the filled slots).
     """
+    attention_mask = _visible_mask(attention_mask, key.shape[2])
     if _kernel_applies(query, key, attention_mask, dropout, kwargs):
         return decode_attention(query, key, value, attention_mask, scaling), None
     return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+SDPA_IMPLEMENTATION = "kvcomm_sdpa"
+
+
+def visible_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA function, its mask cut to the keys it is handed: an eager one-token
+    forward of :class:`~kvcomm.fastpath.static_cache.StaticPromptCache` without the decode kernel
+    reads the filled slots only, under a mask that spans the whole buffer."""
+    return _sdpa(module, query, key, value, _visible_mask(attention_mask, key.shape[2]), dropout, scaling, kwargs)
+
+
+def _visible_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    """An additive 4D mask over a static buffer's slots, cut to the first ``keys`` (an eager
+    forward of :class:`~kvcomm.fastpath.static_cache.StaticPromptCache` hands the attention the
+    filled slots' K/V only; the mask still spans the buffer)."""
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] > keys:
+        return mask[..., :keys]
+    return mask
 
 
 def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -288,7 +313,7 @@ def _many_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | N
 
 
 def register_attention() -> None:
-    """Register ``"kvcomm_decode"`` with transformers (idempotent).
+    """Register ``"kvcomm_decode"``, ``"kvcomm_many"`` and ``"kvcomm_sdpa"`` with transformers (idempotent).
 
     The mask function is SDPA's, so a 2D padding mask given to a model running under this name
     becomes the mask SDPA would get (an unregistered name would make transformers drop it). The
@@ -301,6 +326,8 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     AttentionInterface.register(MANY_ATTN_IMPLEMENTATION, many_query_attention)
     AttentionMaskInterface.register(MANY_ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(SDPA_IMPLEMENTATION, visible_sdpa_attention)
+    AttentionMaskInterface.register(SDPA_IMPLEMENTATION, sdpa_mask)
 
 
 @contextlib.contextmanager
@@ -317,5 +344,6 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
-           "ONEDNN_FOLDED", "causal_chunks", "chunk_overhead", "chunked_rows", "kvcomm_decode_attention",
-           "many_query_attention", "register_attention"]
+           "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "kvcomm_decode_attention",
+           "many_query_attention", "register_attention",
+           "visible_sdpa_attention"]

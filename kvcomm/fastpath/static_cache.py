@@ -28,6 +28,7 @@ from kvcomm.errors import KernelError
 from kvcomm.fastpath.attention import (
     ATTN_IMPLEMENTATION,
     MANY_ATTN_IMPLEMENTATION,
+    SDPA_IMPLEMENTATION,
     causal_chunks,
     chunk_overhead,
     chunked_rows,
@@ -48,11 +49,17 @@ def _scattered_update(owner: StaticPromptCache, original: Any) -> Any:
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         positions = owner._positions
         if positions is None:
-            return original(layer, key_states, value_states, *args, **kwargs)
-        layer.keys.index_copy_(2, positions, key_states)
-        layer.values.index_copy_(2, positions, value_states)
-        # attention reads the prompt's slots only, not the buffer's empty tail (the mask hides it)
-        return layer.keys[:, :, : owner._visible], layer.values[:, :, : owner._visible]
+            keys, values = original(layer, key_states, value_states, *args, **kwargs)
+        else:
+            layer.keys.index_copy_(2, positions, key_states)
+            layer.values.index_copy_(2, positions, value_states)
+            keys, values = layer.keys, layer.values
+        # attention reads the filled slots only, not the buffer's empty tail (the mask hides it):
+        # an eager forward's (a captured graph's shapes stay the buffer's)
+        visible = owner._visible
+        if visible < keys.shape[2]:
+            return keys[:, :, :visible], values[:, :, :visible]
+        return keys, values
 
     return update
 
@@ -107,7 +114,9 @@ class StaticPromptCache:
             layer.is_initialized = True
             layer.update = types.MethodType(_scattered_update(self, type(layer).update), layer)
         self._positions: torch.Tensor | None = None  # where a selective recompute writes (see recompute)
-        self._visible = capacity  # the slots a selective recompute's attention reads (see recompute)
+        # the slots an eager forward's attention reads (a prefix of the buffer, the rest masked):
+        # the capacity for a captured graph, the filled ones for an eager step or recompute
+        self._visible = capacity
         self.min = torch.finfo(dtype).min
         self.mask = torch.full((1, 1, 1, capacity), self.min, dtype=dtype, device=dev)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -163,6 +172,9 @@ class StaticPromptCache:
                 self._length += 1
                 assert self._logits is not None
                 return self._logits[0, -1].float()
+        # eager: the attention reads the filled slots only (a 3.6K-token prompt in a 6K buffer
+        # spends as long on the empty tail's masked slots as on the prompt's)
+        self._visible = position + 1
         try:
             logits = self._forward()
         except Exception as exc:
@@ -180,6 +192,8 @@ class StaticPromptCache:
                 raise
             logger.warning("decode-attention kernel failed, using SDPA for one-token forwards: %s", exc)
             self.graph, self.graph_failed = None, False  # captured again, without the kernel
+        finally:
+            self._visible = self.capacity
         self._length += 1
         return logits[0, -1].float()
 
@@ -232,22 +246,32 @@ class StaticPromptCache:
         if position != self._length or position + q > self.capacity:
             raise ValueError(f"forward of {q} tokens at {position}, cache holds {self._length} of {self.capacity}")
         dev = self.k.device
-        mask = torch.full((1, 1, q, self.capacity), self.min, dtype=self.mask.dtype, device=dev)
+        visible = position + q  # the attention reads these slots only, not the empty tail after them
+        mask = torch.full((1, 1, q, visible), self.min, dtype=self.mask.dtype, device=dev)
         mask[..., :position] = 0
         mask[0, 0].narrow(1, position, q).copy_(
             torch.triu(torch.full((q, q), self.min, dtype=self.mask.dtype, device=dev), diagonal=1))
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(position)
-        with self._attention(MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None):  # as recompute's
-            logits, _ = forward_over(self.model, self.cache, input_ids=torch.tensor([tokens], device=dev),
-                                     position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
-                                     attention_mask=mask, use_cache=True)
+        self._visible = visible
+        try:
+            with self._attention(MANY_ATTN_IMPLEMENTATION if dev.type == "cpu" else None):  # as recompute's
+                logits, _ = forward_over(self.model, self.cache, input_ids=torch.tensor([tokens], device=dev),
+                                         position_ids=torch.arange(position, position + q, device=dev).unsqueeze(0),
+                                         attention_mask=mask, use_cache=True)
+        finally:
+            self._visible = self.capacity
         self.mask[..., position : position + q] = 0
         self._length += q
         return logits[0].float()
 
     def _forward(self) -> torch.Tensor:
-        with self._attention(ATTN_IMPLEMENTATION if self.decode_kernel else None):
+        # the decode kernel; else, over fewer keys than the mask has slots (an eager step), SDPA
+        # with the mask cut to them (transformers' SDPA function would hand it the whole mask)
+        name = ATTN_IMPLEMENTATION if self.decode_kernel else None
+        if name is None and self._visible < self.capacity:
+            name = SDPA_IMPLEMENTATION
+        with self._attention(name):
             return self._model_call()
 
     @contextlib.contextmanager
