@@ -6,8 +6,8 @@ A reuse call at ``fidelity`` 1-4 recomputes a few tokens (the query, the first t
 moved piece) over the reused KV in the static buffer (:meth:`StaticPromptCache.recompute`). On the
 CPU its attention runs through ``many_query_attention``, its rows in chunks that read only the keys
 they can see (``causal_chunks``); this script times its default (float32 from 1,024 keys on:
-oneDNN's matmuls, ``ONEDNN_FOLDED``) against the grouped SDPA (the default before, and below 1,024
-keys), the folded torch matmuls used before that, the grouped SDPA in one pass, and transformers'
+oneDNN's matmuls, ``ONEDNN_FOLDED``, where MKL runs no AVX-512 code, i.e. not on Intel CPUs; else
+the grouped SDPA) against oneDNN's path and the grouped SDPA each forced, the folded torch matmuls, the grouped SDPA in one pass, and transformers'
 SDPA function (which copies every K/V head out per query head), over the same slots, with random KV
 in the buffer, and prints a table. The selection is laid out like a ``fidelity=2`` call's: runs of
 4 tokens at evenly spaced piece starts, and the prompt's last 16 tokens. Each row times the
@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
 
     @contextlib.contextmanager
-    def setting(onednn: bool = True, grouped: bool = True, one_pass: bool = False,
+    def setting(onednn: bool | None = None, grouped: bool = True, one_pass: bool = False,
                 transformers_sdpa: bool = False) -> Iterator[None]:
         saved = static.ONEDNN_FOLDED, static.GROUPED_SDPA, static.CHUNK_OVERHEAD, static._many_applies
-        static.ONEDNN_FOLDED = onednn and saved[0]
+        if onednn is not None:  # None: the default's choice (by CPU vendor)
+            static.ONEDNN_FOLDED = onednn and static._LINEAR is not None
         static.GROUPED_SDPA = grouped and saved[1]
         if one_pass:
             static.CHUNK_OVERHEAD = 1 << 62
@@ -92,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
 
     variants: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
         "default": setting,
+        "oneDNN": functools.partial(setting, onednn=True),
         "grouped": functools.partial(setting, onednn=False),
         "folded": functools.partial(setting, onednn=False, grouped=False),
         "one pass": functools.partial(setting, onednn=False, one_pass=True),
         "HF SDPA": functools.partial(setting, transformers_sdpa=True),
     }
-    if not static.ONEDNN_FOLDED:
-        print("(this torch has no oneDNN: the default is the grouped SDPA)")
-    print(f"{'prompt':>6}  {'recomputed':>10}  {'default ms':>10}  {'grouped ms':>10}  {'folded ms':>9}  "
+    if static._LINEAR is None:
+        print("(this torch has no oneDNN: its column is the grouped SDPA)")
+    print(f"default: {'oneDNN' if static.ONEDNN_FOLDED else 'grouped SDPA'} from {static.ONEDNN_MIN_KEYS} keys "
+          f"(CPU vendor {static.cpu_vendor() or '?'}, MKL {torch.backends.mkl.is_available()})")
+    print(f"{'prompt':>6}  {'recomputed':>10}  {'default ms':>10}  {'oneDNN ms':>9}  {'grouped ms':>10}  {'folded ms':>9}  "
           f"{'one pass ms':>11}  {'HF SDPA ms':>10}  {'grouped/default':>15}  {'HF/default':>10}  {'max |d logit|':>13}")
     for size in args.sizes.split(","):
         prompt, recomputed = (int(x) for x in size.split(":"))
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = {name: got[name][0] for name in variants}
         ref = got["HF SDPA"][1]
         diff = max(float((got[name][1] - ref).abs().max()) for name in variants)
-        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {ms['default']:>10.1f}  {ms['grouped']:>10.1f}  "
+        print(f"{prompt:>6}  {selected.numel() + 1:>10}  {ms['default']:>10.1f}  {ms['oneDNN']:>9.1f}  {ms['grouped']:>10.1f}  "
               f"{ms['folded']:>9.1f}  {ms['one pass']:>11.1f}  {ms['HF SDPA']:>10.1f}  "
               f"{ms['grouped'] / ms['default']:>15.2f}  {ms['HF SDPA'] / ms['default']:>10.2f}  {diff:>13.2e}")
     return 0

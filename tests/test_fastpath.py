@@ -288,6 +288,22 @@ def test_a_failing_onednn_matmul_falls_back_to_sdpa_with_a_warning(monkeypatch, 
     assert "oneDNN matmuls failed" in caplog.text and "could not create a primitive" in caplog.text
 
 
+def test_onednn_is_the_default_where_mkl_runs_no_avx512(monkeypatch, tmp_path):
+    """MKL dispatches its AVX-512 code on Intel CPUs only: there SDPA's kernel (on MKL) is the
+    faster, elsewhere (AMD, torch without MKL) oneDNN's matmuls are."""
+    assert attention_module.onednn_beats_mkl("GenuineIntel", mkl=True) is False
+    assert attention_module.onednn_beats_mkl("AuthenticAMD", mkl=True) is True
+    assert attention_module.onednn_beats_mkl("GenuineIntel", mkl=False) is True
+    assert attention_module.onednn_beats_mkl("", mkl=True) is True
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **kw: real_open(info if path == "/proc/cpuinfo" else path, *a, **kw))
+    assert attention_module.cpu_vendor() == "AuthenticAMD"
+    info.unlink()  # no /proc/cpuinfo (not Linux)
+    assert attention_module.cpu_vendor() == ""
+
+
 def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():
     positions = [3, 4, 5, 6, 20, 21, 22, 23, 40, 41, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99]
     for overhead in (0, 8, 64, 10_000):

@@ -122,14 +122,34 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     return torch.ops.mkldnn._linear_pointwise
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``...) from ``/proc/cpuinfo``; ``""``
+    where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_beats_mkl(vendor: str, mkl: bool) -> bool:
+    """Whether oneDNN's float32 matmuls are the faster choice over torch's (MKL's, where torch has
+    it): MKL picks its AVX-512 code on Intel CPUs only, and runs AVX2 code on others' (AMD's)."""
+    return not (mkl and vendor == "GenuineIntel")
+
+
 _LINEAR = _onednn_linear()
 #: The many-query attention's float32 path: the query heads of one K/V head folded into one matrix,
 #: its two matmuls oneDNN's (:func:`_onednn_folded_attention`). Where MKL's sgemm runs AVX2 code
-#: on an AVX-512 CPU (AMD's), oneDNN's runs AVX-512: on the bench's 2-core EPYC one 75 x 3,629
-#: score matrix and its output took 0.25 ms against MKL's 0.48 (``benchmarks/recompute.py``
-#: times whole recomputes). False: SDPA's kernel (:data:`GROUPED_SDPA`); it turns False by itself
-#: if the op ever fails.
-ONEDNN_FOLDED = _LINEAR is not None
+#: on an AVX-512 CPU (AMD's), oneDNN's runs AVX-512: on a 2-core EPYC one 75 x 3,629 score matrix
+#: and its output took 0.25 ms against MKL's 0.48, and a 53-row recompute over 3,629 keys 202
+#: against SDPA's 224 ms. On Intel CPUs MKL runs AVX-512 too, and SDPA's kernel is the faster
+#: (a 2-core Xeon: 203 against 220 ms); ``benchmarks/recompute.py`` times both. False: SDPA's
+#: kernel (:data:`GROUPED_SDPA`); it turns False by itself if the op ever fails.
+ONEDNN_FOLDED = _LINEAR is not None and onednn_beats_mkl(cpu_vendor(), torch.backends.mkl.is_available())
 #: ... over this many keys or more: below, its few more small ops per K/V head cost more than its
 #: faster matmuls save
 ONEDNN_MIN_KEYS = 1024
@@ -344,6 +364,6 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
-           "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "kvcomm_decode_attention",
-           "many_query_attention", "register_attention",
+           "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor", "kvcomm_decode_attention",
+           "many_query_attention", "onednn_beats_mkl", "register_attention",
            "visible_sdpa_attention"]
