@@ -23,7 +23,7 @@ if [[ $STAGE == all || $STAGE == ttft ]]; then
     --warmup 5 --requests 3 --json "$OUT/ttft.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/ttft.txt" | tail -40
 fi
 if [[ $STAGE == all || $STAGE == tests ]]; then
-  timeout 90 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_graphs.py > "$OUT/gpu_tests.txt" 2>&1
+  timeout 90 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_graphs.py tests/test_fastpath.py > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.txt" | head -20
 fi
 if [[ $STAGE == all || $STAGE == kernels ]]; then

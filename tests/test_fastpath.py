@@ -91,6 +91,25 @@ def test_eager_forwards_read_the_filled_slots_only(monkeypatch):
     assert model.config._attn_implementation == "sdpa" and buf._visible == buf.capacity
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", [False, True])
+def test_cuda_eager_steps_over_the_filled_slots_equal_graph_replays(kernel):
+    """On CUDA a captured step reads the whole buffer (fixed shapes), an eager one the filled slots
+    only (the fallback when capture fails): same logits, with or without the decode kernel."""
+    model = tiny_random_model("llama").cuda()
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(7))
+    ref = model(input_ids=ids.cuda()).logits[0].float()
+    logits = {}
+    for graph in (True, False):
+        buf = StaticPromptCache(model, 48, use_graph=graph, decode_kernel=kernel)
+        buf.begin(0)
+        logits[graph] = torch.stack([buf.step(int(t), i) for i, t in enumerate(ids[0])])
+        assert (buf.graph is not None) == graph and buf._visible == buf.capacity
+    assert torch.allclose(logits[False], ref, atol=1e-4)
+    assert torch.allclose(logits[True], logits[False], atol=1e-5)
+
+
 def test_a_step_over_a_reused_buffer_writes_at_its_position():
     """The buffer outlives a call: a shorter call's step writes at its own position, not after the
     longer call's stale slots (what transformers < 5.4 did: kvcomm.kv.MIN_TRANSFORMERS)."""
