@@ -363,7 +363,9 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
         _QUERY_ROWS.reset(token)
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
-           "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor", "kvcomm_decode_attention",
-           "many_query_attention", "onednn_beats_mkl", "register_attention",
-           "visible_sdpa_attention"]
+__all__ = [
+    "ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
+    "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor",
+    "kvcomm_decode_attention", "many_query_attention", "onednn_beats_mkl", "register_attention",
+    "visible_sdpa_attention",
+]
