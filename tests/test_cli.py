@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kvcomm.config import KVCommConfig, config_table
@@ -115,7 +116,11 @@ def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pyt
     assert any(v["reused_tokens"] > d["reused_tokens"] for v, d in zip(variant_rows, default_rows, strict=True))
     for r in cli["rows"]:  # every prompt token is reused or recomputed, on every path
         assert r["reused_tokens"] + r["recomputed_tokens"] == r["prompt_tokens"], r
+    # the header names the CPU: ratios against dense depend on it
+    assert cli["device"] == scr["device"] and cli["device"].startswith(f"CPU ({torch.get_num_threads()} threads; ")
+    assert torch.backends.cpu.get_cpu_capability() in cli["device"]
     for out in (res.output, printed):
+        assert f"device {cli['device']} |" in out
         assert "| gamma 1.0" in out and "engine config: gamma=1.0, anchor_cache_bytes=" in out
         assert "TTFT p50 ms" in out and "shift+corr ms" in out and "recomp tok" in out and "agent 2:  kvcomm  TTFT p50" in out
 

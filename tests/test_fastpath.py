@@ -315,10 +315,13 @@ def test_onednn_is_the_default_where_mkl_runs_no_avx512(monkeypatch, tmp_path):
     assert attention_module.onednn_beats_mkl("GenuineIntel", mkl=False) is True
     assert attention_module.onednn_beats_mkl("", mkl=True) is True
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC 9B45\n\n"
+                    "processor\t: 1\nvendor_id\t: AuthenticAMD\nbogus field\t: only on cpu 1\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **kw: real_open(info if path == "/proc/cpuinfo" else path, *a, **kw))
     assert attention_module.cpu_vendor() == "AuthenticAMD"
+    assert attention_module.cpuinfo("model name") == "AMD EPYC 9B45"
+    assert attention_module.cpuinfo("bogus field") == ""  # the first CPU's block only
     info.unlink()  # no /proc/cpuinfo (not Linux)
     assert attention_module.cpu_vendor() == ""
 

@@ -122,17 +122,25 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     return torch.ops.mkldnn._linear_pointwise
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``...) from ``/proc/cpuinfo``; ``""``
-    where there is none (not Linux)."""
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in ``/proc/cpuinfo`` (``vendor_id``, ``model name``...); ``""``
+    where there is none (not Linux, or no such field)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == field:
+                    return value.strip()
+                if not line.strip():  # the first CPU's block ends
+                    break
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``...); ``""`` where unknown."""
+    return cpuinfo("vendor_id")
 
 
 def onednn_beats_mkl(vendor: str, mkl: bool) -> bool:
@@ -365,7 +373,7 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
-    "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor",
+    "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor", "cpuinfo",
     "kvcomm_decode_attention", "many_query_attention", "onednn_beats_mkl", "register_attention",
     "visible_sdpa_attention",
 ]

@@ -334,10 +334,21 @@ def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | N
         return MemoryStore(device=dev, max_bytes=64 << 30)
 
     out = run_ttft(net, tokenizer, setting, config=config, store_factory=store_factory, progress=progress)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
     out["device"], out["model"], out["dtype"] = name, label, str(dt)
     out["config"] = {k: v for k, v in config.to_dict().items() if k not in _PER_RUN_FIELDS}
     return out
+
+
+def cpu_description() -> str:
+    """The CPU a run used, for its header: ``CPU (2 threads; <model>, AVX512)``. Ratios against
+    dense depend on it (MKL runs AVX-512 code on Intel CPUs only), so a table names it."""
+    import torch
+
+    from kvcomm.fastpath.attention import cpuinfo
+
+    parts = [cpuinfo("model name"), torch.backends.cpu.get_cpu_capability()]
+    return f"CPU ({torch.get_num_threads()} threads; {', '.join(p for p in parts if p)})"
 
 
 def describe_config(config: dict[str, Any] | KVCommConfig) -> str:
