@@ -33,6 +33,7 @@ import torch
 
 from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.models import load_model
+from kvcomm.tools.bench import cpu_description
 
 
 def time_variants(buf: StaticPromptCache, ids: list[int], selected: torch.Tensor, repeat: int,
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     static = importlib.import_module("kvcomm.fastpath.attention")
     model = load_model(args.model, progress=False).model
-    print(f"{args.model} | {model.dtype} | CPU ({torch.get_num_threads()} threads) | torch {torch.__version__}")
+    print(f"{args.model} | {model.dtype} | {cpu_description()} | torch {torch.__version__}")
 
     @contextlib.contextmanager
     def setting(onednn: bool | None = None, grouped: bool = True, one_pass: bool = False,
