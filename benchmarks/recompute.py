@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from kvcomm.fastpath.cpu import cpu_description, cpu_vendor
 from kvcomm.fastpath.static_cache import StaticPromptCache
 from kvcomm.models import load_model
-from kvcomm.tools.bench import cpu_description
 
 
 def time_variants(buf: StaticPromptCache, ids: list[int], selected: torch.Tensor, repeat: int,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if static._LINEAR is None:
         print("(this torch has no oneDNN: its column is the grouped SDPA)")
     print(f"default: {'oneDNN' if static.ONEDNN_FOLDED else 'grouped SDPA'} from {static.ONEDNN_MIN_KEYS} keys "
-          f"(CPU vendor {static.cpu_vendor() or '?'}, MKL {torch.backends.mkl.is_available()})")
+          f"(CPU vendor {cpu_vendor() or '?'}, MKL {torch.backends.mkl.is_available()})")
     print(f"{'prompt':>6}  {'recomputed':>10}  {'default ms':>10}  {'oneDNN ms':>9}  {'grouped ms':>10}  {'folded ms':>9}  "
           f"{'one pass ms':>11}  {'HF SDPA ms':>10}  {'grouped/default':>15}  {'HF/default':>10}  {'max |d logit|':>13}")
     for size in args.sizes.split(","):

@@ -310,20 +310,29 @@ def test_a_failing_onednn_matmul_falls_back_to_sdpa_with_a_warning(monkeypatch, 
 def test_onednn_is_the_default_where_mkl_runs_no_avx512(monkeypatch, tmp_path):
     """MKL dispatches its AVX-512 code on Intel CPUs only: there SDPA's kernel (on MKL) is the
     faster, elsewhere (AMD, torch without MKL) oneDNN's matmuls are."""
-    assert attention_module.onednn_beats_mkl("GenuineIntel", mkl=True) is False
-    assert attention_module.onednn_beats_mkl("AuthenticAMD", mkl=True) is True
-    assert attention_module.onednn_beats_mkl("GenuineIntel", mkl=False) is True
-    assert attention_module.onednn_beats_mkl("", mkl=True) is True
+    from kvcomm.fastpath import cpu
+
+    assert cpu.onednn_beats_mkl("GenuineIntel", mkl=True) is False
+    assert cpu.onednn_beats_mkl("AuthenticAMD", mkl=True) is True
+    assert cpu.onednn_beats_mkl("GenuineIntel", mkl=False) is True
+    assert cpu.onednn_beats_mkl("", mkl=True) is True
+    # the attention's default follows the rule on this machine
+    assert attention_module.ONEDNN_FOLDED == (
+        attention_module._LINEAR is not None
+        and cpu.onednn_beats_mkl(cpu.cpu_vendor(), torch.backends.mkl.is_available()))
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC 9B45\n\n"
                     "processor\t: 1\nvendor_id\t: AuthenticAMD\nbogus field\t: only on cpu 1\n")
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **kw: real_open(info if path == "/proc/cpuinfo" else path, *a, **kw))
-    assert attention_module.cpu_vendor() == "AuthenticAMD"
-    assert attention_module.cpuinfo("model name") == "AMD EPYC 9B45"
-    assert attention_module.cpuinfo("bogus field") == ""  # the first CPU's block only
+    assert cpu.cpu_vendor() == "AuthenticAMD"
+    assert cpu.cpuinfo("model name") == "AMD EPYC 9B45"
+    assert cpu.cpuinfo("bogus field") == ""  # the first CPU's block only
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert cpu.cpu_description() == f"CPU ({torch.get_num_threads()} threads; AMD EPYC 9B45, {capability})"
     info.unlink()  # no /proc/cpuinfo (not Linux)
-    assert attention_module.cpu_vendor() == ""
+    assert cpu.cpu_vendor() == ""
+    assert cpu.cpu_description() == f"CPU ({torch.get_num_threads()} threads; {capability})"
 
 
 def test_causal_chunks_cover_every_row_once_and_read_only_visible_keys():

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kvcomm.fastpath.cpu import cpu_vendor, onednn_beats_mkl
 from kvcomm.kernels.decode_attention import decode_attention
 from kvcomm.kernels.dispatch import use_triton
 
@@ -120,33 +121,6 @@ def _onednn_linear() -> Callable[..., torch.Tensor] | None:
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return None
     return torch.ops.mkldnn._linear_pointwise
-
-
-def cpuinfo(field: str) -> str:
-    """The first CPU's ``field`` in ``/proc/cpuinfo`` (``vendor_id``, ``model name``...); ``""``
-    where there is none (not Linux, or no such field)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                name, sep, value = line.partition(":")
-                if sep and name.strip() == field:
-                    return value.strip()
-                if not line.strip():  # the first CPU's block ends
-                    break
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``...); ``""`` where unknown."""
-    return cpuinfo("vendor_id")
-
-
-def onednn_beats_mkl(vendor: str, mkl: bool) -> bool:
-    """Whether oneDNN's float32 matmuls are the faster choice over torch's (MKL's, where torch has
-    it): MKL picks its AVX-512 code on Intel CPUs only, and runs AVX2 code on others' (AMD's)."""
-    return not (mkl and vendor == "GenuineIntel")
 
 
 _LINEAR = _onednn_linear()
@@ -373,7 +347,7 @@ def chunked_rows(chunks: tuple[tuple[int, int, int], ...] | None,
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "CHUNK_OVERHEAD", "FOLDED_CHUNK_OVERHEAD", "GROUPED_SDPA", "MANY_ATTN_IMPLEMENTATION",
-    "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows", "cpu_vendor", "cpuinfo",
-    "kvcomm_decode_attention", "many_query_attention", "onednn_beats_mkl", "register_attention",
+    "ONEDNN_FOLDED", "SDPA_IMPLEMENTATION", "causal_chunks", "chunk_overhead", "chunked_rows",
+    "kvcomm_decode_attention", "many_query_attention", "register_attention",
     "visible_sdpa_attention",
 ]

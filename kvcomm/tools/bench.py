@@ -323,6 +323,8 @@ def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | N
     """
     import torch
 
+    from kvcomm.fastpath.cpu import cpu_description
+
     if threads:
         torch.set_num_threads(threads)
     net, tokenizer, label, dev, dt = load_bench_model(model=model, model_shape=model_shape, layers=layers,
@@ -338,17 +340,6 @@ def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | N
     out["device"], out["model"], out["dtype"] = name, label, str(dt)
     out["config"] = {k: v for k, v in config.to_dict().items() if k not in _PER_RUN_FIELDS}
     return out
-
-
-def cpu_description() -> str:
-    """The CPU a run used, for its header: ``CPU (2 threads; <model>, AVX512)``. Ratios against
-    dense depend on it (MKL runs AVX-512 code on Intel CPUs only), so a table names it."""
-    import torch
-
-    from kvcomm.fastpath.attention import cpuinfo
-
-    parts = [cpuinfo("model name"), torch.backends.cpu.get_cpu_capability()]
-    return f"CPU ({torch.get_num_threads()} threads; {', '.join(p for p in parts if p)})"
 
 
 def describe_config(config: dict[str, Any] | KVCommConfig) -> str:
