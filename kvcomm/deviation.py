@@ -75,9 +75,12 @@ class WeightMemo:
     """Anchor weights kept across calls: they depend only on the content and the anchors' bases,
     not on the consuming agent, so every agent reading one content reuses the first one's.
 
-    Keyed by the identity of the tensors they were computed from, remembered weakly with their
-    version counters (as :class:`kvcomm.fastpath.stacks.StackCache`): a tensor freed, replaced
-    or edited in place is never matched again. At most ``size`` entries, oldest out.
+    Keyed by ``names`` where the caller has them: the content-addressed store identities (hashes)
+    of the content and its anchors, which name one KV each whichever tensors hold it (a store
+    copies on write and a Redis store hands out new tensors on every read). Else by the identity
+    of the tensors they were computed from, remembered weakly with their version counters (as
+    :class:`kvcomm.fastpath.stacks.StackCache`): a tensor freed, replaced or edited in place is
+    never matched again. At most ``size`` entries, oldest out.
     """
 
     def __init__(self, size: int = 64) -> None:
@@ -85,19 +88,31 @@ class WeightMemo:
         self.hits = 0
         self._items: dict[tuple[Any, ...], tuple[list[weakref.ref[torch.Tensor]], list[int | None], torch.Tensor]] = {}
 
-    def get(self, tag: str, tensors: list[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = (tag, *(id(t) for t in tensors))
-        item = self._items.get(key)
-        versions = [_version(t) for t in tensors]
-        if item is not None and all(r() is t for r, t in zip(item[0], tensors, strict=True)) \
-                and None not in versions and item[1] == versions:
-            self.hits += 1
-            return item[2]
+    def get(self, tag: str, tensors: list[torch.Tensor], compute: Callable[[], torch.Tensor],
+            names: tuple[str, ...] | None = None) -> torch.Tensor:
+        """The weights kept under ``tag`` and ``names`` (else ``tensors``), or ``compute()``'s, kept."""
+        if names is not None:
+            key: tuple[Any, ...] = (tag, "names", *names)
+            item = self._items.get(key)
+            if item is not None:
+                self.hits += 1
+                return item[2]
+            refs: list[weakref.ref[torch.Tensor]] = []
+            versions: list[int | None] = []
+        else:
+            key = (tag, *(id(t) for t in tensors))
+            item = self._items.get(key)
+            versions = [_version(t) for t in tensors]
+            if item is not None and all(r() is t for r, t in zip(item[0], tensors, strict=True)) \
+                    and None not in versions and item[1] == versions:
+                self.hits += 1
+                return item[2]
+            refs = [weakref.ref(t) for t in tensors]
         value = compute()
         self._items.pop(key, None)
         while len(self._items) >= self.size:
             self._items.pop(next(iter(self._items)))
-        self._items[key] = ([weakref.ref(t) for t in tensors], versions, value)
+        self._items[key] = (refs, versions, value)
         return value
 
 

@@ -170,6 +170,7 @@ class Planner:
                 continue
             t = {name: tensor.to(self.device) for name, tensor in delta.tensors.items()}
             found.base.append(base)
+            found.hashes.append(content_hash)
             found.slot_deltas.append(KVBlock(t["ph.k"], t["ph.v"]))
             found.segment_deltas.append(KVBlock(t["pf.k"], t["pf.v"]))
             found.slot_shifts.append(int(delta.meta["ph_shift"]))
@@ -186,9 +187,11 @@ class Planner:
             # answers' per-position deltas can add more error than it removes (config switch)
             fix = (self.config.correct_answer_slots or slot_kind(content.slot) != "agent"
                    or (found is not None and found.exact))
-            pieces.append(Piece(slot_starts[j], content.kv, slot_starts[j], found, "slot", correct=fix))
+            pieces.append(Piece(slot_starts[j], content.kv, slot_starts[j], found, "slot", correct=fix,
+                                content_hash=content.hash))
             pieces.append(Piece(seg_starts[j + 1], agent.segment_block(j + 1),
-                                seg_starts[j + 1] - agent.reg_starts[j + 1], found, "seg", content.kv))
+                                seg_starts[j + 1] - agent.reg_starts[j + 1], found, "seg", content.kv,
+                                content_hash=content.hash))
         return pieces
 
     def record_deltas(self, agent: AgentPrompt, contents: list[Content], cache: Any, seg_starts: list[int],

@@ -72,6 +72,7 @@ class SlotAnchors:
     segment_shifts: list[int] = field(default_factory=list)
     exact: bool = False  # the content itself is the (only) anchor
     stacked: AnchorStack | None = None  # the same tensors stacked for the kernels (see stacks())
+    hashes: list[str] = field(default_factory=list)  # each anchor's content hash, in base's order
 
     def __len__(self) -> int:
         return len(self.slot_deltas)
@@ -104,6 +105,9 @@ class Piece:
     kind: str = "seg"  # "seg" (weights per channel) or "slot" (weights per token)
     content: KVBlock | None = None  # the slot content whose distances weight a "seg" piece
     correct: bool = True  # False: move only (config.correct_answer_slots off for this answer slot)
+    #: the store identity (hash) of the slot content whose distances weight this piece: its anchor
+    #: weights are kept under it and the anchors' hashes, whichever tensors hold the KV this call
+    content_hash: str | None = None
 
 
 def assemble(
@@ -268,11 +272,13 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
             wk = wv = torch.ones(1, n, device=src.k.device, dtype=torch.float32)
         else:  # each base's first n tokens (zeros past a shorter anchor's end, as stacked)
             bases_k, bases_v = [b.k for b in anchors.base], [b.v for b in anchors.base]
-            # keyed by the content's own tensors (src is a view of them, new on every call)
+            # kept under the content's and anchors' hashes, else the content's own tensors (src
+            # is a view of them, new on every call)
+            names = _weight_names(piece, anchors)
             wk = ws.weights.get(f"slot.k{n}:{config.tau}", [piece.src.k, *bases_k],
-                                lambda: deviation.token_weights(src.k, bases_k, config.tau, ws))
+                                lambda: deviation.token_weights(src.k, bases_k, config.tau, ws), names=names)
             wv = ws.weights.get(f"slot.v{n}:{config.tau}", [piece.src.v, *bases_v],
-                                lambda: deviation.token_weights(src.v, bases_v, config.tau, ws))
+                                lambda: deviation.token_weights(src.v, bases_v, config.tau, ws), names=names)
     else:
         deltas, shifts = anchors.segment_deltas, anchors.segment_shifts
         if anchors.exact:
@@ -283,10 +289,11 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
             tail = min(content.length, *(b.length for b in anchors.base))
             ck, cv = content.k[:, :, content.length - tail :], content.v[:, :, content.length - tail :]
             bases_k, bases_v = [b.k for b in anchors.base], [b.v for b in anchors.base]
+            names = _weight_names(piece, anchors)
             wk = ws.weights.get(f"seg.k{tail}:{config.tau}", [content.k, *bases_k],
-                                lambda: deviation.channel_weights(ck, bases_k, config.tau, ws))
+                                lambda: deviation.channel_weights(ck, bases_k, config.tau, ws), names=names)
             wv = ws.weights.get(f"seg.v{tail}:{config.tau}", [content.v, *bases_v],
-                                lambda: deviation.channel_weights(cv, bases_v, config.tau, ws))
+                                lambda: deviation.channel_weights(cv, bases_v, config.tau, ws), names=names)
     keep_k, wk = deviation.keep_top(wk, config.correction_top_p, config.correction_top_k)
     keep_v, wv = deviation.keep_top(wv, config.correction_top_p, config.correction_top_k)
     wk, wv = _scaled(wk, anchors, config), _scaled(wv, anchors, config)
@@ -306,6 +313,19 @@ def _correct_listed(piece: Piece, anchors: SlotAnchors, src: KVBlock, dst: KVBlo
     if timings is not None:
         timings["weights"] = timings.get("weights", 0.0) + (t1 - t0) * 1e3
         timings["apply"] = timings.get("apply", 0.0) + (time.perf_counter() - t1) * 1e3
+
+
+def _weight_names(piece: Piece, anchors: SlotAnchors) -> tuple[str, ...] | None:
+    """The content-addressed names a piece's anchor weights are kept under: the weighting
+    content's hash and its anchors' (the weights depend on those KVs only). None where a hash is
+    missing: the weights are then kept under the tensors' identities.
+
+    A content first prefilled in one call reaches the next calls as the store's copy (a Redis
+    store hands out new tensors on every read), so tensor identities alone would recompute the
+    weights the first call already computed."""
+    if piece.content_hash is None or len(anchors.hashes) != len(anchors.base):
+        return None
+    return (piece.content_hash, *anchors.hashes)
 
 
 def key_delta(real_k: torch.Tensor, base_k: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,45 @@ def test_weights_are_computed_once_per_content_and_anchor_set() -> None:
     assert ws.weights.hits == 3  # only the values' weights matched
 
 
+@pytest.mark.parametrize("kind", ["slot", "seg"])
+def test_weights_are_kept_under_content_hashes_whichever_tensors_hold_the_kv(kind) -> None:
+    """A store hands out new tensors for the same content (a Redis read, the copy a first call's
+    prefill is stored as): with the content's and anchors' hashes the weights are still computed
+    once; another content or anchor set, or a piece without hashes, computes its own."""
+    ws = Workspace()
+    anchors = _anchors([6, 6, 6], 4, torch.float32)
+    anchors.hashes = ["a0", "a1", "a2"]
+    config = KVCommConfig()
+    segment = _kv(4)  # the text after the slot, weighted by the content's last tokens
+
+    def piece(content: KVBlock, content_hash: str | None) -> Piece:
+        if kind == "slot":
+            return Piece(2, content, 2, anchors, "slot", content_hash=content_hash)
+        return Piece(8, segment, 4, anchors, "seg", content, content_hash=content_hash)
+
+    def run(p: Piece) -> KVBlock:
+        n = p.src.length
+        out = KVBlock(torch.zeros(L, H, n, D), torch.zeros(L, H, n, D))
+        _correct_listed(p, anchors, p.src.slice(0, n), out, INV_FREQ, config, ws)
+        return out
+
+    content = _kv(6)
+    first = run(piece(content, "c0"))
+    copy = KVBlock(content.k.clone(), content.v.clone())  # the store's copy: other tensors, same KV
+    again = run(piece(copy, "c0"))
+    assert ws.weights.hits == 2  # keys and values
+    torch.testing.assert_close(again.k, first.k, rtol=0, atol=0)
+    torch.testing.assert_close(again.v, first.v, rtol=0, atol=0)
+    run(piece(_kv(6), "c1"))  # another content
+    assert ws.weights.hits == 2
+    anchors.hashes = ["a0", "a1", "a3"]  # another anchor set
+    run(piece(copy, "c0"))
+    assert ws.weights.hits == 2
+    anchors.hashes = []  # no hashes: the tensors' identities, a new copy misses
+    run(piece(KVBlock(content.k.clone(), content.v.clone()), "c0"))
+    assert ws.weights.hits == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("delta", [0, 37, -1000])
 def test_shift_keys_into_a_strided_buffer_equals_shift_keys(delta, dtype) -> None:

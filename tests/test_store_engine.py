@@ -330,3 +330,41 @@ def test_a_reuse_call_reads_its_anchors_in_one_round_trip(smollm2, redis_url):
           f"(one at a time: {2 * seen['slots'] + 2 * anchors}); fetch {res.record.fetch_ms:.2f} ms")
     store.clear()
     store.close()
+
+
+def test_a_shared_content_gets_its_anchor_weights_computed_once(smollm2, redis_url, reference, monkeypatch):
+    """Redis as the only tier hands out new tensors on every read. The solver reads the question
+    the planner has just shared over the same anchors: it reuses the planner's anchor weights for
+    it (kept under the content's and the anchors' hashes) instead of recomputing them from its
+    own copy, and the pipeline's outputs are the reference's."""
+    from kvcomm.deviation import WeightMemo
+
+    ns = _ns("weights")
+    store = RedisStore(redis_url, namespace=ns)
+    eng = make_engine(smollm2, store, max_new_tokens=N_NEW)
+    calls = run_pipeline(eng, EARLIER, max_new_tokens=N_NEW)  # both questions become anchors
+    seen: list[tuple[str, tuple[str, ...] | None, bool]] = []
+    get = WeightMemo.get
+
+    def recorded(self, tag, tensors, compute, names=None):
+        hits = self.hits
+        out = get(self, tag, tensors, compute, names=names)
+        seen.append((tag, names, self.hits > hits))
+        return out
+
+    monkeypatch.setattr(WeightMemo, "get", recorded)
+    eng.reset_answers()
+    planner = eng.generate("planner", {"question": NEW}, max_new_tokens=N_NEW, request_id="r2")
+    assert planner.mode == "reuse" and planner.record.slots["question"] == "shared(2)", planner.record.slots
+    computed = {(tag, names) for tag, names, hit in seen if not hit}
+    assert computed and all(names is not None for _, names in computed)  # slot and segment, keys and values
+    seen.clear()
+    solver = eng.generate("solver", {"question": NEW}, max_new_tokens=N_NEW, request_id="r2")
+    assert solver.mode == "reuse" and solver.record.slots["question"] == "shared(2)", solver.record.slots
+    question = {hash_ for _, names in computed for hash_ in names[:1]}
+    again = [(tag, names, hit) for tag, names, hit in seen if names is not None and names[0] in question]
+    assert len(again) == len(computed) and all(hit for *_, hit in again), seen
+    calls += [{"request": 2, "agent": name, "mode": res.mode, "ids": list(res.token_ids), "slots": dict(res.record.slots)}
+              for name, res in (("planner", planner), ("solver", solver))]
+    assert _ids(calls) == _ids(reference["calls"])
+    store.close()

@@ -220,7 +220,7 @@ def _static_pieces(pieces: list[Piece], correct: bool, statics: dict[tuple[Any, 
         read = p.content is not None and _reads_content(p, correct)
         content = KVBlock(sub(p.content.k), sub(p.content.v)) if p.content is not None and read else None
         src = KVBlock(sub(p.src.k), sub(p.src.v)) if _by_copy(p) else p.src
-        out.append(Piece(p.start, src, p.shift, p.anchors, p.kind, content, p.correct))
+        out.append(Piece(p.start, src, p.shift, p.anchors, p.kind, content, p.correct, p.content_hash))
     return out
 
 
