@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", dest="variants", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                     help="also a kvcomm row with these config fields changed (repeatable), e.g. fidelity=0")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    ap.add_argument("--store", dest="store_urls", action="append", default=[], metavar="URL",
+                    help="the store every policy's entries go through, each policy in a fresh namespace "
+                         "(repeat for tiers, fastest first; default: in-process memory on the model's device)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                            output_len=args.output_len, warmup=args.warmup, requests=args.requests,
                            policies=tuple(args.policies.split(",")), variants=tuple(args.variants))
     out = run_benchmark(setting, bench_config(gamma=args.gamma), model=args.model, model_shape=args.model_shape,
-                        layers=args.layers, device=args.device, dtype=args.dtype, threads=args.threads)
+                        layers=args.layers, device=args.device, dtype=args.dtype, threads=args.threads,
+                        store_urls=tuple(args.store_urls))
     print(render(out))
     if args.json_path:
         write_json(out, args.json_path)

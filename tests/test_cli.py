@@ -81,6 +81,8 @@ def test_bench_config_reads_the_environment_then_the_options() -> None:
     (["--model", "/no/such/model", "--gamma", "-1"], 1, "ConfigError: gamma=-1.0 must be >= 0"),
     (["--model", "/no/such/model", "--variant", "fidelity"], 1, "expected FIELD=VALUE"),
     (["--model", "/no/such/model", "--variant", "fidelity=9"], 1, "ConfigError: fidelity=9 must be one of"),
+    (["--model", "/no/such/model", "--store", "bogus://x"], 2, "Invalid value for --store: unknown store URL scheme"),
+    (["--model", "/no/such/model", "--store", "redis://127.0.0.1:1/0?nope=1"], 2, "nope"),
 ])
 def test_bench_errors_before_loading_the_model(args: list[str], exit_code: int, says: str) -> None:
     res = CliRunner().invoke(main, ["bench", *args])
@@ -99,7 +101,8 @@ def test_bench_cli_and_script_run_one_implementation(tmp_path: Path, capsys: pyt
     printed = capsys.readouterr().out
     cli, scr = (json.loads((tmp_path / name).read_text()) for name in ("cli.json", "script.json"))
     assert list(cli) == list(scr) == ["setting", "rows", "cuda_graph", "anchor_stack_hits_misses", "device", "model",
-                                      "dtype", "config"]
+                                      "dtype", "store", "config"]
+    assert cli["store"] == scr["store"] == "store in-process memory (the model's device)"
     assert cli["setting"] == scr["setting"] == {
         "agents": 2, "prefix_len": 8, "input_len": 16, "output_len": 8, "warmup": 2, "requests": 1,
         "policies": ["dense", "prefix", "naive", "kvcomm"], "variants": ["fidelity=0"], "gamma": 1.0,
@@ -146,3 +149,40 @@ def test_store_commands_take_repeated_store_urls(redis_url: str) -> None:
     assert res.exit_code == 0, res.output
     assert [t["kind"] for t in json.loads(res.output)["tiers"]] == ["memory", "redis"]
 
+
+
+def test_bench_runs_every_policy_through_the_given_store(redis_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """--store: a tiered memory -> Redis store, each policy in a fresh namespace of its own,
+    cleared after its run; the header names it with the password redacted, and kvcomm's calls are
+    served from reused KV."""
+    import redis as redis_py
+
+    monkeypatch.setenv("KVCOMM_GAMMA", "1.0")
+    client = redis_py.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="kvcomm:bench-*"))
+    from kvcomm.store import RedisStore
+
+    namespaces: list[str] = []
+    put = RedisStore.put
+
+    def counted(self, key, entry, *args, **kwargs):  # what reached Redis, per namespace
+        namespaces.append(self.namespace)
+        return put(self, key, entry, *args, **kwargs)
+
+    monkeypatch.setattr(RedisStore, "put", counted)
+    res = CliRunner().invoke(main, ["bench", *TINY, "--policies", "dense,kvcomm", "--store", "memory://",
+                                    "--store", redis_url, "--json", str(tmp_path / "out.json")])
+    assert res.exit_code == 0, res.output
+    assert f"store memory:// -> {redis_url} (a fresh namespace per policy)" in res.output
+    assert len(set(namespaces)) == 2 and all(ns.startswith("bench-") for ns in namespaces), set(namespaces)
+    assert set(client.scan_iter(match="kvcomm:bench-*")) == before  # each policy's namespace cleared after it
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["store"] == f"store memory:// -> {redis_url} (a fresh namespace per policy)"
+    kvcomm_rows = [r for r in out["rows"] if r["policy"] == "kvcomm"]
+    assert kvcomm_rows and all(r["reuse_pct"] == 100.0 for r in kvcomm_rows), kvcomm_rows
+    from kvcomm.tools.bench import describe_store
+
+    said = describe_store(["memory://", redis_url.replace("redis://", "redis://:hunter2@")])
+    assert "hunter2" not in said and said.startswith("store memory:// -> redis://")
+    client.close()

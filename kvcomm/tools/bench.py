@@ -180,7 +180,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
     Args:
         config: the engine config of every run (None: the defaults); each policy runs with its
             ``policy`` and ``max_new_tokens=1``.
-        store_factory: a fresh store per policy (None: the engine's default).
+        store_factory: a fresh store per policy (None: the engine's default), cleared and
+            closed after the policy's run.
 
     Returns:
         ``setting`` (the workload, gamma and anchor_cache_bytes), ``rows`` (one per policy and
@@ -232,6 +233,9 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
         buffer = eng.fast.buffer  # the static KV buffer: None where no call took the reuse path
         graphs[policy] = None if buffer is None else (buffer.graph is not None)
         stacks[policy] = (eng.fast.anchor_stacks.hits, eng.fast.anchor_stacks.misses)
+        if store is not None:  # this run's own namespace: leave nothing behind in a shared Redis
+            store.clear()
+            store.close()
     bar.close()
     rows = []
     dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
@@ -308,18 +312,45 @@ def load_bench_model(*, model: str | None = None, model_shape: str | None = None
 _PER_RUN_FIELDS = ("policy", "max_new_tokens")
 
 
+def fresh_store_factory(urls: tuple[str, ...] | list[str], prefix: str) -> Callable[[], Any]:
+    """A factory of stores of these URLs (one tiered store when several, fastest first), each in
+    a namespace of its own (``<prefix>-<random>``), so runs never read each other's entries."""
+    import uuid
+
+    from kvcomm.store import from_url
+
+    def factory() -> Any:
+        return from_url(*urls, namespace=f"{prefix}-{uuid.uuid4().hex[:8]}")
+
+    return factory
+
+
+def describe_store(urls: tuple[str, ...] | list[str]) -> str:
+    """The store of a bench run, for its header: the URLs (passwords redacted), or the default."""
+    if not urls:
+        return "store in-process memory (the model's device)"
+    from kvcomm.store import redact
+
+    # redact() rebuilds a URL from its parts: memory:// (no host, no secret) would print as memory:
+    shown = [url if url.startswith("memory:") else redact(url) for url in urls]
+    return "store " + " -> ".join(shown) + " (a fresh namespace per policy)"
+
+
 def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | None = None,
                   model_shape: str | None = None, layers: int | None = None, device: str = "auto",
-                  dtype: str | None = None, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load the model (:func:`load_bench_model`) and run :func:`run_ttft`, one in-device memory
-    store per policy.
+                  dtype: str | None = None, threads: int | None = None, progress: bool = True,
+                  store_urls: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load the model (:func:`load_bench_model`) and run :func:`run_ttft`, one fresh store per policy.
 
     Args:
         threads: CPU threads for torch (None: torch's default).
+        store_urls: the store every policy's entries go through (several: tiers, fastest first),
+            each policy in a namespace of its own; empty: an in-process memory store on the
+            model's device.
 
     Returns:
-        :func:`run_ttft`'s result plus ``device``, ``model``, ``dtype`` and ``config`` (the engine
-        config used, without the fields set per run).
+        :func:`run_ttft`'s result plus ``device``, ``model``, ``dtype``, ``store`` (its header
+        line) and ``config`` (the engine config used, without the fields set per run).
     """
     import torch
 
@@ -330,14 +361,16 @@ def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | N
     net, tokenizer, label, dev, dt = load_bench_model(model=model, model_shape=model_shape, layers=layers,
                                                       device=device, dtype=dtype)
 
-    def store_factory() -> Any:
+    def memory_store() -> Any:
         from kvcomm.store import MemoryStore
 
         return MemoryStore(device=dev, max_bytes=64 << 30)
 
+    store_factory = fresh_store_factory(store_urls, "bench") if store_urls else memory_store
     out = run_ttft(net, tokenizer, setting, config=config, store_factory=store_factory, progress=progress)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_description()
     out["device"], out["model"], out["dtype"] = name, label, str(dt)
+    out["store"] = describe_store(store_urls)
     out["config"] = {k: v for k, v in config.to_dict().items() if k not in _PER_RUN_FIELDS}
     return out
 
@@ -363,6 +396,7 @@ def render(out: dict[str, Any]) -> str:
         f"model {out['model']} | {out['dtype']} | device {out['device']} | {agents} agents, prefix {s['prefix_len']}, "
         f"input {s['input_len']}, outputs {s['output_len']} tokens | {s['requests']} timed requests | "
         f"gamma {s['gamma']}",
+        *([out["store"]] if "store" in out else []),
         describe_config(out["config"]),
         format_table(out["rows"], TTFT_COLUMNS),
         f"one-token forward as a CUDA graph replay: {out['cuda_graph']}",

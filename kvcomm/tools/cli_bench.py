@@ -43,13 +43,20 @@ policies' fidelity on real text. Also benchmarks/ttft.py (the same implementatio
 @click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
               help="also a kvcomm row with these config fields changed (repeatable), e.g. fidelity=0")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch")
+@click.option("--store", "store_urls", multiple=True, metavar="URL",
+              help="the store every policy's entries go through, each policy in a fresh namespace (repeat "
+                   "for tiers, fastest first), e.g. redis://127.0.0.1:6379/0  [default: in-process memory "
+                   "on the model's device]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
 def bench(model: str | None, model_shape: str | None, layers: int | None, device: str, dtype: str | None,
           agents: int, prefix_len: int, input_len: int, output_len: int, warmup: int, requests: int, policies: str,
-          gamma: float | None, variants: tuple[str, ...], threads: int | None, json_path: str | None) -> None:
+          gamma: float | None, variants: tuple[str, ...], threads: int | None, store_urls: tuple[str, ...],
+          json_path: str | None) -> None:
     import logging
 
     from kvcomm.config import POLICIES
+    from kvcomm.errors import StoreError
+    from kvcomm.store import parse_store_urls
     from kvcomm.tools.bench import BenchSetting, bench_config, render, run_benchmark, write_json
 
     if model and model_shape:
@@ -62,12 +69,17 @@ def bench(model: str | None, model_shape: str | None, layers: int | None, device
     config = bench_config(gamma=gamma)  # KVCOMM_* then --gamma; a bad value fails before the model loads
     for text in variants:
         config.replace(policy="kvcomm").variant(text)  # a bad variant fails before the model loads too
+    if store_urls:
+        try:
+            parse_store_urls(*store_urls)  # and a bad store URL (no connection yet)
+        except StoreError as exc:
+            raise click.BadParameter(str(exc), param_hint="--store") from exc
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_transformers()
     setting = BenchSetting(agents=agents, prefix_len=prefix_len, input_len=input_len, output_len=output_len,
                            warmup=warmup, requests=requests, policies=chosen, variants=variants)
     out = run_benchmark(setting, config, model=model, model_shape=model_shape, layers=layers, device=device,
-                        dtype=dtype, threads=threads)
+                        dtype=dtype, threads=threads, store_urls=store_urls)
     click.echo(render(out))
     if json_path:
         write_json(out, json_path)

@@ -19,14 +19,9 @@ from kvcomm.tools.cli_common import config_epilog, quiet_transformers
 
 def _eval_store_factory(urls: tuple[str, ...]) -> Any:
     """A fresh store of these URLs (tiered when several) in a namespace of its own per call."""
-    import uuid
+    from kvcomm.tools.bench import fresh_store_factory
 
-    from kvcomm.store import from_url
-
-    def factory() -> Any:
-        return from_url(*urls, namespace=f"eval-{uuid.uuid4().hex[:8]}")
-
-    return factory
+    return fresh_store_factory(urls, "eval")
 
 
 _EVAL_HELP = """Fidelity of every policy against full prefill on real tasks, teacher-forced.
