@@ -151,6 +151,16 @@ def test_store_commands_take_repeated_store_urls(redis_url: str) -> None:
 
 
 
+def test_bench_without_dense_prints_no_ratio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A run without the dense row has no ratio to print (not 0.00x): the column is empty, null in JSON."""
+    monkeypatch.setenv("KVCOMM_GAMMA", "1.0")
+    res = CliRunner().invoke(main, ["bench", *TINY, "--policies", "naive", "--json", str(tmp_path / "out.json")])
+    assert res.exit_code == 0, res.output
+    assert [r["speedup"] for r in json.loads((tmp_path / "out.json").read_text())["rows"]] == [None, None]
+    assert "agent 2:   naive  TTFT p50" in res.output and "add dense to --policies for the ratio" in res.output
+    assert "0.00x" not in res.output
+
+
 def test_bench_runs_every_policy_through_the_given_store(redis_url: str, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
     """--store: a tiered memory -> Redis store, each policy in a fresh namespace of its own,
@@ -181,6 +191,7 @@ def test_bench_runs_every_policy_through_the_given_store(redis_url: str, monkeyp
     assert out["store"] == f"store memory:// -> {redis_url} (a fresh namespace per policy)"
     kvcomm_rows = [r for r in out["rows"] if r["policy"] == "kvcomm"]
     assert kvcomm_rows and all(r["reuse_pct"] == 100.0 for r in kvcomm_rows), kvcomm_rows
+    assert all(r["speedup"] is not None for r in out["rows"])  # dense ran: every row has its ratio
     from kvcomm.tools.bench import describe_store
 
     said = describe_store(["memory://", redis_url.replace("redis://", "redis://:hunter2@")])

@@ -259,7 +259,8 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
                 "weights_ms": statistics.fmean(x.weights_ms for x in recs),
                 "apply_ms": statistics.fmean(x.apply_ms for x in recs),
                 "first_token_ms": statistics.fmean(x.first_token_ms for x in recs),
-                "speedup": dense_p50[i] / p50 if dense_p50 and p50 else 0.0,
+                # None without a dense row in the run: a ratio needs both, measured side by side
+                "speedup": dense_p50[i] / p50 if dense_p50 and p50 else None,
             })
     described = setting.__dict__ | {"policies": list(setting.policies), "variants": list(setting.variants),
                                     "gamma": base.gamma,
@@ -403,8 +404,9 @@ def render(out: dict[str, Any]) -> str:
         f"anchor stack cache (hits, misses): {out['anchor_stack_hits_misses']}",
     ]
     for r in (r for r in out["rows"] if r["agent"] == agents):
-        lines.append(f"agent {agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms   "
-                     f"dense/policy {r['speedup']:.2f}x")
+        lines.append(f"agent {agents}: {r['policy']:>7}  TTFT p50 {r['ttft_p50_ms']:8.2f} ms"
+                     + (f"   dense/policy {r['speedup']:.2f}x" if r["speedup"] is not None
+                        else "   (no dense row in this run: add dense to --policies for the ratio)"))
     return "\n".join(lines)
 
 
