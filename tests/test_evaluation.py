@@ -221,6 +221,7 @@ def test_run_eval_rejects_an_unknown_upstream(smollm2):
     (["--plot", "eval.jpg"], "give a file name ending in .png"),
     (["--policies", ","], "no policy given"),
     (["--no-free-run"], "the dag workload is teacher-forced only"),
+    (["--store", "bogus://x"], "Invalid value for --store: unknown store URL scheme"),
 ])
 def test_eval_bad_options_fail_in_one_line_before_the_model_loads(args, says):
     res = CliRunner().invoke(main, ["eval", "--model", "/no/such/model", *args])
@@ -243,6 +244,33 @@ def test_eval_command_prints_the_paired_table_and_writes_json_and_plot(smollm2, 
     out = json.loads(js.read_text())
     assert out["upstream"] == "exact" and out["paired"]["reference"] == "naive" and out["plot"] == str(png)
     assert len(out["calls"]) == 2 * 1 * 2 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_store_row_leaves_nothing_in_redis(smollm2, monkeypatch, redis_url):
+    """--store: the "kvcomm @store" row's entries go to Redis, in a namespace of its own that is
+    cleared once the eval is done (a shared Redis keeps no eval entries)."""
+    import redis as redis_py
+
+    import kvcomm.models
+    from kvcomm.store import RedisStore
+
+    monkeypatch.setattr(kvcomm.models, "load_model", lambda *a, **k: smollm2)
+    written: list[str] = []
+    put = RedisStore.put
+
+    def counted(self, key, entry, *args, **kwargs):
+        written.append(self.namespace)
+        return put(self, key, entry, *args, **kwargs)
+
+    monkeypatch.setattr(RedisStore, "put", counted)
+    client = redis_py.Redis.from_url(redis_url)
+    res = CliRunner().invoke(main, ["eval", "--n", "1", "--agents", "2", "--max-new-tokens", "2", "--policies",
+                                    "dense", "--store", redis_url])
+    assert res.exit_code == 0, res.output
+    assert "kvcomm @store" in res.output
+    assert written and {ns.split("-")[0] for ns in written} == {"eval"}, written
+    assert not [k for ns in set(written) for k in client.scan_iter(match=f"kvcomm:{ns}:*")]
+    client.close()
 
 
 def test_render_says_why_nothing_is_paired():

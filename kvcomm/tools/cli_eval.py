@@ -82,7 +82,9 @@ def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_a
              policies: str, upstream: str, gammas: tuple[float, ...], variants: tuple[str, ...],
              store_urls: tuple[str, ...], free_run: bool, json_path: str | None, plot_path: str | None) -> None:
     from kvcomm.config import KVCommConfig
+    from kvcomm.errors import StoreError
     from kvcomm.models import load_model
+    from kvcomm.store import parse_store_urls
     from kvcomm.tools.evaluation import render, run_eval
 
     chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -115,27 +117,45 @@ def eval_cmd(ctx: click.Context, model: str, workload: str, n_requests: int, n_a
     for text in variants:  # checked before the model loads: a typo fails in a second, not a minute
         # ConfigError names a malformed variant, an unknown field or a bad value
         extra[text.replace("\n", "\\n")] = base.replace(policy="kvcomm").variant(text)
+    if store_urls:
+        try:
+            parse_store_urls(*store_urls)  # a bad URL fails before the model loads (no connection yet)
+        except StoreError as exc:
+            raise click.BadParameter(str(exc), param_hint="--store") from exc
     quiet_transformers()
     loaded = load_model(model, progress=False)
     factories = {}
+    opened: list[Any] = []
     if store_urls:
         label = "kvcomm @store"
         extra[label] = base.replace(policy="kvcomm")
-        factories[label] = _eval_store_factory(store_urls)
+        make_store = _eval_store_factory(store_urls)
+
+        def store_factory() -> Any:
+            store = make_store()
+            opened.append(store)
+            return store
+
+        factories[label] = store_factory
     common: dict[str, Any] = {
         "fingerprint": loaded.fingerprint, "policies": chosen, "n_requests": n_requests,
         "max_new_tokens": max_new_tokens, "configs": extra, "exact_tokens": min(32, max_new_tokens),
         "base_config": base, "store_factories": factories, "upstream": upstream}
-    if workload == "rag":
-        from kvcomm.tools.rag_eval import render_task, run_rag_eval
+    try:
+        if workload == "rag":
+            from kvcomm.tools.rag_eval import render_task, run_rag_eval
 
-        out = run_rag_eval(loaded.model, loaded.tokenizer, free_running=free_run, **common)
-        if out["task"] is not None:
-            click.echo(render_task(out["task"]))
-            click.echo("")
-        click.echo("RAG agents, teacher-forced (the same passages and questions):")
-    else:
-        out = run_eval(loaded.model, loaded.tokenizer, n_agents=n_agents, **common)
+            out = run_rag_eval(loaded.model, loaded.tokenizer, free_running=free_run, **common)
+            if out["task"] is not None:
+                click.echo(render_task(out["task"]))
+                click.echo("")
+            click.echo("RAG agents, teacher-forced (the same passages and questions):")
+        else:
+            out = run_eval(loaded.model, loaded.tokenizer, n_agents=n_agents, **common)
+    finally:
+        for store in opened:  # the row's own namespaces: leave nothing behind in a shared Redis
+            store.clear()
+            store.close()
     click.echo(render(out))
     if plot_path:
         from kvcomm.tools.eval_plot import plot
