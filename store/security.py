@@ -53,9 +53,10 @@ def resolve_secret(secret: str | bytes | None) -> bytes | None:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password and secret-like query values replaced by ``***``."""
+    """``url`` with its password and secret-like query values replaced by ``***``; as given where
+    it holds neither (rebuilt from its parts, ``memory://`` would come back as ``memory:``)."""
     try:
-        parts = urlsplit(url)
+        parts = given = urlsplit(url)
         password = parts.password
         hosts = parts.netloc.rpartition("@")[2]
         cluster = "," in hosts or parts.scheme.lower().endswith("+cluster")  # host:port[,host:port...]
@@ -74,7 +75,7 @@ def redact(url: str) -> str:
                 for name, value in pairs
             )
             parts = parts._replace(query=query)
-    return urlunsplit(parts)
+    return url if parts == given else urlunsplit(parts)
 
 
 def url_secrets(url: str) -> list[str]:

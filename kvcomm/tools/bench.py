@@ -332,9 +332,7 @@ def describe_store(urls: tuple[str, ...] | list[str]) -> str:
         return "store in-process memory (the model's device)"
     from kvcomm.store import redact
 
-    # redact() rebuilds a URL from its parts: memory:// (no host, no secret) would print as memory:
-    shown = [url if url.startswith("memory:") else redact(url) for url in urls]
-    return "store " + " -> ".join(shown) + " (a fresh namespace per policy)"
+    return "store " + " -> ".join(redact(url) for url in urls) + " (a fresh namespace per policy)"
 
 
 def run_benchmark(setting: BenchSetting, config: KVCommConfig, *, model: str | None = None,

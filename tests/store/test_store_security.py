@@ -186,6 +186,7 @@ def test_redact() -> None:
         "rediss://:***@h/0?ssl_ca_certs=/c/ca.pem"
     assert redact("redis://h/0?password=pw&db=1&ssl_password=kp") == "redis://h/0?password=***&db=1&ssl_password=***"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert redact("memory://") == "memory://" and redact("memory://?max_bytes=1GiB") == "memory://?max_bytes=1GiB"
     assert redact("redis://u:p@h:notaport/0") == "<unparsable url>"
 
 
