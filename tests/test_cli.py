@@ -150,7 +150,6 @@ def test_store_commands_take_repeated_store_urls(redis_url: str) -> None:
     assert [t["kind"] for t in json.loads(res.output)["tiers"]] == ["memory", "redis"]
 
 
-
 def test_bench_without_dense_prints_no_ratio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A run without the dense row has no ratio to print (not 0.00x): the column is empty, null in JSON."""
     monkeypatch.setenv("KVCOMM_GAMMA", "1.0")

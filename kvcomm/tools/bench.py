@@ -214,28 +214,14 @@ def run_ttft(model: Any, tokenizer: Any, setting: BenchSetting, *, config: KVCom
     bar = tqdm(total=len(runs) * total, desc="ttft", disable=not progress)
     for policy, run_config in runs.items():
         store = store_factory() if store_factory else None
-        eng = KVCommEngine(model, tokenizer, store=store, fingerprint=fp, config=run_config)
-        for name, tmpl in templates:
-            eng.register_agent(name, tmpl)
-        timed = []
-        for r in range(total):
-            eng.reset_answers()
-            for i, name in enumerate(names):
-                res = eng.generate(name, {"question": questions[r]}, max_new_tokens=1, publish_answer=False,
-                                   request_id=str(r))
-                eng.latest[f"agent:{name}"] = eng.publish(f"agent:{name}", answers[r][i])
-                if r >= setting.warmup:
-                    timed.append((i, res.record))
-                if progress and r == total - 1:
-                    bar.write(f"{policy} {name}: {res.mode} {res.record.slots}")
-            bar.update(1)
-        results[policy] = timed
-        buffer = eng.fast.buffer  # the static KV buffer: None where no call took the reuse path
-        graphs[policy] = None if buffer is None else (buffer.graph is not None)
-        stacks[policy] = (eng.fast.anchor_stacks.hits, eng.fast.anchor_stacks.misses)
-        if store is not None:  # this run's own namespace: leave nothing behind in a shared Redis
-            store.clear()
-            store.close()
+        try:
+            results[policy], graphs[policy], stacks[policy] = _run_policy(
+                KVCommEngine(model, tokenizer, store=store, fingerprint=fp, config=run_config), policy, templates,
+                questions, answers, setting.warmup, bar)
+        finally:
+            if store is not None:  # this run's own namespace: leave nothing behind in a shared Redis
+                store.clear()
+                store.close()
     bar.close()
     rows = []
     dense_p50 = {i: statistics.median(rec.ttft_ms for j, rec in results["dense"] if j == i)
@@ -286,6 +272,32 @@ TTFT_COLUMNS = [
 ]
 
 
+
+
+def _run_policy(eng: Any, policy: str, templates: list[tuple[str, Any]], questions: list[str],
+                answers: list[list[str]], warmup: int, bar: Any) -> tuple[list[Any], bool | None, tuple[int, int]]:
+    """One policy's requests through ``eng``: its timed ``(agent index, record)`` pairs, whether
+    its one-token forward was a CUDA graph replay, and its anchor-stack cache (hits, misses).
+    ``bar``: the run's progress bar (a request per step; the last request's modes written to it
+    unless it is disabled)."""
+    names = [name for name, _ in templates]
+    for name, tmpl in templates:
+        eng.register_agent(name, tmpl)
+    timed = []
+    for r in range(len(questions)):
+        eng.reset_answers()
+        for i, name in enumerate(names):
+            res = eng.generate(name, {"question": questions[r]}, max_new_tokens=1, publish_answer=False,
+                               request_id=str(r))
+            eng.latest[f"agent:{name}"] = eng.publish(f"agent:{name}", answers[r][i])
+            if r >= warmup:
+                timed.append((i, res.record))
+            if not bar.disable and r == len(questions) - 1:
+                bar.write(f"{policy} {name}: {res.mode} {res.record.slots}")
+        bar.update(1)
+    buffer = eng.fast.buffer  # the static KV buffer: None where no call took the reuse path
+    return timed, None if buffer is None else (buffer.graph is not None), \
+        (eng.fast.anchor_stacks.hits, eng.fast.anchor_stacks.misses)
 
 
 def load_bench_model(*, model: str | None = None, model_shape: str | None = None, layers: int | None = None,
